@@ -1,0 +1,48 @@
+# The two commands a new user needs: `make run` and `make test`. Both create .venv if it is
+# missing and install the project into it; nothing else is required beyond Python 3.11+.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/qoper8.toml
+# Re-install when the project's metadata changes.
+STAMP := $(VENV)/.installed
+
+.PHONY: run test check lint typecheck format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e . --group test --group examples
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/qoper8d --config $(CONFIG)
+
+test: $(STAMP) check
+	$(BIN)/python -m pytest -q
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e . --group bench
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

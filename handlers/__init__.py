@@ -1,0 +1,1 @@
+"""Example handlers, used by the tests, the benchmarks and the default configuration."""

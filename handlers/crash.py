@@ -1,0 +1,87 @@
+"""Handlers that misbehave on purpose, one `"mode"` per way a worker can go wrong.
+
+    {"mode": "ok"}                    return the action (a well-behaved neighbour)
+    {"mode": "exit", "code": 42}      os._exit(code)
+    {"mode": "sys_exit", "code": 3}   raise SystemExit(code): the worker exits
+    {"mode": "sigkill"}               SIGKILL itself
+    {"mode": "sigsegv"}               a real segmentation fault (read address 0)
+    {"mode": "raise", "message": m}   raise ValueError(m): the worker survives
+    {"mode": "hang"}                  sleep for ever
+    {"mode": "ignore_term"}           ignore SIGTERM, then sleep for ever
+    {"mode": "spin"}                  burn CPU for ever without releasing the GIL for long
+    {"mode": "flood", "lines": n}     print n lines to stdout, return n
+    {"mode": "flood_raw", "bytes": n} write n bytes of invalid UTF-8 to fd 1 and fd 2
+    {"mode": "unencodable"}           return an object JSON cannot hold
+    {"mode": "fork"}                  fork a grandchild that sleeps for ever; return its pid
+    {"mode": "memory", "mb": n}       allocate and keep n MiB, return the pid
+    {"mode": "pid"}                   return the worker's pid
+    {"mode": "kill_pid_file", "path": p}  SIGKILL itself if file p exists, else return pid
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+_hoard: list[bytearray] = []
+
+
+def handle(action: dict[str, Any]) -> Any:
+    mode = action.get("mode", "ok")
+    if mode == "ok":
+        return action
+    if mode == "pid":
+        return os.getpid()
+    if mode == "exit":
+        os._exit(int(action.get("code", 1)))
+    if mode == "sys_exit":
+        sys.exit(int(action.get("code", 1)))
+    if mode == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "sigsegv":
+        ctypes.string_at(0)
+    if mode == "raise":
+        raise ValueError(action.get("message", "boom"))
+    if mode == "hang":
+        while True:
+            time.sleep(3600)
+    if mode == "ignore_term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(3600)
+    if mode == "spin":
+        while True:
+            pass
+    if mode == "flood":
+        lines = int(action.get("lines", 100_000))
+        for i in range(lines):
+            print(f"flood line {i} " + "x" * 60)
+        return lines
+    if mode == "flood_raw":
+        chunk = b"\xff\xfe invalid \xc3\x28 utf-8 \x80\n" * 64
+        left = int(action.get("bytes", 1 << 20))
+        while left > 0:
+            os.write(1, chunk)
+            os.write(2, chunk)
+            left -= 2 * len(chunk)
+        return "flooded"
+    if mode == "unencodable":
+        return object()
+    if mode == "fork":
+        child = os.fork()
+        if child == 0:
+            while True:
+                time.sleep(3600)
+        return child
+    if mode == "memory":
+        _hoard.append(bytearray(int(action.get("mb", 100)) << 20))
+        return os.getpid()
+    if mode == "kill_pid_file":
+        if os.path.exists(action["path"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return os.getpid()
+    raise ValueError(f"unknown mode {mode!r}")

@@ -1,0 +1,593 @@
+"""The dispatch core: queue, batches out, answers in, one outcome per action.
+
+Dispatch has no task of its own. It runs inline at the two events that can make work
+possible: an action is queued (in the submitter's task) or a worker becomes free (in the
+task that read its last answer). A free worker takes its share of the queue — one action
+while the queue is shallow, more as it deepens, up to `max_batch_bytes` — in one
+non-blocking send. Answers come back one frame per action, in batch order, and are matched
+to their jobs by position; one read delivers every answer it holds and wakes each waiting
+consumer at most once.
+
+Each worker has a reader task, which steps aside (parks) while the worker is idle. That lets
+a caller on an idle pool write its action and read the answer itself: one task hop instead
+of two. Trio allows one waiter per socket, so whoever reads checks `borrowed` first.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+import trio
+
+from qoper8d import wire
+from qoper8d._jobs import Job, Sink, Waiter
+from qoper8d._process import ExitStatus, WorkerProcess
+from qoper8d.config import PoolConfig
+from qoper8d.errors import (
+    ActionCancelled,
+    ActionError,
+    ActionTimeout,
+    BadRequest,
+    BadResult,
+    HandlerError,
+    PoolClosed,
+    Poisoned,
+    QueueFull,
+    ShuttingDown,
+    WorkerLost,
+)
+from qoper8d.stats import OUTCOMES
+
+if TYPE_CHECKING:
+    from qoper8d._supervise import Slot
+
+__all__ = ["Engine", "Worker"]
+
+log = structlog.get_logger("qoper8d.pool")
+
+_encode_json = msgspec.json.Encoder().encode
+_EMPTY: list[Job] = []
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+def log_level(name: str) -> int:
+    return _LEVELS.get(name, 20)
+
+
+class Discard:
+    """The sink of a job whose outcome was already delivered (cancelled or timed out).
+
+    Its answer may still arrive (it was in a worker's batch already); it is dropped, and
+    counted so that statistics do not count it as a result as well.
+    """
+
+    __slots__ = ("answers",)
+
+    def __init__(self) -> None:
+        self.answers = 0
+
+    def result(self, job: Job, payload: bytes, worker: Worker) -> None:
+        self.answers += 1
+
+    def error(self, job: Job, err: ActionError, worker: Worker | None) -> None:
+        self.answers += 1
+
+
+class Worker:
+    """One worker process, from its ready handshake until its exit has been accounted for."""
+
+    __slots__ = (
+        "borrowed",
+        "dead",
+        "doom",
+        "eof",
+        "exited",
+        "frames",
+        "head_started",
+        "inflight",
+        "outbuf",
+        "pid",
+        "pos",
+        "proc",
+        "reader_task",
+        "ready_at",
+        "retire",
+        "seq",
+        "slot",
+        "sock",
+        "unsent",
+    )
+
+    def __init__(self, proc: WorkerProcess, slot: Slot) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.sock: socket.socket = proc.channel
+        self.slot = slot
+        self.frames = wire.FrameReader(wire.FromWorker)
+        #: The batch in flight, and how many of its actions have been answered.
+        self.inflight: list[Job] = _EMPTY
+        self.pos = 0
+        self.seq = 0
+        #: When the action now running started: its predecessor's answer, or the send.
+        self.head_started = 0.0
+        self.ready_at = 0.0
+        #: The reader task while it is parked (nothing to read, or a caller reads for it).
+        self.reader_task: trio.lowlevel.Task | None = None
+        #: A caller on the idle fast path is reading this worker's socket.
+        self.borrowed = False
+        self.eof = False
+        #: Frame bytes the socket did not take yet; a flush task owns them.
+        self.outbuf = b""
+        #: The last batch never reached the worker (the send failed): none of it ran.
+        self.unsent = False
+        #: Takes no more work: exited, or being stopped.
+        self.dead = False
+        #: Why we are stopping it ("timeout", "cancelled", "stopping", "retire", "protocol").
+        self.doom: str | None = None
+        #: The worker asked to be replaced (e.g. its RSS passed the limit).
+        self.retire: str | None = None
+        self.exited = trio.Event()
+
+    @property
+    def busy(self) -> bool:
+        return self.pos < len(self.inflight)
+
+
+class Engine:
+    """Queue, dispatch, answers and outcomes. The supervisor owns the processes."""
+
+    def __init__(self, config: PoolConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.nursery = nursery
+        self.size = config.size
+        self.queue: deque[Job] = deque()
+        #: Live jobs in `queue` (it also holds cancelled ones until dispatch skips them).
+        self.queued = 0
+        self.idle: list[Worker] = []
+        self.live: set[Worker] = set()
+        self.discard = Discard()
+        self.accepting = False
+        self.stopping = False
+        self.submitted = 0
+        #: Answers read from workers (results and handler errors alike).
+        self.answers = 0
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.quiet = trio.Event()
+
+    # -- accepting -----------------------------------------------------------------------
+
+    def encode(self, action: Any) -> bytes:
+        try:
+            return _encode_json(action)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BadRequest(f"the action is not JSON-compatible: {exc}") from None
+
+    def check_accepting(self, count: int = 1) -> None:
+        if not self.accepting:
+            if self.stopping or self.queued or self.live:
+                raise ShuttingDown("the pool is shutting down and takes no new actions")
+            raise PoolClosed("the pool is not running")
+        if self.queued + count > self.config.max_queue:
+            raise QueueFull(
+                f"the queue holds {self.queued} actions "
+                f"(pool.max_queue = {self.config.max_queue})",
+                max_queue=self.config.max_queue,
+            )
+
+    def timeout_for(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.config.action_timeout
+        if not timeout >= 0 or math.isinf(timeout):
+            raise BadRequest(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
+        return float(timeout)
+
+    def submit(self, payload: bytes, sink: Sink, tag: Any, timeout: float | None) -> Job:
+        self.check_accepting()
+        job = Job(payload, sink, tag, self.timeout_for(timeout))
+        self.submitted += 1
+        self.queue.append(job)
+        self.queued += 1
+        self.dispatch()
+        return job
+
+    def submit_many(self, jobs: list[Job]) -> None:
+        """Queue jobs built by a bulk submitter (`map`), with one dispatch for all of them."""
+        self.queue.extend(jobs)
+        self.queued += len(jobs)
+        self.submitted += len(jobs)
+        self.dispatch()
+
+    async def run(self, action: Any, timeout: float | None) -> Any:
+        payload = self.encode(action)
+        self.check_accepting()
+        waiter = Waiter()
+        job = Job(payload, waiter, None, self.timeout_for(timeout))
+        self.submitted += 1
+        idle = self.idle
+        if idle and not self.queued and idle[-1].reader_task is not None:
+            return await self._run_borrowed(idle.pop(), job, waiter)
+        self.queue.append(job)
+        self.queued += 1
+        self.dispatch()
+        await waiter.wait(lambda: self.cancel(job))
+        return waiter.outcome()
+
+    async def _run_borrowed(self, worker: Worker, job: Job, waiter: Waiter) -> Any:
+        # The idle fast path: this task sends the action and reads the answer itself, while
+        # the worker's reader stays parked. If more work lands on this worker meanwhile, the
+        # reader takes over when we leave.
+        worker.borrowed = True
+        self.send(worker, [job])
+        sock = worker.sock
+        try:
+            while not waiter.done and not worker.eof:
+                try:
+                    n = sock.recv_into(worker.frames.buffer())
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError:
+                    n = 0
+                if n:
+                    self.on_data(worker, n)
+                else:
+                    worker.eof = True
+        except trio.ClosedResourceError:
+            pass  # the worker exited; the supervisor has delivered what it could
+        except BaseException:
+            if not waiter.done:
+                self.cancel(job)
+            raise
+        finally:
+            worker.borrowed = False
+            if worker.busy:
+                self.unpark(worker)
+        if waiter.done:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            # The worker died under us: the supervisor delivers the outcome, or a retry.
+            await waiter.wait(lambda: self.cancel(job))
+        return waiter.outcome()
+
+    # -- dispatch (the hot path) ---------------------------------------------------------
+
+    def dispatch(self) -> None:
+        idle = self.idle
+        while idle and self.queued:
+            worker = idle.pop()
+            batch = self.take_batch()
+            if batch:
+                self.send(worker, batch)
+            else:
+                idle.append(worker)
+
+    def take_batch(self) -> list[Job]:
+        queue = self.queue
+        # This worker's share of the queue: a shallow queue spreads one action per worker,
+        # a deep one fills batches up to max_batch_bytes.
+        want = -(-self.queued // self.size)
+        limit = self.config.max_batch_bytes
+        batch: list[Job] = []
+        total = 0
+        popleft = queue.popleft
+        while queue:
+            job = queue[0]
+            if job.cancelled:
+                popleft()
+                continue
+            size = len(job.payload)
+            if batch and (total + size > limit or len(batch) >= want):
+                break
+            popleft()
+            batch.append(job)
+            total += size
+        self.queued -= len(batch)
+        return batch
+
+    def send(self, worker: Worker, batch: list[Job]) -> None:
+        worker.inflight = batch
+        worker.pos = 0
+        worker.seq += 1
+        worker.head_started = trio.current_time()
+        frame = wire.encode_frame(wire.Batch(worker.seq, [job.payload for job in batch]))
+        try:
+            sent = worker.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # The worker is gone and got none of it: its exit puts the batch back untouched.
+            worker.unsent = True
+            worker.eof = True
+            return
+        if sent < len(frame):
+            worker.outbuf = frame[sent:]
+            self.nursery.start_soon(self._flush, worker)
+        if not worker.borrowed:
+            self.unpark(worker)
+
+    async def _flush(self, worker: Worker) -> None:
+        # Rare: a frame larger than the socket buffer (a very large action).
+        sock = worker.sock
+        try:
+            while worker.outbuf:
+                await trio.lowlevel.wait_writable(sock)
+                try:
+                    sent = sock.send(worker.outbuf)
+                except BlockingIOError:
+                    continue
+                worker.outbuf = worker.outbuf[sent:]
+        except (trio.ClosedResourceError, OSError):
+            worker.outbuf = b""
+
+    def unpark(self, worker: Worker) -> None:
+        task = worker.reader_task
+        if task is not None:
+            worker.reader_task = None
+            trio.lowlevel.reschedule(task)
+
+    async def _park(self, worker: Worker) -> None:
+        worker.reader_task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            worker.reader_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def read(self, worker: Worker) -> None:
+        """The worker's reader task: runs until cancelled by the worker's exit."""
+        sock = worker.sock
+        frames = worker.frames
+        while True:
+            if worker.borrowed or worker.eof or not worker.busy:
+                await self._park(worker)
+                continue
+            try:
+                n = sock.recv_into(frames.buffer())
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                n = 0
+            if not n:
+                worker.eof = True
+                continue
+            self.on_data(worker, n)
+            await trio.lowlevel.checkpoint()
+
+    def drain(self, worker: Worker) -> None:
+        """After the worker exited: read whatever it wrote before it died."""
+        sock = worker.sock
+        while worker.busy and not worker.unsent:
+            try:
+                n = sock.recv_into(worker.frames.buffer())
+            except OSError:
+                return
+            if not n:
+                return
+            self.on_data(worker, n)
+
+    def on_data(self, worker: Worker, n: int) -> None:
+        try:
+            messages = worker.frames.commit(n)
+        except wire.ProtocolError as exc:
+            self.protocol_violation(worker, str(exc))
+            return
+        inflight = worker.inflight
+        pos = start = worker.pos
+        try:
+            for m in messages:
+                if type(m) is wire.Done:
+                    job = inflight[pos]
+                    pos += 1
+                    job.sink.result(job, m.result, worker)
+                else:
+                    pos = self._on_other(worker, m, inflight, pos)
+        except IndexError:
+            worker.pos = pos
+            self.protocol_violation(worker, "an answer with no action in flight")
+            return
+        if pos == start:
+            return
+        worker.pos = pos
+        worker.slot.actions_done += pos - start
+        self.answers += pos - start
+        worker.head_started = trio.current_time()
+        if pos == len(inflight):
+            self._worker_free(worker)
+
+    def _on_other(self, worker: Worker, m: Any, inflight: list[Job], pos: int) -> int:
+        kind = type(m)
+        if kind is wire.Raised:
+            self.end(inflight[pos], HandlerError(m.message, type=m.type, traceback=m.traceback),
+                     worker)
+            return pos + 1
+        if kind is wire.Unencodable:
+            self.end(inflight[pos], BadResult(f"the handler's result is not JSON-compatible: "
+                                              f"{m.message}"), worker)
+            return pos + 1
+        if kind is wire.Log:
+            log.log(log_level(m.level), m.event, slot=worker.slot.index, pid=worker.pid,
+                    **m.fields)
+        elif kind is wire.Retire:
+            worker.retire = m.reason
+        else:
+            self.protocol_violation(worker, f"unexpected {kind.__name__} message")
+        return pos
+
+    def _worker_free(self, worker: Worker) -> None:
+        worker.inflight = _EMPTY
+        worker.pos = 0
+        if worker.dead:
+            return
+        if self.queued:
+            batch = self.take_batch()
+            if batch:
+                self.send(worker, batch)
+                return
+        self.idle.append(worker)
+        if not self.accepting:
+            self.check_quiet()
+
+    def add_worker(self, worker: Worker) -> None:
+        """A worker passed its handshake: it takes work from now on."""
+        self.live.add(worker)
+        self.idle.append(worker)
+        self.dispatch()
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def end(self, job: Job, err: ActionError, worker: Worker | None) -> None:
+        if job.sink is not self.discard:
+            self.outcomes[err.code] += 1
+        job.sink.error(job, err, worker)
+
+    def results(self) -> int:
+        """Actions that ended with a result."""
+        errors = self.outcomes["handler_error"] + self.outcomes["bad_result"]
+        return self.answers - errors - self.discard.answers
+
+    def find_running(self, job: Job) -> Worker | None:
+        for worker in self.live:
+            if job in worker.inflight[worker.pos :]:
+                return worker
+        return None
+
+    def cancel(self, job: Job) -> None:
+        """The submitter withdrew `job`: drop it if queued, stop its worker if running."""
+        if job.sink is self.discard or job.cancelled:
+            return
+        worker = self.find_running(job)
+        if worker is None:
+            job.cancelled = True
+            self.queued -= 1
+            self.end(job, ActionCancelled("cancelled while queued"), None)
+        elif worker.inflight[worker.pos] is job:
+            self.end(job, ActionCancelled("cancelled while running; its worker is replaced",
+                                          pid=worker.pid), worker)
+            self.kill(worker, "cancelled")
+        else:
+            # Already in a worker's batch but not started: it will run when its turn comes
+            # (a worker reads nothing mid-batch), and its answer is dropped.
+            self.end(job, ActionCancelled("cancelled before it started"), None)
+        job.sink = self.discard
+        if not self.accepting:
+            self.check_quiet()
+
+    def withdraw(self, sink: Sink) -> int:
+        """Cancel, silently, every unanswered job of `sink` (a map being closed)."""
+        count = 0
+        for job in self.queue:
+            if job.sink is sink and not job.cancelled:
+                job.cancelled = True
+                job.sink = self.discard
+                self.queued -= 1
+                self.outcomes["cancelled"] += 1
+                count += 1
+        for worker in self.live:
+            for job in worker.inflight[worker.pos :]:
+                if job.sink is sink:
+                    job.sink = self.discard
+                    self.outcomes["cancelled"] += 1
+                    count += 1
+        return count
+
+    def on_exit(self, worker: Worker, status: ExitStatus) -> str:
+        """Give every action still in flight its outcome; returns what it was doing."""
+        pending = worker.inflight[worker.pos :]
+        worker.inflight = _EMPTY
+        worker.pos = 0
+        if not pending:
+            return ""
+        first: Job | None = pending[0]
+        rest = pending[1:]
+        if worker.unsent:
+            first, rest = None, pending
+        requeue = [job for job in rest if job.sink is not self.discard]
+        doing = ""
+        if first is not None:
+            doing = first.payload[:200].decode("utf-8", "replace")
+            if self._first_unanswered(first, worker, status):
+                requeue.insert(0, first)
+        if requeue:
+            self.queue.extendleft(reversed(requeue))
+            self.queued += len(requeue)
+        return doing
+
+    def _first_unanswered(self, job: Job, worker: Worker, status: ExitStatus) -> bool:
+        """The outcome of the action a dying worker may have been running; True to retry."""
+        if job.sink is self.discard:
+            return False  # cancelled or timed out: answered already
+        job.runs += 1
+        if worker.doom == "stopping" or self.stopping:
+            self.end(job, ShuttingDown("the pool stopped while the action was running",
+                                       pid=worker.pid), worker)
+            return False
+        job.deaths += 1
+        cfg = self.config
+        details = {"pid": worker.pid, **status.details(), "attempts": job.runs}
+        if job.deaths >= cfg.poison_threshold:
+            self.end(job, Poisoned(f"the action killed {job.deaths} workers "
+                                   f"(pool.poison_threshold = {cfg.poison_threshold})",
+                                   **details), worker)
+            return False
+        if job.runs >= cfg.max_attempts:
+            self.end(job, WorkerLost(f"worker {worker.pid} died running the action "
+                                     f"({status})", **details), worker)
+            return False
+        return True
+
+    def time_out(self, worker: Worker) -> None:
+        """The action running on `worker` passed its deadline."""
+        job = worker.inflight[worker.pos]
+        self.end(job, ActionTimeout(f"the action ran longer than {job.timeout:g} s; its "
+                                    f"worker is replaced", timeout=job.timeout,
+                                    pid=worker.pid), worker)
+        job.sink = self.discard
+        self.kill(worker, "timeout")
+
+    def protocol_violation(self, worker: Worker, why: str) -> None:
+        # Its protocol state is in doubt: never reuse it.
+        log.error("worker.protocol_error", slot=worker.slot.index, pid=worker.pid, error=why)
+        worker.eof = True
+        self.kill(worker, None)
+
+    def kill(self, worker: Worker, doom: str | None) -> None:
+        """Stop a worker now: SIGTERM, `pool.kill_timeout` to go, then SIGKILL."""
+        if worker.doom is None:
+            worker.doom = doom
+        self.take_out(worker)
+        self.nursery.start_soon(self.escalate, worker)
+
+    def take_out(self, worker: Worker) -> None:
+        """No more work for this worker."""
+        worker.dead = True
+        if worker in self.idle:
+            self.idle.remove(worker)
+
+    async def escalate(self, worker: Worker, first: int = signal.SIGTERM) -> None:
+        worker.proc.signal(first)
+        with trio.move_on_after(self.config.kill_timeout):
+            await worker.exited.wait()
+            return
+        worker.proc.signal(signal.SIGKILL)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def check_quiet(self) -> None:
+        if not self.queued and not any(w.busy for w in self.live):
+            self.quiet.set()
+
+    def end_queued(self, message: str) -> None:
+        queue = self.queue
+        while queue:
+            job = queue.popleft()
+            if not job.cancelled:
+                self.end(job, ShuttingDown(message), None)
+        self.queued = 0

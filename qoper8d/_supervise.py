@@ -1,0 +1,278 @@
+"""Supervision: one task per slot starts its worker, watches it, and replaces it.
+
+A slot's task launches a worker, waits for its ready handshake (bounded by
+`pool.start_timeout`), hands it to the engine, and then waits for the process to exit
+through its pidfd — no polling. On exit it reads whatever the worker wrote before dying,
+lets the engine give each action in flight its outcome, logs one `worker.exit` event, and
+starts a replacement in the same slot: at once after a stable run, with capped exponential
+backoff when the slot keeps crashing, and not at all once the pool-wide restart intensity is
+exceeded. Intentional stops (timeouts, cancellations, recycling, shutdown) never count as
+crashes.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import structlog
+import trio
+
+from qoper8d import wire
+from qoper8d._engine import Engine, Worker, log_level
+from qoper8d._output import pump_output
+from qoper8d._policy import Backoff, RestartIntensity
+from qoper8d._process import ExitStatus, Launcher
+from qoper8d.config import SupervisorConfig
+from qoper8d.errors import RestartIntensityExceeded, WorkerStartError
+
+__all__ = ["Slot", "Supervisor"]
+
+log = structlog.get_logger("qoper8d.pool")
+
+
+class Slot:
+    """A place in the pool: stable number, counters, and the worker it runs now."""
+
+    __slots__ = ("actions_done", "backoff", "index", "restarts", "retired", "state", "worker")
+
+    def __init__(self, index: int, supervisor: SupervisorConfig) -> None:
+        self.index = index
+        self.worker: Worker | None = None
+        #: "starting", "running", "backoff" or "stopped" (idle/busy come from the worker).
+        self.state = "starting"
+        self.actions_done = 0
+        self.restarts = 0
+        self.backoff = Backoff(supervisor)
+        self.retired = False
+
+
+class _HandshakeEOF(Exception):
+    """The worker closed its channel before the handshake."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        engine: Engine,
+        launcher: Launcher,
+        config: SupervisorConfig,
+        spec: wire.WorkerSpec,
+    ) -> None:
+        self.engine = engine
+        self.launcher = launcher
+        self.config = config
+        self.spec = spec
+        self.slots: list[Slot] = []
+        self.intensity = RestartIntensity(config)
+        self.restarts = 0
+        self.failure: BaseException | None = None
+
+    def new_slot(self) -> Slot:
+        slot = Slot(len(self.slots), self.config)
+        self.slots.append(slot)
+        return slot
+
+    async def serve_slot(self, slot: Slot, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a worker running in `slot` until the pool stops or the slot is retired."""
+        engine = self.engine
+        first = True
+        while not (engine.stopping or slot.retired):
+            try:
+                worker = await self._start_worker(slot)
+            except WorkerStartError as exc:
+                if first:
+                    raise
+                log.error("worker.start_failed", slot=slot.index, error=exc.message)
+                await self._after_crash(slot, ran_for=0.0)
+                continue
+            if first:
+                first = False
+                task_status.started()
+            crashed = await self._run_worker(worker)
+            if crashed and not (engine.stopping or slot.retired):
+                await self._after_crash(slot, ran_for=trio.current_time() - worker.ready_at)
+        slot.state = "stopped"
+
+    async def _after_crash(self, slot: Slot, ran_for: float) -> None:
+        slot.restarts += 1
+        self.restarts += 1
+        if self.intensity.record(trio.current_time()):
+            cfg = self.config
+            err = RestartIntensityExceeded(
+                f"more than {cfg.max_restarts} worker crashes within "
+                f"{cfg.restart_window:g} s (supervisor.max_restarts, "
+                f"supervisor.restart_window): giving up instead of restarting in a loop",
+                max_restarts=cfg.max_restarts,
+                restart_window=cfg.restart_window,
+            )
+            log.critical("pool.restart_intensity_exceeded", error=err.message)
+            self.fail(err)
+            raise err
+        delay = slot.backoff.delay_after_crash(ran_for)
+        if delay > 0:
+            slot.state = "backoff"
+            log.warning("worker.backoff", slot=slot.index, delay=round(delay, 3),
+                        streak=slot.backoff.streak)
+            await trio.sleep(delay)
+
+    def fail(self, err: BaseException) -> None:
+        """The pool cannot go on: end all queued work, stop every worker."""
+        engine = self.engine
+        self.failure = err
+        engine.accepting = False
+        engine.stopping = True
+        engine.end_queued(f"the pool failed: {err}")
+        for worker in list(engine.live):
+            engine.kill(worker, "stopping")
+
+    async def _start_worker(self, slot: Slot) -> Worker:
+        slot.state = "starting"
+        slot.worker = None
+        proc = await self.launcher.launch(self.spec)
+        worker = Worker(proc, slot)
+        cfg = self.engine.config
+        for stream, fd in proc.output.items():
+            self.engine.nursery.start_soon(
+                pump_output, fd, stream, slot.index, proc.pid, cfg.output_rate
+            )
+        try:
+            with trio.fail_after(cfg.start_timeout):
+                await self._handshake(worker)
+        except BaseException as exc:
+            proc.signal(signal.SIGKILL)
+            with trio.CancelScope(shield=True):
+                status = await proc.wait()
+            trio.lowlevel.notify_closing(worker.sock)
+            worker.sock.close()
+            if isinstance(exc, trio.TooSlowError):
+                raise WorkerStartError(
+                    f"the worker in slot {slot.index} did not report ready within "
+                    f"{cfg.start_timeout:g} s (pool.start_timeout)"
+                ) from None
+            if isinstance(exc, _HandshakeEOF):
+                raise WorkerStartError(
+                    f"the worker in slot {slot.index} exited before it was ready ({status})",
+                    **status.details(),
+                ) from None
+            if isinstance(exc, wire.ProtocolError):
+                raise WorkerStartError(f"the worker in slot {slot.index}: {exc}") from None
+            raise
+        worker.ready_at = trio.current_time()
+        slot.worker = worker
+        slot.state = "running"
+        return worker
+
+    async def _handshake(self, worker: Worker) -> None:
+        sock = worker.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                n = sock.recv_into(worker.frames.buffer())
+            except BlockingIOError:
+                continue
+            except OSError:
+                n = 0
+            if not n:
+                raise _HandshakeEOF
+            for m in worker.frames.commit(n):
+                if isinstance(m, wire.Ready):
+                    return
+                if isinstance(m, wire.StartFailed):
+                    raise WorkerStartError(
+                        f"handler {self.spec.handler!r} failed to start: {m.type}: {m.message}",
+                        type=m.type,
+                        traceback=m.traceback,
+                    )
+                if isinstance(m, wire.Log):
+                    log.log(log_level(m.level), m.event, slot=worker.slot.index,
+                            pid=worker.pid, **m.fields)
+                else:
+                    raise wire.ProtocolError(f"unexpected {type(m).__name__} before Ready")
+
+    async def _run_worker(self, worker: Worker) -> bool:
+        """Serve until the worker exits; account for it. True if it crashed."""
+        engine = self.engine
+        engine.add_worker(worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.read, worker)
+                status = await worker.proc.wait()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            # Torn down from outside (the pool is failing): the process must not outlive us.
+            worker.proc.signal(signal.SIGKILL)
+            with trio.CancelScope(shield=True):
+                status = await worker.proc.wait()
+            self._account(worker, status)
+            raise
+        return self._account(worker, status)
+
+    def _account(self, worker: Worker, status: ExitStatus) -> bool:
+        """The process is gone: read what it wrote, give each action its outcome, log it."""
+        engine = self.engine
+        engine.take_out(worker)
+        engine.drain(worker)
+        trio.lowlevel.notify_closing(worker.sock)
+        worker.sock.close()
+        engine.live.discard(worker)
+        crashed = worker.doom is None and not engine.stopping
+        doing = engine.on_exit(worker, status)
+        worker.exited.set()
+        log.log(
+            log_level("error" if crashed else "info"),
+            "worker.exit",
+            slot=worker.slot.index,
+            pid=worker.pid,
+            **status.details(),
+            reason=worker.doom or ("shutdown" if engine.stopping else "crash"),
+            doing=doing or "idle",
+            ran_for=round(trio.current_time() - worker.ready_at, 3),
+        )
+        if engine.stopping:
+            engine.end_queued("the pool stopped before the action could run")
+            engine.check_quiet()
+        else:
+            engine.dispatch()
+        return crashed
+
+    # -- stopping ------------------------------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        """Stop intake; let work finish for `grace` seconds; stop every worker; wait."""
+        engine = self.engine
+        engine.accepting = False
+        engine.quiet = trio.Event()
+        engine.check_quiet()
+        with trio.move_on_after(grace):
+            await engine.quiet.wait()
+        engine.stopping = True
+        engine.end_queued("the pool stopped before the action could run")
+        for worker in list(engine.live):
+            if worker.busy:
+                engine.take_out(worker)
+                worker.doom = worker.doom or "stopping"
+                worker.proc.signal(signal.SIGTERM)
+            elif not worker.dead:
+                # Idle: it runs teardown() and exits by itself.
+                engine.take_out(worker)
+                worker.doom = "stopping"
+                try:
+                    worker.sock.send(wire.encode_frame(wire.Stop()))
+                except OSError:
+                    worker.proc.signal(signal.SIGTERM)
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> None:
+        """Escalate until every worker has exited: `kill_timeout` each for teardown/SIGTERM."""
+        engine = self.engine
+        kill_timeout = engine.config.kill_timeout
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            with trio.move_on_after(kill_timeout):
+                for worker in list(engine.live):
+                    await worker.exited.wait()
+                return
+            for worker in list(engine.live):
+                worker.proc.signal(signum)
+        for worker in list(engine.live):
+            await worker.exited.wait()

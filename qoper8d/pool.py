@@ -1,0 +1,245 @@
+"""The pool: persistent worker processes, a queue, event-driven dispatch, supervision.
+
+`open_pool()` starts `pool.size` workers and returns only once every one has reported ready.
+The pieces behind it, one idea each:
+
+* `_engine`: the queue, adaptive batching, answers matched by position, outcomes;
+* `_supervise`: one task per slot that starts, watches and replaces its worker;
+* `_map`: the ordered, backpressured `map()` iterator;
+* `_process`: spawning worker processes and waiting for them through pidfds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import trio
+
+from qoper8d import wire
+from qoper8d._engine import Engine
+from qoper8d._map import MapIterator
+from qoper8d._process import Launcher, SpawnLauncher
+from qoper8d._supervise import Supervisor
+from qoper8d.config import PoolConfig, SupervisorConfig
+from qoper8d.errors import BadRequest
+from qoper8d.stats import PoolStatistics, WorkerStatistics
+
+__all__ = ["MapIterator", "Pool", "open_pool"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Pool:
+    """A running pool. Get one from `open_pool()`; use it from the trio run that opened it."""
+
+    def __init__(self, engine: Engine, supervisor: Supervisor) -> None:
+        self._engine = engine
+        self._supervisor = supervisor
+        self._state = "starting"
+        self._started_at = trio.current_time()
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._engine.config
+
+    @property
+    def size(self) -> int:
+        return self._engine.size
+
+    @property
+    def state(self) -> str:
+        """"starting", "running", "draining", "stopping", "stopped" or "failed"."""
+        return self._state
+
+    async def run(self, action: Any, *, timeout: float | None = None) -> Any:
+        """Run one action on a worker; return its result or raise its `ActionError`.
+
+        `timeout` (seconds; 0 for none) overrides `pool.action_timeout`. Cancelling the call
+        cancels the action: a queued one is removed, a running one's worker is replaced.
+        Raises `QueueFull` at once when `pool.max_queue` actions are waiting already.
+        """
+        return await self._engine.run(action, timeout)
+
+    def map(
+        self,
+        actions: Iterable[Any] | AsyncIterable[Any],
+        *,
+        window: int = 8192,
+        return_exceptions: bool = False,
+    ) -> MapIterator:
+        """Run every action; an async iterator of their results, in order.
+
+        At most `window` actions are queued or running at once: the source is read as the
+        results are consumed. A failed action raises its `ActionError` at its position and
+        ends the iteration, unless `return_exceptions` yields the error instead. Stopping
+        early (`break`, then `aclose()` or garbage collection) withdraws what is still queued.
+        """
+        return MapIterator(self._engine, actions, window, return_exceptions)
+
+    def submit_nowait(self, payload: bytes, sink: Any, tag: Any = None, *,
+                      timeout: float | None = None) -> Any:
+        """Queue an action already encoded as JSON text; its outcome goes to `sink`.
+
+        For front ends that receive JSON (the control socket): the text is passed through to
+        the worker undecoded, and the result comes back as JSON text. Returns a handle for
+        `cancel()`. Raises `QueueFull` or `ShuttingDown` at once.
+        """
+        return self._engine.submit(payload, sink, tag, timeout)
+
+    def cancel(self, handle: Any) -> None:
+        """Cancel an action queued with `submit_nowait()` (no-op once it has ended)."""
+        self._engine.cancel(handle)
+
+    def statistics(self) -> PoolStatistics:
+        """A frozen snapshot of the pool and every slot (see `PoolStatistics`)."""
+        engine = self._engine
+        now = trio.current_time()
+        workers = []
+        busy = idle = in_flight = 0
+        for slot in self._supervisor.slots:
+            w = slot.worker
+            if w is not None and not w.exited.is_set() and slot.state == "running":
+                flying = len(w.inflight) - w.pos
+                if w.doom is not None:
+                    state = "retiring"
+                elif flying:
+                    state = "busy"
+                    busy += 1
+                else:
+                    state = "idle"
+                    idle += 1
+                in_flight += flying
+                record = WorkerStatistics(
+                    slot=slot.index,
+                    pid=w.pid,
+                    state=state,
+                    actions_done=slot.actions_done,
+                    restarts=slot.restarts,
+                    uptime=now - w.ready_at,
+                    rss_bytes=_rss(w.pid),
+                    running_for=now - w.head_started if flying else None,
+                    in_flight=flying,
+                )
+            else:
+                record = WorkerStatistics(
+                    slot=slot.index,
+                    pid=None,
+                    state=slot.state,
+                    actions_done=slot.actions_done,
+                    restarts=slot.restarts,
+                    uptime=0.0,
+                    rss_bytes=None,
+                    running_for=None,
+                    in_flight=0,
+                )
+            workers.append(record)
+        outcomes = dict(engine.outcomes)
+        outcomes["result"] = engine.results()
+        return PoolStatistics(
+            state=self._state,
+            size=engine.size,
+            busy=busy,
+            idle=idle,
+            queued=engine.queued,
+            in_flight=in_flight,
+            submitted=engine.submitted,
+            outcomes=outcomes,
+            restarts=self._supervisor.restarts,
+            uptime=now - self._started_at,
+            workers=tuple(workers),
+        )
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@asynccontextmanager
+async def open_pool(
+    handler: str | None = None,
+    *,
+    config: PoolConfig | None = None,
+    supervisor: SupervisorConfig | None = None,
+    launcher: Launcher | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Pool]:
+    """Start a pool; returns once every worker has reported ready.
+
+    `handler` and keyword arguments override fields of `config` (see `PoolConfig`), e.g.
+    `open_pool("handlers.echo:handle", size=2)`. Leaving the block normally stops intake
+    and gives queued and running work `grace_period` seconds to finish; leaving it by an
+    exception or cancellation stops the workers at once. Either way, every worker process
+    has exited before this returns. A worker that cannot start raises `WorkerStartError`;
+    crashes past the restart intensity raise `RestartIntensityExceeded`.
+    """
+    cfg = config or PoolConfig()
+    if handler is not None:
+        overrides["handler"] = handler
+    if overrides:
+        try:
+            cfg = cfg.replace(**overrides)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise BadRequest(f"invalid pool setting: {exc}") from None
+    sup_cfg = supervisor or SupervisorConfig()
+    spec = wire.WorkerSpec(
+        channel_fd=-1,
+        lifeline_fd=-1,
+        handler=cfg.handler,
+        routes=dict(cfg.routes),
+        handler_path=list(cfg.handler_path),
+        async_backend=cfg.async_backend,
+        max_rss_bytes=cfg.max_worker_rss_mb << 20,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(cfg, nursery)
+            sup = Supervisor(engine, launcher or SpawnLauncher(), sup_cfg, spec)
+            pool = Pool(engine, sup)
+            clean = False
+            try:
+                async with trio.open_nursery() as starting:
+                    for _ in range(cfg.size):
+                        starting.start_soon(nursery.start, sup.serve_slot, sup.new_slot())
+                pool._state = "running"
+                engine.accepting = True
+                yield pool
+                clean = True
+            finally:
+                with trio.CancelScope(shield=True):
+                    if clean and sup.failure is None:
+                        pool._state = "draining"
+                        await sup.stop(cfg.grace_period)
+                    else:
+                        await sup.stop(0)
+                    pool._state = "failed" if sup.failure is not None else "stopped"
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The one real error in a nursery's exception group, as callers expect to catch it."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len(errors) == 1:
+        return errors[0]
+    if not errors and leaves:
+        return leaves[0]
+    return group

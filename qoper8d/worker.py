@@ -1,0 +1,344 @@
+"""The worker process: runs one action at a time for the master.
+
+Started as `python -m qoper8d.worker SPEC_JSON`. It imports only the standard library,
+msgspec, `qoper8d.wire` and the handler, so it starts fast and shares nothing with the master.
+
+Life of a worker:
+1. Arm the lifeline: a pipe whose write end only the master holds. The read end is set to
+   O_ASYNC with our process group as owner, and SIGIO keeps its default action (terminate),
+   so when the master dies — even by SIGKILL — the kernel kills this worker and anything it
+   forked, whatever the handler is doing at that moment: no thread, no GIL, no polling.
+2. Import the handler(s), run the module's `setup()`, send `Ready`.
+3. Read batches; run each action in order; write its outcome frame before starting the next
+   one, so the master always knows which action a death interrupted.
+4. On `Stop`, run `teardown()` and exit 0; on end-of-file on the channel, exit at once.
+
+SIGINT is ignored (Ctrl-C belongs to the master); stdout and stderr are pipes the master
+reads and logs, line by line, tagged with this worker's slot and pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import inspect
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import msgspec
+
+from qoper8d import wire
+
+__all__ = ["EXIT_LOST_MASTER", "EXIT_START_FAILED", "HandlerLoadError", "load_handler", "main"]
+
+#: The handler could not be imported or `setup()` raised (a `StartFailed` frame says why).
+EXIT_START_FAILED = 3
+#: The channel to the master closed: the master is gone or gave up on us.
+EXIT_LOST_MASTER = 4
+
+Handler = Callable[[Any], Any]
+
+
+class HandlerLoadError(Exception):
+    """A handler name that does not resolve to a callable; the message says which part."""
+
+
+def load_handler(name: str) -> Handler:
+    """Import `"package.module:function"` and return the callable, with a precise error."""
+    module_name, sep, attr_path = name.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise HandlerLoadError(f"handler {name!r} must be written 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name) and exc.name != "":
+            raise HandlerLoadError(
+                f"handler {name!r}: no module named {exc.name!r} "
+                f"(searched {os.getcwd()!r}, PYTHONPATH and pool.handler_path)"
+            ) from None
+        raise
+    target: Any = module
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise HandlerLoadError(
+                f"handler {name!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
+    if not callable(target):
+        raise HandlerLoadError(f"handler {name!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+class _Handlers:
+    """The default handler, its routes (by an action's "type"), and their modules' hooks."""
+
+    def __init__(self, spec: wire.WorkerSpec) -> None:
+        self.default = load_handler(spec.handler)
+        self.routes = {kind: load_handler(name) for kind, name in spec.routes.items()}
+        modules: dict[str, Any] = {}
+        for fn in (self.default, *self.routes.values()):
+            module = sys.modules.get(getattr(fn, "__module__", ""), None)
+            if module is not None:
+                modules.setdefault(module.__name__, module)
+        self.modules = list(modules.values())
+        self.is_async = any(
+            inspect.iscoroutinefunction(fn) for fn in (self.default, *self.routes.values())
+        )
+
+    def pick(self, action: Any) -> Handler:
+        if self.routes and type(action) is dict:
+            return self.routes.get(action.get("type"), self.default)  # type: ignore[arg-type]
+        return self.default
+
+    def hooks(self, name: str) -> list[Callable[[], Any]]:
+        return [hook for m in self.modules if callable(hook := getattr(m, name, None))]
+
+
+class _Channel:
+    """The worker's end of the channel: blocking reads, whole-frame writes."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        self.reader = wire.FrameReader(wire.FromMaster)
+
+    def send(self, message: wire.FromWorker) -> None:
+        self.sock.sendall(wire.encode_frame(message))
+
+    def receive(self) -> list[wire.FromMaster]:
+        """Block for the next message(s); exit the process when the master is gone."""
+        while True:
+            try:
+                n = self.sock.recv_into(self.reader.buffer())
+            except ConnectionResetError:
+                n = 0
+            if not n:
+                _exit_lost_master()
+            messages = self.reader.commit(n)
+            if messages:
+                return messages
+
+
+def _exit_lost_master() -> NoReturn:
+    # The master is gone: nobody will read our results, and a clean interpreter exit could
+    # run arbitrary handler code (atexit hooks, finalisers). Leave at once.
+    os._exit(EXIT_LOST_MASTER)
+
+
+def _arm_lifeline(fd: int) -> None:
+    signal.signal(signal.SIGIO, signal.SIG_DFL)
+    # The owner is our process group (negative id): grandchildren forked by a handler die too.
+    fcntl.fcntl(fd, fcntl.F_SETOWN, -os.getpgrp())
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK)
+    # The master may have died before O_ASYNC was set; no SIGIO would come for that.
+    readable, _, _ = select.select([fd], [], [], 0)
+    if readable:
+        _exit_lost_master()
+
+
+def _describe(exc: BaseException) -> tuple[str, str, str]:
+    return (
+        type(exc).__qualname__,
+        str(exc),
+        "".join(traceback.format_exception(exc)),
+    )
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Runner:
+    """Runs batches of actions and reports each outcome before the next action starts."""
+
+    def __init__(self, spec: wire.WorkerSpec, handlers: _Handlers, channel: _Channel) -> None:
+        self.handlers = handlers
+        self.channel = channel
+        self.max_rss = spec.max_rss_bytes
+        self.decode = msgspec.json.Decoder().decode
+        self.encode = msgspec.json.Encoder().encode
+
+    def outcome(self, result: Any) -> wire.FromWorker:
+        try:
+            return wire.Done(self.encode(result))
+        except (TypeError, ValueError, OverflowError) as exc:
+            return wire.Unencodable(f"{type(exc).__name__}: {exc}")
+
+    def after_batch(self) -> None:
+        # Line buffering already sent whole lines; this pushes out a trailing partial line.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        if self.max_rss and _rss_bytes() > self.max_rss:
+            self.channel.send(wire.Retire(f"rss over {self.max_rss} bytes"))
+
+    def run_sync(self, batch: wire.Batch) -> None:
+        send = self.channel.sock.sendall
+        frame = wire.encode_frame
+        decode = self.decode
+        pick = self.handlers.pick
+        for raw in batch.actions:
+            try:
+                action = decode(raw)
+                result = pick(action)(action)
+            except Exception as exc:  # the handler's failure is the action's outcome
+                send(frame(wire.Raised(*_describe(exc))))
+            else:
+                send(frame(self.outcome(result)))
+        self.after_batch()
+
+    async def run_async(self, batch: wire.Batch) -> None:
+        send = self.channel.sock.sendall
+        frame = wire.encode_frame
+        for raw in batch.actions:
+            try:
+                action = self.decode(raw)
+                result = self.handlers.pick(action)(action)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:  # the handler's failure is the action's outcome
+                send(frame(wire.Raised(*_describe(exc))))
+            else:
+                send(frame(self.outcome(result)))
+        self.after_batch()
+
+
+def _serve_sync(runner: _Runner, handlers: _Handlers) -> int:
+    try:
+        for hook in handlers.hooks("setup"):
+            hook()
+    except Exception as exc:
+        return _start_failed(runner.channel, exc)
+    runner.channel.send(wire.Ready(os.getpid()))
+    while True:
+        for message in runner.channel.receive():
+            if isinstance(message, wire.Batch):
+                runner.run_sync(message)
+            else:
+                for hook in handlers.hooks("teardown"):
+                    hook()
+                return 0
+
+
+async def _serve_async(runner: _Runner, handlers: _Handlers, backend: str) -> int:
+    # Between batches the event loop must stay live for the handler's own background tasks,
+    # so we wait for the channel through the loop; reading and writing stay plain calls.
+    wait_readable = _waiter(backend)
+    try:
+        for hook in handlers.hooks("setup"):
+            if inspect.isawaitable(done := hook()):
+                await done
+    except Exception as exc:
+        return _start_failed(runner.channel, exc)
+    runner.channel.send(wire.Ready(os.getpid()))
+    sock = runner.channel.sock
+    while True:
+        await wait_readable(sock)
+        for message in runner.channel.receive():
+            if isinstance(message, wire.Batch):
+                await runner.run_async(message)
+            else:
+                for hook in handlers.hooks("teardown"):
+                    if inspect.isawaitable(done := hook()):
+                        await done
+                return 0
+
+
+def _start_failed(channel: _Channel, exc: BaseException) -> int:
+    channel.send(wire.StartFailed(*_describe(exc)))
+    return EXIT_START_FAILED
+
+
+def _waiter(backend: str) -> Callable[[socket.socket], Any]:
+    if backend == "trio":
+        import trio  # noqa: PLC0415  # only async handlers on trio pay for importing it
+
+        return trio.lowlevel.wait_readable
+
+    import asyncio  # noqa: PLC0415
+
+    async def wait_readable(sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(sock, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock)
+
+    return wait_readable
+
+
+def _run_async(coro_fn: Callable[[], Any], backend: str) -> int:
+    if backend == "trio":
+        import trio  # noqa: PLC0415
+
+        return trio.run(coro_fn)  # type: ignore[no-any-return]
+    import asyncio  # noqa: PLC0415
+
+    return asyncio.run(coro_fn())  # type: ignore[no-any-return]
+
+
+def serve(spec: wire.WorkerSpec) -> int:
+    """Run a worker described by `spec`; returns the exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _arm_lifeline(spec.lifeline_fd)
+    _extend_path(spec.handler_path)
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    channel = _Channel(spec.channel_fd)
+    try:
+        handlers = _Handlers(spec)
+    except Exception as exc:
+        return _start_failed(channel, exc)
+    runner = _Runner(spec, handlers, channel)
+    if handlers.is_async:
+        backend = spec.async_backend
+        return _run_async(lambda: _serve_async(runner, handlers, backend), backend)
+    return _serve_sync(runner, handlers)
+
+
+def _extend_path(dirs: list[str]) -> None:
+    for extra in reversed(dirs):
+        if extra not in sys.path:
+            sys.path.insert(0, extra)
+
+
+def check(spec: wire.WorkerSpec) -> str | None:
+    """Import the handler(s) the way a worker would; the problem as one line, or None."""
+    _extend_path(spec.handler_path)
+    try:
+        _Handlers(spec)
+    except HandlerLoadError as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"handler {spec.handler!r}: importing it raised {type(exc).__name__}: {exc}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--check":
+        problem = check(msgspec.json.decode(args[1], type=wire.WorkerSpec))
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
+        return 0
+    if len(args) != 1:
+        print("usage: python -m qoper8d.worker SPEC_JSON  (started by the qoper8d master)",
+              file=sys.stderr)
+        return 2
+    return serve(msgspec.json.decode(args[0], type=wire.WorkerSpec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
