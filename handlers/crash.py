@@ -1,21 +1,27 @@
 """Handlers that misbehave on purpose, one `"mode"` per way a worker can go wrong.
 
-    {"mode": "ok"}                    return the action (a well-behaved neighbour)
-    {"mode": "exit", "code": 42}      os._exit(code)
-    {"mode": "sys_exit", "code": 3}   raise SystemExit(code): the worker exits
-    {"mode": "sigkill"}               SIGKILL itself
-    {"mode": "sigsegv"}               a real segmentation fault (read address 0)
-    {"mode": "raise", "message": m}   raise ValueError(m): the worker survives
-    {"mode": "hang"}                  sleep for ever
-    {"mode": "ignore_term"}           ignore SIGTERM, then sleep for ever
-    {"mode": "spin"}                  burn CPU for ever without releasing the GIL for long
-    {"mode": "flood", "lines": n}     print n lines to stdout, return n
-    {"mode": "flood_raw", "bytes": n} write n bytes of invalid UTF-8 to fd 1 and fd 2
-    {"mode": "unencodable"}           return an object JSON cannot hold
-    {"mode": "fork"}                  fork a grandchild that sleeps for ever; return its pid
-    {"mode": "memory", "mb": n}       allocate and keep n MiB, return the pid
-    {"mode": "pid"}                   return the worker's pid
-    {"mode": "kill_pid_file", "path": p}  SIGKILL itself if file p exists, else return pid
+| action                               | what the handler does                              |
+|--------------------------------------|----------------------------------------------------|
+| `{"mode": "ok"}`                     | return the action (a well-behaved neighbour)       |
+| `{"mode": "pid"}`                    | return the worker's pid                            |
+| `{"mode": "exit", "code": 42}`       | `os._exit(code)`                                   |
+| `{"mode": "sys_exit", "code": 3}`    | `raise SystemExit(code)`: the worker exits         |
+| `{"mode": "sigkill"}`                | SIGKILL itself                                     |
+| `{"mode": "sigsegv"}`                | a real segmentation fault (reads address 0)        |
+| `{"mode": "raise", "message": m}`    | `raise ValueError(m)`: the worker survives         |
+| `{"mode": "hang"}`                   | sleep for ever                                     |
+| `{"mode": "ignore_term"}`            | ignore SIGTERM, then sleep for ever                |
+| `{"mode": "spin"}`                   | burn CPU for ever                                  |
+| `{"mode": "flood", "lines": n}`      | print n lines to stdout, return n                  |
+| `{"mode": "flood_until", "path": p}` | print lines until file p exists, return the count  |
+| `{"mode": "flood_raw", "bytes": n}`  | write n bytes of invalid UTF-8 to fd 1 and fd 2    |
+| `{"mode": "unencodable"}`            | return an object JSON cannot hold                  |
+| `{"mode": "fork"}`                   | fork a grandchild that sleeps for ever; its pid    |
+| `{"mode": "memory", "mb": n}`        | allocate and keep n MiB, return the pid            |
+
+Any action may carry `"record": path`: its `"id"` is appended to that file before anything
+else happens, so a test can count how many times each action really ran. "hang", "spin" and
+"ignore_term" print `started <mode>` to stdout first, so a test can wait for that line.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ _hoard: list[bytearray] = []
 
 def handle(action: dict[str, Any]) -> Any:
     mode = action.get("mode", "ok")
+    if "record" in action:
+        with open(action["record"], "a") as f:
+            f.write(f"{action.get('id')}\n")
+    if mode in ("hang", "spin", "ignore_term"):
+        print(f"started {mode}", flush=True)
     if mode == "ok":
         return action
     if mode == "pid":
@@ -61,6 +72,13 @@ def handle(action: dict[str, Any]) -> Any:
         for i in range(lines):
             print(f"flood line {i} " + "x" * 60)
         return lines
+    if mode == "flood_until":
+        lines = 0
+        while not os.path.exists(action["path"]):
+            for _ in range(1000):
+                print(f"flood line {lines} " + "x" * 60)
+                lines += 1
+        return lines
     if mode == "flood_raw":
         chunk = b"\xff\xfe invalid \xc3\x28 utf-8 \x80\n" * 64
         left = int(action.get("bytes", 1 << 20))
@@ -79,9 +97,5 @@ def handle(action: dict[str, Any]) -> Any:
         return child
     if mode == "memory":
         _hoard.append(bytearray(int(action.get("mb", 100)) << 20))
-        return os.getpid()
-    if mode == "kill_pid_file":
-        if os.path.exists(action["path"]):
-            os.kill(os.getpid(), signal.SIGKILL)
         return os.getpid()
     raise ValueError(f"unknown mode {mode!r}")

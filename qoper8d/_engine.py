@@ -10,15 +10,17 @@ consumer at most once.
 
 Each worker has a reader task, which steps aside (parks) while the worker is idle. That lets
 a caller on an idle pool write its action and read the answer itself: one task hop instead
-of two. Trio allows one waiter per socket, so whoever reads checks `borrowed` first.
+of two. Trio allows one waiter per descriptor, so whoever reads checks `borrowed` first.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
-import socket
-from collections import deque
+from bisect import bisect_right
+from itertools import accumulate
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -26,7 +28,7 @@ import structlog
 import trio
 
 from qoper8d import wire
-from qoper8d._jobs import Job, Sink, Waiter
+from qoper8d._jobs import Job, Sink, Waiter, encode_json
 from qoper8d._process import ExitStatus, WorkerProcess
 from qoper8d.config import PoolConfig
 from qoper8d.errors import (
@@ -36,8 +38,8 @@ from qoper8d.errors import (
     BadRequest,
     BadResult,
     HandlerError,
-    PoolClosed,
     Poisoned,
+    PoolClosed,
     QueueFull,
     ShuttingDown,
     WorkerLost,
@@ -51,8 +53,13 @@ __all__ = ["Engine", "Worker"]
 
 log = structlog.get_logger("qoper8d.pool")
 
-_encode_json = msgspec.json.Encoder().encode
 _EMPTY: list[Job] = []
+_payload_of = attrgetter("payload")
+_sink_of = attrgetter("sink")
+_result_of = attrgetter("result")
+_ONLY_DONE = {wire.Done}
+#: Compact the queue list once this many taken jobs sit before its head.
+_COMPACT = 4096
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -72,8 +79,11 @@ class Discard:
     def __init__(self) -> None:
         self.answers = 0
 
-    def result(self, job: Job, payload: bytes, worker: Worker) -> None:
+    def result(self, job: Job, payload: msgspec.Raw, worker: Worker) -> None:
         self.answers += 1
+
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Worker) -> None:
+        self.answers += len(jobs)
 
     def error(self, job: Job, err: ActionError, worker: Worker | None) -> None:
         self.answers += 1
@@ -98,16 +108,18 @@ class Worker:
         "reader_task",
         "ready_at",
         "retire",
+        "rfd",
         "seq",
         "slot",
-        "sock",
         "unsent",
+        "wfd",
     )
 
     def __init__(self, proc: WorkerProcess, slot: Slot) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.sock: socket.socket = proc.channel
+        self.wfd = proc.to_worker
+        self.rfd = proc.from_worker
         self.slot = slot
         self.frames = wire.FrameReader(wire.FromWorker)
         #: The batch in flight, and how many of its actions have been answered.
@@ -119,10 +131,10 @@ class Worker:
         self.ready_at = 0.0
         #: The reader task while it is parked (nothing to read, or a caller reads for it).
         self.reader_task: trio.lowlevel.Task | None = None
-        #: A caller on the idle fast path is reading this worker's socket.
+        #: A caller on the idle fast path is reading this worker's answers itself.
         self.borrowed = False
         self.eof = False
-        #: Frame bytes the socket did not take yet; a flush task owns them.
+        #: Frame bytes the pipe did not take yet; a flush task owns them.
         self.outbuf = b""
         #: The last batch never reached the worker (the send failed): none of it ran.
         self.unsent = False
@@ -146,9 +158,15 @@ class Engine:
         self.config = config
         self.nursery = nursery
         self.size = config.size
-        self.queue: deque[Job] = deque()
-        #: Live jobs in `queue` (it also holds cancelled ones until dispatch skips them).
+        # The queue is a list read from `head`: a batch is one slice, not a pop per job.
+        self.queue: list[Job] = []
+        self.head = 0
+        #: Live jobs in the queue (it also holds cancelled ones until dispatch skips them).
         self.queued = 0
+        #: Cancelled jobs still in the queue.
+        self.tombstones = 0
+        #: About how many queued actions fit in `max_batch_bytes` (learnt from batches).
+        self._fits = 64
         self.idle: list[Worker] = []
         self.live: set[Worker] = set()
         self.discard = Discard()
@@ -164,7 +182,7 @@ class Engine:
 
     def encode(self, action: Any) -> bytes:
         try:
-            return _encode_json(action)
+            return encode_json(action)
         except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"the action is not JSON-compatible: {exc}") from None
 
@@ -175,8 +193,7 @@ class Engine:
             raise PoolClosed("the pool is not running")
         if self.queued + count > self.config.max_queue:
             raise QueueFull(
-                f"the queue holds {self.queued} actions "
-                f"(pool.max_queue = {self.config.max_queue})",
+                f"the queue holds {self.queued} actions (pool.max_queue = {self.config.max_queue})",
                 max_queue=self.config.max_queue,
             )
 
@@ -223,14 +240,15 @@ class Engine:
         # the worker's reader stays parked. If more work lands on this worker meanwhile, the
         # reader takes over when we leave.
         worker.borrowed = True
-        self.send(worker, [job])
-        sock = worker.sock
+        self.send(worker, [job], [job.payload])
+        rfd = worker.rfd
+        readv = os.readv
         try:
             while not waiter.done and not worker.eof:
                 try:
-                    n = sock.recv_into(worker.frames.buffer())
+                    n = readv(rfd, [worker.frames.buffer()])
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
+                    await trio.lowlevel.wait_readable(rfd)
                     continue
                 except OSError:
                     n = 0
@@ -260,44 +278,89 @@ class Engine:
     def dispatch(self) -> None:
         idle = self.idle
         while idle and self.queued:
-            worker = idle.pop()
-            batch = self.take_batch()
-            if batch:
-                self.send(worker, batch)
-            else:
-                idle.append(worker)
+            self.send(idle.pop(), *self.take_batch())
 
-    def take_batch(self) -> list[Job]:
-        queue = self.queue
+    def take_batch(self) -> tuple[list[Job], list[bytes]]:
+        """Take the next batch off the queue (`queued` must be > 0): jobs and payloads."""
         # This worker's share of the queue: a shallow queue spreads one action per worker,
-        # a deep one fills batches up to max_batch_bytes.
+        # a deep one fills batches up to max_batch_bytes. All per-job work is C-level.
         want = -(-self.queued // self.size)
+        queue = self.queue
+        head = self.head
+        if self.tombstones:
+            return self._take_batch_skipping(want)
+        # Look at no more jobs than the last byte-limited batch held, plus a margin, so a
+        # deep queue does not cost a scan of its whole share for every batch.
+        batch = queue[head : head + min(want, self._fits)]
+        payloads = list(map(_payload_of, batch))
+        limit = self.config.max_batch_bytes
+        if len(batch) > 1 and sum(map(len, payloads)) > limit:
+            cut = bisect_right(list(accumulate(map(len, payloads))), limit) or 1
+            batch = batch[:cut]
+            payloads = payloads[:cut]
+            self._fits = cut + cut // 4 + 8
+        elif len(batch) == self._fits:
+            self._fits *= 2
+        self.queued -= len(batch)
+        self._advance(head + len(batch))
+        return batch, payloads
+
+    def _take_batch_skipping(self, want: int) -> tuple[list[Job], list[bytes]]:
+        queue = self.queue
+        head = self.head
         limit = self.config.max_batch_bytes
         batch: list[Job] = []
         total = 0
-        popleft = queue.popleft
-        while queue:
-            job = queue[0]
+        while len(batch) < want and head < len(queue):
+            job = queue[head]
             if job.cancelled:
-                popleft()
+                self.tombstones -= 1
+                head += 1
                 continue
             size = len(job.payload)
-            if batch and (total + size > limit or len(batch) >= want):
+            if batch and total + size > limit:
                 break
-            popleft()
             batch.append(job)
             total += size
+            head += 1
         self.queued -= len(batch)
-        return batch
+        self._advance(head)
+        return batch, list(map(_payload_of, batch))
 
-    def send(self, worker: Worker, batch: list[Job]) -> None:
+    def _advance(self, head: int) -> None:
+        queue = self.queue
+        if head >= len(queue):
+            queue.clear()
+            self.head = self.tombstones = 0
+        elif head > _COMPACT and head * 2 > len(queue):
+            del queue[:head]
+            self.head = 0
+        else:
+            self.head = head
+
+    def requeue(self, jobs: list[Job]) -> None:
+        """Put jobs back at the head of the queue, in order (they never started)."""
+        head = self.head
+        if head >= len(jobs):
+            self.head = head - len(jobs)
+            self.queue[self.head : head] = jobs
+        else:
+            self.queue[:head] = jobs
+            self.head = 0
+        self.queued += len(jobs)
+
+    def queued_jobs(self) -> list[Job]:
+        """The live jobs in the queue, in order."""
+        return [job for job in self.queue[self.head :] if not job.cancelled]
+
+    def send(self, worker: Worker, batch: list[Job], payloads: list[bytes]) -> None:
         worker.inflight = batch
         worker.pos = 0
         worker.seq += 1
         worker.head_started = trio.current_time()
-        frame = wire.encode_frame(wire.Batch(worker.seq, [job.payload for job in batch]))
+        frame = wire.encode_batch(worker.seq, payloads)
         try:
-            sent = worker.sock.send(frame)
+            sent = os.write(worker.wfd, frame)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -312,13 +375,13 @@ class Engine:
             self.unpark(worker)
 
     async def _flush(self, worker: Worker) -> None:
-        # Rare: a frame larger than the socket buffer (a very large action).
-        sock = worker.sock
+        # Rare: a frame larger than the pipe's free space (a very large action).
+        wfd = worker.wfd
         try:
             while worker.outbuf:
-                await trio.lowlevel.wait_writable(sock)
+                await trio.lowlevel.wait_writable(wfd)
                 try:
-                    sent = sock.send(worker.outbuf)
+                    sent = os.write(wfd, worker.outbuf)
                 except BlockingIOError:
                     continue
                 worker.outbuf = worker.outbuf[sent:]
@@ -342,16 +405,17 @@ class Engine:
 
     async def read(self, worker: Worker) -> None:
         """The worker's reader task: runs until cancelled by the worker's exit."""
-        sock = worker.sock
+        rfd = worker.rfd
         frames = worker.frames
+        readv = os.readv
         while True:
             if worker.borrowed or worker.eof or not worker.busy:
                 await self._park(worker)
                 continue
             try:
-                n = sock.recv_into(frames.buffer())
+                n = readv(rfd, [frames.buffer()])
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(rfd)
                 continue
             except OSError:
                 n = 0
@@ -363,10 +427,9 @@ class Engine:
 
     def drain(self, worker: Worker) -> None:
         """After the worker exited: read whatever it wrote before it died."""
-        sock = worker.sock
         while worker.busy and not worker.unsent:
             try:
-                n = sock.recv_into(worker.frames.buffer())
+                n = os.readv(worker.rfd, [worker.frames.buffer()])
             except OSError:
                 return
             if not n:
@@ -382,13 +445,28 @@ class Engine:
         inflight = worker.inflight
         pos = start = worker.pos
         try:
-            for m in messages:
-                if type(m) is wire.Done:
-                    job = inflight[pos]
-                    pos += 1
-                    job.sink.result(job, m.result, worker)
+            count = len(messages)
+            if count > 2 and set(map(type, messages)) == _ONLY_DONE:
+                # In bulk a read holds a run of results, usually for one sink (a map):
+                # deliver them in one call, without a Python step per result.
+                jobs = inflight[pos : pos + count]
+                if len(jobs) < count:
+                    raise IndexError
+                sinks = set(map(_sink_of, jobs))
+                if len(sinks) == 1:
+                    sinks.pop().results(jobs, list(map(_result_of, messages)), worker)
                 else:
-                    pos = self._on_other(worker, m, inflight, pos)
+                    for job, m in zip(jobs, messages, strict=True):
+                        job.sink.result(job, m.result, worker)
+                pos += count
+            else:
+                for m in messages:
+                    if type(m) is wire.Done:
+                        job = inflight[pos]
+                        pos += 1
+                        job.sink.result(job, m.result, worker)
+                    else:
+                        pos = self._on_other(worker, m, inflight, pos)
         except IndexError:
             worker.pos = pos
             self.protocol_violation(worker, "an answer with no action in flight")
@@ -405,16 +483,19 @@ class Engine:
     def _on_other(self, worker: Worker, m: Any, inflight: list[Job], pos: int) -> int:
         kind = type(m)
         if kind is wire.Raised:
-            self.end(inflight[pos], HandlerError(m.message, type=m.type, traceback=m.traceback),
-                     worker)
+            self.end(
+                inflight[pos], HandlerError(m.message, type=m.type, traceback=m.traceback), worker
+            )
             return pos + 1
         if kind is wire.Unencodable:
-            self.end(inflight[pos], BadResult(f"the handler's result is not JSON-compatible: "
-                                              f"{m.message}"), worker)
+            self.end(
+                inflight[pos],
+                BadResult(f"the handler's result is not JSON-compatible: {m.message}"),
+                worker,
+            )
             return pos + 1
         if kind is wire.Log:
-            log.log(log_level(m.level), m.event, slot=worker.slot.index, pid=worker.pid,
-                    **m.fields)
+            log.log(log_level(m.level), m.event, slot=worker.slot.index, pid=worker.pid, **m.fields)
         elif kind is wire.Retire:
             worker.retire = m.reason
         else:
@@ -427,10 +508,8 @@ class Engine:
         if worker.dead:
             return
         if self.queued:
-            batch = self.take_batch()
-            if batch:
-                self.send(worker, batch)
-                return
+            self.send(worker, *self.take_batch())
+            return
         self.idle.append(worker)
         if not self.accepting:
             self.check_quiet()
@@ -448,7 +527,7 @@ class Engine:
             self.outcomes[err.code] += 1
         job.sink.error(job, err, worker)
 
-    def results(self) -> int:
+    def result_count(self) -> int:
         """Actions that ended with a result."""
         errors = self.outcomes["handler_error"] + self.outcomes["bad_result"]
         return self.answers - errors - self.discard.answers
@@ -467,10 +546,14 @@ class Engine:
         if worker is None:
             job.cancelled = True
             self.queued -= 1
+            self.tombstones += 1
             self.end(job, ActionCancelled("cancelled while queued"), None)
         elif worker.inflight[worker.pos] is job:
-            self.end(job, ActionCancelled("cancelled while running; its worker is replaced",
-                                          pid=worker.pid), worker)
+            self.end(
+                job,
+                ActionCancelled("cancelled while running; its worker is replaced", pid=worker.pid),
+                worker,
+            )
             self.kill(worker, "cancelled")
         else:
             # Already in a worker's batch but not started: it will run when its turn comes
@@ -483,11 +566,12 @@ class Engine:
     def withdraw(self, sink: Sink) -> int:
         """Cancel, silently, every unanswered job of `sink` (a map being closed)."""
         count = 0
-        for job in self.queue:
+        for job in self.queue[self.head :]:
             if job.sink is sink and not job.cancelled:
                 job.cancelled = True
                 job.sink = self.discard
                 self.queued -= 1
+                self.tombstones += 1
                 self.outcomes["cancelled"] += 1
                 count += 1
         for worker in self.live:
@@ -516,8 +600,7 @@ class Engine:
             if self._first_unanswered(first, worker, status):
                 requeue.insert(0, first)
         if requeue:
-            self.queue.extendleft(reversed(requeue))
-            self.queued += len(requeue)
+            self.requeue(requeue)
         return doing
 
     def _first_unanswered(self, job: Job, worker: Worker, status: ExitStatus) -> bool:
@@ -526,29 +609,47 @@ class Engine:
             return False  # cancelled or timed out: answered already
         job.runs += 1
         if worker.doom == "stopping" or self.stopping:
-            self.end(job, ShuttingDown("the pool stopped while the action was running",
-                                       pid=worker.pid), worker)
+            self.end(
+                job,
+                ShuttingDown("the pool stopped while the action was running", pid=worker.pid),
+                worker,
+            )
             return False
         job.deaths += 1
         cfg = self.config
         details = {"pid": worker.pid, **status.details(), "attempts": job.runs}
         if job.deaths >= cfg.poison_threshold:
-            self.end(job, Poisoned(f"the action killed {job.deaths} workers "
-                                   f"(pool.poison_threshold = {cfg.poison_threshold})",
-                                   **details), worker)
+            self.end(
+                job,
+                Poisoned(
+                    f"the action killed {job.deaths} workers "
+                    f"(pool.poison_threshold = {cfg.poison_threshold})",
+                    **details,
+                ),
+                worker,
+            )
             return False
         if job.runs >= cfg.max_attempts:
-            self.end(job, WorkerLost(f"worker {worker.pid} died running the action "
-                                     f"({status})", **details), worker)
+            self.end(
+                job,
+                WorkerLost(f"worker {worker.pid} died running the action ({status})", **details),
+                worker,
+            )
             return False
         return True
 
     def time_out(self, worker: Worker) -> None:
         """The action running on `worker` passed its deadline."""
         job = worker.inflight[worker.pos]
-        self.end(job, ActionTimeout(f"the action ran longer than {job.timeout:g} s; its "
-                                    f"worker is replaced", timeout=job.timeout,
-                                    pid=worker.pid), worker)
+        self.end(
+            job,
+            ActionTimeout(
+                f"the action ran longer than {job.timeout:g} s; its worker is replaced",
+                timeout=job.timeout,
+                pid=worker.pid,
+            ),
+            worker,
+        )
         job.sink = self.discard
         self.kill(worker, "timeout")
 
@@ -585,9 +686,8 @@ class Engine:
             self.quiet.set()
 
     def end_queued(self, message: str) -> None:
-        queue = self.queue
-        while queue:
-            job = queue.popleft()
-            if not job.cancelled:
-                self.end(job, ShuttingDown(message), None)
-        self.queued = 0
+        jobs = self.queued_jobs()
+        self.queue.clear()
+        self.head = self.queued = self.tombstones = 0
+        for job in jobs:
+            self.end(job, ShuttingDown(message), None)

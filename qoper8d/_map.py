@@ -9,17 +9,34 @@ position it waits for arrives — once per batch in bulk, not once per action.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from itertools import count, islice, repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 
-from qoper8d._jobs import Job, decode_json
+from qoper8d._jobs import Job, decode_json, encode_json
 from qoper8d.errors import ActionError, QueueFull
 
 if TYPE_CHECKING:
     from qoper8d._engine import Engine, Worker
 
 __all__ = ["MapIterator"]
+
+_MISSING: Any = object()
+
+
+class _Failed:
+    """An error outcome in the results, told apart from a result by its type alone."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ActionError) -> None:
+        self.error = error
+
+
+_tag_of = attrgetter("tag")
 
 
 class MapIterator:
@@ -42,6 +59,8 @@ class MapIterator:
         else:
             self._source = iter(actions)
         self._window = window
+        #: Refill when fewer than this many actions are outstanding.
+        self._low = (window + 1) // 2
         self._return_exceptions = return_exceptions
         self._next = 0  # position of the next result to hand out
         self._issued = 0  # actions submitted so far
@@ -52,14 +71,23 @@ class MapIterator:
 
     # -- the sink side, called by the engine ---------------------------------------------
 
-    def result(self, job: Job, payload: bytes, worker: Worker) -> None:
-        self._results[job.tag] = payload
+    def result(self, job: Job, payload: msgspec.Raw, worker: Worker) -> None:
+        self._results[job.tag] = decode_json(payload)
         if job.tag == self._next and self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task)
 
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Worker) -> None:
+        # One decode for the whole run of results: they are JSON texts, so joined with
+        # commas inside brackets they are one JSON array.
+        values = decode_json(b"[%b]" % b",".join(payloads))
+        self._results.update(zip(map(_tag_of, jobs), values, strict=True))
+        if self._task is not None and self._next in self._results:
+            task, self._task = self._task, None
+            trio.lowlevel.reschedule(task)
+
     def error(self, job: Job, err: ActionError, worker: Worker | None) -> None:
-        self._results[job.tag] = err
+        self._results[job.tag] = _Failed(err)
         if job.tag == self._next and self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task)
@@ -73,8 +101,6 @@ class MapIterator:
         engine = self._engine
         outstanding = self._issued - self._next
         room = self._window - outstanding
-        if self._exhausted or room < (self._window + 1) // 2:
-            return
         engine.check_accepting(0)
         room = min(room, engine.config.max_queue - engine.queued)
         if room <= 0:
@@ -82,16 +108,17 @@ class MapIterator:
                 return
             raise QueueFull(f"the queue is full (pool.max_queue = {engine.config.max_queue})")
         encode = engine.encode
-        payloads: list[bytes] = []
         if self._source is not None:
-            for action in self._source:
-                payloads.append(encode(action))
-                if len(payloads) >= room:
-                    break
-            else:
+            actions = list(islice(self._source, room))
+            if len(actions) < room:
                 self._exhausted = True
+            try:
+                payloads = list(map(encode_json, actions))
+            except (TypeError, ValueError, OverflowError):
+                payloads = list(map(encode, actions))  # raises BadRequest for the culprit
         else:
             assert self._source_async is not None
+            payloads = []
             while len(payloads) < room:
                 try:
                     action = await anext(self._source_async)
@@ -102,23 +129,23 @@ class MapIterator:
         if not payloads:
             return
         index = self._issued
-        timeout = engine.config.action_timeout
-        jobs = [Job(payload, self, index + i, timeout) for i, payload in enumerate(payloads)]
+        jobs = list(
+            map(Job, payloads, repeat(self), count(index), repeat(engine.config.action_timeout))
+        )
         self._issued = index + len(jobs)
         engine.submit_many(jobs)
 
     async def __anext__(self) -> Any:
-        if self._closed:
-            raise StopAsyncIteration
-        await self._refill()
+        # A ready result is handed out without a checkpoint: the consumer parks (and so
+        # checkpoints) whenever it waits, which in bulk is about once per batch.
         index = self._next
-        if index >= self._issued:
-            self._closed = True
-            raise StopAsyncIteration
-        results = self._results
-        if index in results:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
+        if self._issued - index < self._low and not self._exhausted and not self._closed:
+            await self._refill()
+        value = self._results.pop(index, _MISSING)
+        if value is _MISSING:
+            if index >= self._issued or self._closed:
+                self._closed = True
+                raise StopAsyncIteration
             self._task = trio.lowlevel.current_task()
 
             def abort(_: Any) -> trio.lowlevel.Abort:
@@ -130,14 +157,14 @@ class MapIterator:
             except BaseException:
                 self._withdraw()
                 raise
-        value = results.pop(index)
+            value = self._results.pop(index)
         self._next = index + 1
-        if type(value) is bytes:
-            return decode_json(value)
-        if self._return_exceptions:
+        if type(value) is not _Failed:
             return value
+        if self._return_exceptions:
+            return value.error
         self._withdraw()
-        raise value
+        raise value.error
 
     def _withdraw(self) -> None:
         """Stop early: take back what is still queued, drop answers still to come."""

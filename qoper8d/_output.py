@@ -59,8 +59,9 @@ async def pump_output(fd: int, stream: str, slot: int, pid: int, rate: float) ->
 
     def report_dropped() -> None:
         if bucket.dropped:
-            log.warning("worker.output_dropped", slot=slot, pid=pid, stream=stream,
-                        lines=bucket.dropped)
+            log.warning(
+                "worker.output_dropped", slot=slot, pid=pid, stream=stream, lines=bucket.dropped
+            )
             bucket.dropped = 0
 
     def consume(data: bytes) -> None:

@@ -36,7 +36,7 @@ class Backoff:
         self.streak += 1
         if self.streak == 1:
             return 0.0
-        base = min(cfg.backoff_max, cfg.backoff_initial * 2 ** (self.streak - 2))
+        base: float = min(cfg.backoff_max, cfg.backoff_initial * 2.0 ** (self.streak - 2))
         return base * (0.5 + self._rng.random() / 2)
 
 

@@ -1,8 +1,9 @@
 """Worker processes as the master sees them: spawn, wait for exit, signal, clean up.
 
 Each worker runs in a session of its own (so Ctrl-C in the master's terminal never reaches
-it, and everything it forks shares its process group) and gets four descriptors: stdout and
-stderr pipes the master reads, the channel (fd 3), and the lifeline (fd 4, see worker.py).
+it, and everything it forks shares its process group) and gets these descriptors: stdout and
+stderr pipes the master reads, the channel (a pipe to read batches from, fd 3, and one to
+write answers to, fd 4) and the lifeline (fd 5, see worker.py).
 
 Exit is observed through a pidfd, which trio waits on like any other descriptor. The exit
 status is read with WNOWAIT first, so the pid stays reserved while we kill whatever is left
@@ -16,7 +17,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,10 +27,11 @@ import trio
 
 from qoper8d import wire
 
-__all__ = ["CHANNEL_FD", "LIFELINE_FD", "ExitStatus", "Launcher", "WorkerProcess", "spawn_worker"]
+__all__ = ["ExitStatus", "Launcher", "SpawnLauncher", "WorkerProcess", "spawn_worker"]
 
-CHANNEL_FD = 3
-LIFELINE_FD = 4
+FROM_MASTER_FD = 3
+TO_MASTER_FD = 4
+LIFELINE_FD = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +68,10 @@ class WorkerProcess(Protocol):
     """What the pool needs from a worker process, whatever started it."""
 
     pid: int
-    #: The master's end of the channel, non-blocking.
-    channel: socket.socket
+    #: Non-blocking write end of the pipe the worker reads batches from (the pool owns it).
+    to_worker: int
+    #: Non-blocking read end of the pipe the worker writes answers to (the pool owns it).
+    from_worker: int
     #: Read ends of the worker's stdout and stderr, by stream name (the pool owns them).
     output: dict[str, int]
 
@@ -88,13 +91,14 @@ class Launcher(Protocol):
 
 
 class _SpawnedWorker:
-    __slots__ = ("_lifeline", "_pidfd", "_status", "channel", "output", "pid")
+    __slots__ = ("_lifeline", "_pidfd", "_status", "from_worker", "output", "pid", "to_worker")
 
     def __init__(
-        self, pid: int, channel: socket.socket, lifeline: int, output: dict[str, int]
+        self, pid: int, to_worker: int, from_worker: int, lifeline: int, output: dict[str, int]
     ) -> None:
         self.pid = pid
-        self.channel = channel
+        self.to_worker = to_worker
+        self.from_worker = from_worker
         self.output = output
         self._lifeline = lifeline
         self._pidfd = os.pidfd_open(pid)
@@ -104,7 +108,8 @@ class _SpawnedWorker:
         if self._status is not None:
             return self._status
         await trio.lowlevel.wait_readable(self._pidfd)
-        info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOWAIT)
+        # The pidfd is readable: the process has exited, so neither waitid blocks.
+        info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
         if info is not None and info.si_code == os.CLD_EXITED:
             status = ExitStatus(exit_code=info.si_status)
         elif info is not None:
@@ -114,7 +119,7 @@ class _SpawnedWorker:
         # Still a zombie, so its pid (and process group id) cannot have been reused yet.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+        os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)  # noqa: ASYNC222
         self._status = status
         os.close(self._pidfd)
         os.close(self._lifeline)
@@ -127,7 +132,7 @@ class _SpawnedWorker:
 
 
 def _high_dup(fd: int) -> int:
-    # Park a descriptor above the ones the child gets (0-4), so the dup2 file actions below
+    # Park a descriptor above the ones the child gets (0-5), so the dup2 file actions below
     # can never overwrite a source before it is copied.
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
@@ -143,16 +148,20 @@ class SpawnLauncher:
 
 
 async def spawn_worker(spec: wire.WorkerSpec, env: Mapping[str, str]) -> _SpawnedWorker:
-    spec = msgspec.structs.replace(spec, channel_fd=CHANNEL_FD, lifeline_fd=LIFELINE_FD)
-    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    spec = msgspec.structs.replace(
+        spec, from_master_fd=FROM_MASTER_FD, to_master_fd=TO_MASTER_FD, lifeline_fd=LIFELINE_FD
+    )
+    batches_r, batches_w = os.pipe()
+    answers_r, answers_w = os.pipe()
     lifeline_r, lifeline_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    sources = [_high_dup(fd) for fd in (devnull, out_w, err_w, worker_end.fileno(), lifeline_r)]
-    for fd in (devnull, out_w, err_w, lifeline_r):
+    # The child's descriptors 0-5, in order.
+    child_ends = (devnull, out_w, err_w, batches_r, answers_w, lifeline_r)
+    sources = [_high_dup(fd) for fd in child_ends]
+    for fd in child_ends:
         os.close(fd)
-    worker_end.close()
     argv = [sys.executable, "-m", "qoper8d.worker", msgspec.json.encode(spec).decode()]
     actions = [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in enumerate(sources)]
     try:
@@ -160,12 +169,12 @@ async def spawn_worker(spec: wire.WorkerSpec, env: Mapping[str, str]) -> _Spawne
             lambda: os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
         )
     except BaseException:
-        master_end.close()
-        for fd in (out_r, err_r, lifeline_w):
+        for fd in (batches_w, answers_r, out_r, err_r, lifeline_w):
             os.close(fd)
         raise
     finally:
         for fd in sources:
             os.close(fd)
-    master_end.setblocking(False)
-    return _SpawnedWorker(pid, master_end, lifeline_w, {"stdout": out_r, "stderr": err_r})
+    os.set_blocking(batches_w, False)
+    os.set_blocking(answers_r, False)
+    return _SpawnedWorker(pid, batches_w, answers_r, lifeline_w, {"stdout": out_r, "stderr": err_r})

@@ -12,6 +12,7 @@ crashes.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -49,6 +50,13 @@ class Slot:
 
 class _HandshakeEOF(Exception):
     """The worker closed its channel before the handshake."""
+
+
+def _close_channel(worker: Worker) -> None:
+    # Wake, with ClosedResourceError, any task still waiting on these descriptors.
+    for fd in (worker.rfd, worker.wfd):
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
 
 
 class Supervisor:
@@ -112,8 +120,9 @@ class Supervisor:
         delay = slot.backoff.delay_after_crash(ran_for)
         if delay > 0:
             slot.state = "backoff"
-            log.warning("worker.backoff", slot=slot.index, delay=round(delay, 3),
-                        streak=slot.backoff.streak)
+            log.warning(
+                "worker.backoff", slot=slot.index, delay=round(delay, 3), streak=slot.backoff.streak
+            )
             await trio.sleep(delay)
 
     def fail(self, err: BaseException) -> None:
@@ -143,8 +152,7 @@ class Supervisor:
             proc.signal(signal.SIGKILL)
             with trio.CancelScope(shield=True):
                 status = await proc.wait()
-            trio.lowlevel.notify_closing(worker.sock)
-            worker.sock.close()
+            _close_channel(worker)
             if isinstance(exc, trio.TooSlowError):
                 raise WorkerStartError(
                     f"the worker in slot {slot.index} did not report ready within "
@@ -164,11 +172,11 @@ class Supervisor:
         return worker
 
     async def _handshake(self, worker: Worker) -> None:
-        sock = worker.sock
+        rfd = worker.rfd
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(rfd)
             try:
-                n = sock.recv_into(worker.frames.buffer())
+                n = os.readv(rfd, [worker.frames.buffer()])
             except BlockingIOError:
                 continue
             except OSError:
@@ -185,8 +193,13 @@ class Supervisor:
                         traceback=m.traceback,
                     )
                 if isinstance(m, wire.Log):
-                    log.log(log_level(m.level), m.event, slot=worker.slot.index,
-                            pid=worker.pid, **m.fields)
+                    log.log(
+                        log_level(m.level),
+                        m.event,
+                        slot=worker.slot.index,
+                        pid=worker.pid,
+                        **m.fields,
+                    )
                 else:
                     raise wire.ProtocolError(f"unexpected {type(m).__name__} before Ready")
 
@@ -213,8 +226,7 @@ class Supervisor:
         engine = self.engine
         engine.take_out(worker)
         engine.drain(worker)
-        trio.lowlevel.notify_closing(worker.sock)
-        worker.sock.close()
+        _close_channel(worker)
         engine.live.discard(worker)
         crashed = worker.doom is None and not engine.stopping
         doing = engine.on_exit(worker, status)
@@ -258,7 +270,7 @@ class Supervisor:
                 engine.take_out(worker)
                 worker.doom = "stopping"
                 try:
-                    worker.sock.send(wire.encode_frame(wire.Stop()))
+                    os.write(worker.wfd, wire.encode_frame(wire.Stop()))
                 except OSError:
                     worker.proc.signal(signal.SIGTERM)
         await self.wait_stopped()

@@ -13,7 +13,8 @@ import msgspec
 
 __all__ = ["PoolConfig", "SupervisorConfig"]
 
-_HANDLER_RE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+_HANDLER_RE = rf"^{_DOTTED}:{_DOTTED}$"
 HANDLER_PATTERN = re.compile(_HANDLER_RE)
 
 HandlerName = Annotated[str, msgspec.Meta(pattern=_HANDLER_RE)]

@@ -52,7 +52,7 @@ class Pool:
 
     @property
     def state(self) -> str:
-        """"starting", "running", "draining", "stopping", "stopped" or "failed"."""
+        """ "starting", "running", "draining", "stopping", "stopped" or "failed"."""
         return self._state
 
     async def run(self, action: Any, *, timeout: float | None = None) -> Any:
@@ -80,8 +80,9 @@ class Pool:
         """
         return MapIterator(self._engine, actions, window, return_exceptions)
 
-    def submit_nowait(self, payload: bytes, sink: Any, tag: Any = None, *,
-                      timeout: float | None = None) -> Any:
+    def submit_nowait(
+        self, payload: bytes, sink: Any, tag: Any = None, *, timeout: float | None = None
+    ) -> Any:
         """Queue an action already encoded as JSON text; its outcome goes to `sink`.
 
         For front ends that receive JSON (the control socket): the text is passed through to
@@ -138,7 +139,7 @@ class Pool:
                 )
             workers.append(record)
         outcomes = dict(engine.outcomes)
-        outcomes["result"] = engine.results()
+        outcomes["result"] = engine.result_count()
         return PoolStatistics(
             state=self._state,
             size=engine.size,
@@ -190,7 +191,8 @@ async def open_pool(
             raise BadRequest(f"invalid pool setting: {exc}") from None
     sup_cfg = supervisor or SupervisorConfig()
     spec = wire.WorkerSpec(
-        channel_fd=-1,
+        from_master_fd=-1,
+        to_master_fd=-1,
         lifeline_fd=-1,
         handler=cfg.handler,
         routes=dict(cfg.routes),

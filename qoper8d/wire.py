@@ -1,20 +1,27 @@
-"""The master–worker channel, sans-IO: message types and length-prefixed framing.
+"""The master-worker channel, sans-IO: message types and their framing.
 
-A frame is a 4-byte big-endian length followed by that many bytes of msgpack (msgspec): one
-tagged, array-like message. Nothing here touches a socket or an event loop, so the master
-(trio) and the worker (plain blocking calls) share it unchanged.
+Nothing here touches a descriptor or an event loop, so the master (trio) and the worker
+(plain blocking calls) share it unchanged.
 
-Actions and results travel as JSON text inside the msgpack envelope. The daemon receives
-actions as JSON and answers clients in JSON, so it can splice both through without decoding
-them; only the worker and an in-process caller ever turn them into Python values.
+A frame is one line of JSON holding one tagged, array-like msgspec message: `[tag, ...]\\n`.
+Lines, not length-prefixed msgpack: JSON text never holds a raw newline, so the end of the
+last complete frame is one `rfind`, and `msgspec.json.Decoder.decode_lines` decodes every
+complete frame of a read in a single call. Measured on the answer path (200 answers a read):
+0.93 µs an answer with length-prefixed msgpack frames, 0.49 µs with a bulk msgpack decode
+behind a Python scan for the boundaries, 0.22 µs with lines. Actions and results are JSON
+already, so they travel as raw JSON text inside the frames: the daemon passes a client's
+action to the worker and a worker's result to the client without decoding either.
+
+The channel is a pair of pipes, one each way. Pipes, not a socketpair: the kernel merges a
+worker's many small answer writes into shared pages, where a Unix socket allocates a buffer
+per write; reading 200 answers cost 60 times more from a socket, writing one 3 times more.
 
 Master → worker: `Batch` (actions to run in order, one at a time), `Stop` (graceful exit).
 Worker → master: `Ready` (the handshake, after `setup()`), `StartFailed`, then exactly one of
 `Done` / `Raised` / `Unencodable` per action of a batch, in batch order, each written before
 the next action starts (so a dead worker's first unanswered action is the one that may have
 run), plus `Log` (the worker's own structured events) and `Retire` (asks to be recycled).
-Handler output on stdout/stderr never touches this channel: it has file descriptors of its
-own.
+Handler output on stdout/stderr never touches the channel: it has descriptors of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from typing import Any
 import msgspec
 
 __all__ = [
-    "HEADER",
     "MAX_FRAME",
     "Batch",
     "Done",
@@ -40,11 +46,11 @@ __all__ = [
     "Stop",
     "Unencodable",
     "WorkerSpec",
+    "encode_batch",
     "encode_frame",
 ]
 
-HEADER = 4
-#: The largest frame either side accepts; anything longer means the stream is corrupt.
+#: The longest frame either side accepts; anything longer means the stream is corrupt.
 MAX_FRAME = 1 << 30
 
 
@@ -53,7 +59,7 @@ class ProtocolError(Exception):
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="kind"):
-    """Base of every frame body: encoded as `[tag, field, ...]`."""
+    """Base of every frame: encoded as `[tag, field, ...]`."""
 
 
 # -- master → worker ---------------------------------------------------------------------------
@@ -63,11 +69,11 @@ class Batch(_Message, tag=1):
     """Actions to run in order, one at a time. `seq` numbers batches per worker."""
 
     seq: int
-    actions: list[bytes]
+    actions: list[Any]
 
 
 class Stop(_Message, tag=2):
-    """Finish nothing new: run `teardown()` and exit 0."""
+    """Start nothing new: run `teardown()` and exit 0."""
 
 
 # -- worker → master ---------------------------------------------------------------------------
@@ -88,9 +94,9 @@ class StartFailed(_Message, tag=11):
 
 
 class Done(_Message, tag=12):
-    """The next action of the batch returned `result` (JSON text)."""
+    """The next action of the batch returned `result` (raw JSON text)."""
 
-    result: bytes
+    result: msgspec.Raw
 
 
 class Raised(_Message, tag=13):
@@ -124,7 +130,10 @@ class Retire(_Message, tag=16):
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker process needs to start, handed to it by the master."""
 
-    channel_fd: int
+    #: The worker reads batches from this pipe...
+    from_master_fd: int
+    #: ...and writes its answers to this one.
+    to_master_fd: int
     lifeline_fd: int
     handler: str
     routes: dict[str, str] = {}
@@ -136,30 +145,38 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 FromMaster = Batch | Stop
 FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Log | Retire
 
-_encoder = msgspec.msgpack.Encoder()
+_encoder = msgspec.json.Encoder()
 
 
 def encode_frame(message: FromMaster | FromWorker) -> bytes:
-    """One complete frame: length prefix and msgpack body."""
-    buf = bytearray(HEADER)
-    _encoder.encode_into(message, buf, HEADER)
-    buf[:HEADER] = (len(buf) - HEADER).to_bytes(HEADER, "big")
-    return bytes(buf)
+    """One complete frame."""
+    return _encoder.encode(message) + b"\n"
+
+
+def encode_batch(seq: int, actions: list[bytes]) -> bytes:
+    """A `Batch` frame from actions already encoded as JSON: joined, never re-encoded."""
+    return b"[1,%d,[%b]]\n" % (seq, b",".join(actions))
+
+
+def encode_done(result: bytes) -> bytes:
+    """A `Done` frame from a result already encoded as JSON."""
+    return b"[12,%b]\n" % result
 
 
 class FrameReader:
-    """Reassembles frames from a byte stream and decodes them.
+    """Reassembles frames from a byte stream and decodes them, a whole read at a time.
 
-    Built for `recv_into`: `buffer()` hands out the free tail of a reused buffer, `commit(n)`
+    Built for reading into a reused buffer: `buffer()` hands out its free tail, `commit(n)`
     accounts for the `n` bytes received into it and returns every message now complete.
     """
 
-    __slots__ = ("_buf", "_decoder", "_end", "_start")
+    __slots__ = ("_buf", "_decode_lines", "_end", "_scanned", "_start")
 
     def __init__(self, message_type: Any, size: int = 65536) -> None:
-        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(message_type)
+        self._decode_lines = msgspec.json.Decoder(message_type).decode_lines
         self._buf = bytearray(size)
         self._start = 0  # first byte not yet decoded
+        self._scanned = 0  # no newline before this offset since _start
         self._end = 0  # first free byte
 
     def buffer(self) -> memoryview:
@@ -169,7 +186,7 @@ class FrameReader:
         return memoryview(self._buf)[self._end :]
 
     def feed(self, data: bytes) -> list[Any]:
-        """`buffer()` + copy + `commit()`, for callers that already hold the bytes."""
+        """`buffer()`, copy and `commit()`, for callers that already hold the bytes."""
         out: list[Any] = []
         offset = 0
         while offset < len(data):
@@ -182,32 +199,26 @@ class FrameReader:
 
     def commit(self, n: int) -> list[Any]:
         """Account for `n` received bytes; decode and return every complete message."""
-        self._end += n
-        buf = self._buf
         start = self._start
-        end = self._end
-        decode = self._decoder.decode
-        out: list[Any] = []
-        view = memoryview(buf)
+        end = self._end = self._end + n
+        buf = self._buf
+        last = buf.rfind(b"\n", self._scanned, end)
+        if last < 0:
+            self._scanned = end
+            if end - start > MAX_FRAME:
+                raise ProtocolError(f"a frame longer than {MAX_FRAME} bytes")
+            return []
+        # Decode from a copy: the messages may keep views of it (raw JSON results), and
+        # this buffer is reused by the next read.
+        chunk = bytes(buf[start : last + 1])
+        if last + 1 == end:
+            self._start = self._scanned = self._end = 0
+        else:
+            self._start = self._scanned = last + 1
         try:
-            while end - start >= HEADER:
-                size = int.from_bytes(buf[start : start + HEADER], "big")
-                if size > MAX_FRAME:
-                    raise ProtocolError(f"frame of {size} bytes is over the limit")
-                stop = start + HEADER + size
-                if stop > end:
-                    break
-                out.append(decode(view[start + HEADER : stop]))
-                start = stop
+            return self._decode_lines(chunk)
         except msgspec.DecodeError as exc:
             raise ProtocolError(f"undecodable frame: {exc}") from None
-        finally:
-            view.release()
-        if start == end:
-            start = end = 0
-        self._start = start
-        self._end = end
-        return out
 
     def pending(self) -> int:
         """Bytes received but not yet part of a complete frame."""
@@ -218,10 +229,8 @@ class FrameReader:
         pending = self._end - self._start
         if self._start:
             buf[:pending] = buf[self._start : self._end]
+            self._scanned -= self._start
             self._start, self._end = 0, pending
         if self._end == len(buf):
-            # A frame larger than the buffer: grow to hold it whole.
-            need = HEADER
-            if pending >= HEADER:
-                need += int.from_bytes(buf[:HEADER], "big")
-            buf.extend(bytes(max(len(buf), need - len(buf))))
+            # A frame longer than the buffer: grow it.
+            buf.extend(bytes(len(buf)))

@@ -13,6 +13,8 @@ Life of a worker:
    one, so the master always knows which action a death interrupted.
 4. On `Stop`, run `teardown()` and exit 0; on end-of-file on the channel, exit at once.
 
+The channel is two pipes (fd 3 from the master, fd 4 to it) and the lifeline is fd 5.
+
 SIGINT is ignored (Ctrl-C belongs to the master); stdout and stderr are pipes the master
 reads and logs, line by line, tagged with this worker's slot and pid.
 """
@@ -20,13 +22,13 @@ reads and logs, line by line, tagged with this worker's slot and pid.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import importlib
 import inspect
 import os
 import select
 import signal
-import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -105,21 +107,28 @@ class _Handlers:
 class _Channel:
     """The worker's end of the channel: blocking reads, whole-frame writes."""
 
-    def __init__(self, fd: int) -> None:
-        self.sock = socket.socket(fileno=fd)
-        self.sock.setblocking(True)
+    def __init__(self, from_master: int, to_master: int) -> None:
+        self.rfd = from_master
+        self.wfd = to_master
+        os.set_blocking(from_master, True)
+        os.set_blocking(to_master, True)
         self.reader = wire.FrameReader(wire.FromMaster)
 
     def send(self, message: wire.FromWorker) -> None:
-        self.sock.sendall(wire.encode_frame(message))
+        self.write(wire.encode_frame(message))
+
+    def write(self, frame: bytes) -> None:
+        # A blocking pipe write completes in one call, unless a signal interrupts it.
+        sent = os.write(self.wfd, frame)
+        if sent != len(frame):
+            view = memoryview(frame)[sent:]
+            while view:
+                view = view[os.write(self.wfd, view) :]
 
     def receive(self) -> list[wire.FromMaster]:
         """Block for the next message(s); exit the process when the master is gone."""
         while True:
-            try:
-                n = self.sock.recv_into(self.reader.buffer())
-            except ConnectionResetError:
-                n = 0
+            n = os.readv(self.rfd, [self.reader.buffer()])
             if not n:
                 _exit_lost_master()
             messages = self.reader.commit(n)
@@ -164,14 +173,13 @@ class _Runner:
         self.handlers = handlers
         self.channel = channel
         self.max_rss = spec.max_rss_bytes
-        self.decode = msgspec.json.Decoder().decode
         self.encode = msgspec.json.Encoder().encode
 
-    def outcome(self, result: Any) -> wire.FromWorker:
+    def answer(self, result: Any) -> bytes:
         try:
-            return wire.Done(self.encode(result))
+            return wire.encode_done(self.encode(result))
         except (TypeError, ValueError, OverflowError) as exc:
-            return wire.Unencodable(f"{type(exc).__name__}: {exc}")
+            return wire.encode_frame(wire.Unencodable(f"{type(exc).__name__}: {exc}"))
 
     def after_batch(self) -> None:
         # Line buffering already sent whole lines; this pushes out a trailing partial line.
@@ -182,33 +190,29 @@ class _Runner:
             self.channel.send(wire.Retire(f"rss over {self.max_rss} bytes"))
 
     def run_sync(self, batch: wire.Batch) -> None:
-        send = self.channel.sock.sendall
-        frame = wire.encode_frame
-        decode = self.decode
+        write = self.channel.write
+        answer = self.answer
         pick = self.handlers.pick
-        for raw in batch.actions:
+        for action in batch.actions:
             try:
-                action = decode(raw)
                 result = pick(action)(action)
             except Exception as exc:  # the handler's failure is the action's outcome
-                send(frame(wire.Raised(*_describe(exc))))
+                write(wire.encode_frame(wire.Raised(*_describe(exc))))
             else:
-                send(frame(self.outcome(result)))
+                write(answer(result))
         self.after_batch()
 
     async def run_async(self, batch: wire.Batch) -> None:
-        send = self.channel.sock.sendall
-        frame = wire.encode_frame
-        for raw in batch.actions:
+        write = self.channel.write
+        for action in batch.actions:
             try:
-                action = self.decode(raw)
                 result = self.handlers.pick(action)(action)
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as exc:  # the handler's failure is the action's outcome
-                send(frame(wire.Raised(*_describe(exc))))
+                write(wire.encode_frame(wire.Raised(*_describe(exc))))
             else:
-                send(frame(self.outcome(result)))
+                write(self.answer(result))
         self.after_batch()
 
 
@@ -240,9 +244,9 @@ async def _serve_async(runner: _Runner, handlers: _Handlers, backend: str) -> in
     except Exception as exc:
         return _start_failed(runner.channel, exc)
     runner.channel.send(wire.Ready(os.getpid()))
-    sock = runner.channel.sock
+    rfd = runner.channel.rfd
     while True:
-        await wait_readable(sock)
+        await wait_readable(rfd)
         for message in runner.channel.receive():
             if isinstance(message, wire.Batch):
                 await runner.run_async(message)
@@ -258,32 +262,32 @@ def _start_failed(channel: _Channel, exc: BaseException) -> int:
     return EXIT_START_FAILED
 
 
-def _waiter(backend: str) -> Callable[[socket.socket], Any]:
+def _waiter(backend: str) -> Callable[[int], Any]:
     if backend == "trio":
-        import trio  # noqa: PLC0415  # only async handlers on trio pay for importing it
+        import trio  # only async handlers on trio pay for importing it
 
         return trio.lowlevel.wait_readable
 
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
-    async def wait_readable(sock: socket.socket) -> None:
+    async def wait_readable(fd: int) -> None:
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
-        loop.add_reader(sock, ready.set_result, None)
+        loop.add_reader(fd, ready.set_result, None)
         try:
             await ready
         finally:
-            loop.remove_reader(sock)
+            loop.remove_reader(fd)
 
     return wait_readable
 
 
 def _run_async(coro_fn: Callable[[], Any], backend: str) -> int:
     if backend == "trio":
-        import trio  # noqa: PLC0415
+        import trio
 
         return trio.run(coro_fn)  # type: ignore[no-any-return]
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
     return asyncio.run(coro_fn())  # type: ignore[no-any-return]
 
@@ -292,10 +296,13 @@ def serve(spec: wire.WorkerSpec) -> int:
     """Run a worker described by `spec`; returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _arm_lifeline(spec.lifeline_fd)
+    # A fatal signal (SIGSEGV in a C extension) dumps the Python stack to stderr, which the
+    # master logs next to the worker's exit event.
+    faulthandler.enable()
     _extend_path(spec.handler_path)
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    channel = _Channel(spec.channel_fd)
+    channel = _Channel(spec.from_master_fd, spec.to_master_fd)
     try:
         handlers = _Handlers(spec)
     except Exception as exc:
@@ -334,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if len(args) != 1:
-        print("usage: python -m qoper8d.worker SPEC_JSON  (started by the qoper8d master)",
-              file=sys.stderr)
+        print(
+            "usage: python -m qoper8d.worker SPEC_JSON  (started by the qoper8d master)",
+            file=sys.stderr,
+        )
         return 2
     return serve(msgspec.json.decode(args[0], type=wire.WorkerSpec))
 
