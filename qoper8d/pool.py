@@ -240,7 +240,8 @@ def _single(group: BaseExceptionGroup[Any]) -> BaseException:
 
     walk(group)
     errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if len(errors) == 1:
+    # Several slots failing for one reason (a handler that cannot import) is one error.
+    if len({(type(e), str(e)) for e in errors}) == 1:
         return errors[0]
     if not errors and leaves:
         return leaves[0]

@@ -1,0 +1,134 @@
+"""Shared fixtures: every test runs as a child subreaper and proves no process outlives it.
+
+The test process marks itself PR_SET_CHILD_SUBREAPER, so anything a test starts — workers,
+a daemon, grandchildren a handler forked — stays in our process tree even when its parent
+dies. After each test, `no_orphans` (autouse) fails the test if any descendant is still
+alive, then kills and reaps it so the next test starts clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:  # pragma: no cover
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+_set_subreaper()
+
+
+def descendants(root: int | None = None) -> set[int]:
+    """Live (non-zombie) descendants of `root` (default: this process)."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] == b"Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    """Wait (on pidfds, not by polling) until `pids` have exited; return those still alive."""
+    import select
+
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select(list(fds), [], [], left)
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+            reap()
+        return set(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+        reap()
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> Iterator[None]:
+    reap()
+    before = descendants()
+    yield
+    reap()
+    leftover = descendants() - before
+    if leftover:
+        leftover = wait_gone(leftover, 1.0)
+    if leftover:
+        for pid in leftover:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_gone(leftover, 5.0)
+        pytest.fail(f"processes outlived the test: {sorted(leftover)}")
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short directory for Unix socket paths (they are limited to 107 bytes)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="q8-", dir="/tmp"))
+    os.chmod(path, 0o700)
+    return path
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}

@@ -1,0 +1,91 @@
+"""Fake worker processes for timing tests on trio's autojump clock.
+
+A fake worker is a trio task in the test process that speaks the real wire protocol over
+real pipes, so the pool under test runs its ordinary code; only the process is pretend.
+Each one lives `lifetime` seconds of (virtual) time after its handshake, then "exits" with
+`exit_code`, unless the pool signals it first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import trio
+
+from qoper8d import wire
+from qoper8d._process import ExitStatus
+
+FAKE_PID_BASE = 10_000_000  # above any real pid_max, so /proc never has these
+
+
+class FakeWorker:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        batches_r, self.to_worker = os.pipe()
+        self.from_worker, answers_w = os.pipe()
+        os.set_blocking(self.to_worker, False)
+        os.set_blocking(self.from_worker, False)
+        self._worker_fds = (batches_r, answers_w)
+        self.output: dict[str, int] = {}
+        self._done = trio.Event()
+        self._status = ExitStatus()
+        self._scope = trio.CancelScope()
+
+    async def wait(self) -> ExitStatus:
+        await self._done.wait()
+        return self._status
+
+    def signal(self, signum: int) -> None:
+        if not self._done.is_set():
+            self._status = ExitStatus(signal=signum)
+            self._scope.cancel()
+
+    async def serve(self, lifetime: float, exit_code: int) -> None:
+        batches_r, answers_w = self._worker_fds
+        reader = wire.FrameReader(wire.FromMaster)
+        answers = trio.lowlevel.FdStream(answers_w)
+        batches = trio.lowlevel.FdStream(batches_r)
+        try:
+            with self._scope:
+                await answers.send_all(wire.encode_frame(wire.Ready(self.pid)))
+                with trio.move_on_after(lifetime):
+                    while data := await batches.receive_some():
+                        for message in reader.feed(data):
+                            if isinstance(message, wire.Stop):
+                                self._status = ExitStatus(exit_code=0)
+                                return
+                            for action in message.actions:
+                                await answers.send_all(wire.encode_done(b"%d" % action["x"]))
+                self._status = ExitStatus(exit_code=exit_code)
+        finally:
+            with trio.CancelScope(shield=True):
+                await answers.aclose()
+                await batches.aclose()
+            self._done.set()
+
+
+class FakeLauncher:
+    """Launches fake workers; `plan(n)` gives the n-th worker's (lifetime, exit code)."""
+
+    def __init__(self, nursery: trio.Nursery, plan: Callable[[int], tuple[float, int]]) -> None:
+        self._nursery = nursery
+        self._plan = plan
+        self.launched: list[float] = []
+        self._launch = trio.Event()
+
+    async def wait_launched(self, count: int) -> None:
+        """Return once `count` workers have been launched."""
+        while len(self.launched) < count:
+            await self._launch.wait()
+
+    async def launch(self, spec: wire.WorkerSpec) -> FakeWorker:
+        n = len(self.launched)
+        self.launched.append(trio.current_time())
+        self._launch.set()
+        self._launch = trio.Event()
+        worker = FakeWorker(FAKE_PID_BASE + n)
+        lifetime, exit_code = self._plan(n)
+        self._nursery.start_soon(worker.serve, lifetime, exit_code)
+        await trio.lowlevel.checkpoint()
+        return worker

@@ -1,0 +1,307 @@
+"""The pool end to end, with real worker processes: results, every outcome, the batch rule."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+import qoper8d
+from qoper8d import SupervisorConfig, open_pool
+
+CRASH = "handlers.crash:handle"
+# Crash tests restart workers quickly and many times; nothing here is about backoff.
+FAST_RESTARTS = SupervisorConfig(max_restarts=1000, backoff_initial=0.0)
+
+
+async def test_run_returns_the_result() -> None:
+    with trio.fail_after(20):
+        async with open_pool("handlers.echo:plus_one", size=2) as pool:
+            assert await pool.run({"x": 41}) == 42
+            assert pool.statistics().outcomes["result"] == 1
+
+
+async def test_map_returns_results_in_order() -> None:
+    with trio.fail_after(30):
+        async with open_pool("handlers.echo:plus_one", size=2) as pool:
+            got = [r async for r in pool.map({"x": i} for i in range(20_000))]
+            assert got == list(range(1, 20_001))
+            stats = pool.statistics()
+            assert stats.outcomes["result"] == 20_000
+            assert stats.queued == stats.in_flight == 0
+            # Both workers took part: the queue was shared out, not run by one.
+            assert all(w.actions_done > 0 for w in stats.workers)
+
+
+async def test_map_accepts_an_async_source_and_a_small_window() -> None:
+    async def source() -> Any:
+        for i in range(500):
+            yield {"x": i}
+
+    with trio.fail_after(20):
+        async with open_pool("handlers.echo:plus_one", size=2) as pool:
+            got = [r async for r in pool.map(source(), window=7)]
+            assert got == list(range(1, 501))
+
+
+async def test_a_raising_handler_keeps_its_worker() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=1) as pool:
+            pid = await pool.run({"mode": "pid"})
+            with pytest.raises(qoper8d.HandlerError) as info:
+                await pool.run({"mode": "raise", "message": "no such user"})
+            assert info.value.code == "handler_error"
+            assert info.value.type == "ValueError"
+            assert info.value.message == "no such user"
+            assert "ValueError: no such user" in info.value.traceback
+            assert await pool.run({"mode": "pid"}) == pid
+            assert pool.statistics().workers[0].restarts == 0
+
+
+async def test_an_unencodable_result_is_bad_result_and_the_worker_survives() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=1) as pool:
+            pid = await pool.run({"mode": "pid"})
+            with pytest.raises(qoper8d.BadResult, match="not JSON-compatible"):
+                await pool.run({"mode": "unencodable"})
+            assert await pool.run({"mode": "pid"}) == pid
+
+
+@pytest.mark.parametrize(
+    ("action", "details"),
+    [
+        ({"mode": "exit", "code": 42}, {"exit_code": 42}),
+        ({"mode": "sys_exit", "code": 3}, {"exit_code": 3}),
+        ({"mode": "sigkill"}, {"signal": "SIGKILL"}),
+        ({"mode": "sigsegv"}, {"signal": "SIGSEGV"}),
+    ],
+)
+async def test_a_dying_worker_gives_worker_lost_with_its_exit(
+    action: dict[str, Any], details: dict[str, Any]
+) -> None:
+    with trio.fail_after(20), capture_logs() as logs:
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            pid = await pool.run({"mode": "pid"})
+            with pytest.raises(qoper8d.WorkerLost) as info:
+                await pool.run(action)
+            err = info.value
+            assert err.code == "worker_lost"
+            assert err.pid == pid
+            assert {k: err.details.get(k) for k in details} == details
+            # The slot is served again, by a new process.
+            new_pid = await pool.run({"mode": "pid"})
+            assert new_pid != pid
+            stats = pool.statistics()
+            assert stats.workers[0].pid == new_pid
+            assert stats.workers[0].restarts == 1
+            assert stats.outcomes["worker_lost"] == 1
+    exits = [e for e in logs if e["event"] == "worker.exit" and e["pid"] == pid]
+    assert len(exits) == 1
+    assert exits[0]["reason"] == "crash"
+    assert exits[0]["slot"] == 0
+    assert f'"mode":"{action["mode"]}"' in exits[0]["doing"]
+
+
+async def test_sigsegv_logs_the_python_stack() -> None:
+    with trio.fail_after(20), capture_logs() as logs:
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            with pytest.raises(qoper8d.WorkerLost):
+                await pool.run({"mode": "sigsegv"})
+    lines = [e["line"] for e in logs if e["event"] == "worker.output"]
+    assert any("Segmentation fault" in line for line in lines)
+    assert any("crash.py" in line for line in lines)
+
+
+async def test_sigkill_of_a_busy_worker_from_outside() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            pid = await pool.run({"mode": "pid"})
+            outcome: list[BaseException] = []
+
+            async def run_hang() -> None:
+                try:
+                    await pool.run({"mode": "hang"})
+                except qoper8d.WorkerLost as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_hang)
+                await trio.testing.wait_all_tasks_blocked()
+                assert pool.statistics().workers[0].state == "busy"
+                os.kill(pid, signal.SIGKILL)
+            (err,) = outcome
+            assert isinstance(err, qoper8d.WorkerLost)
+            assert err.signal == "SIGKILL"
+            assert err.pid == pid
+            assert await pool.run({"mode": "pid"}) != pid
+
+
+async def test_max_attempts_reruns_an_action_whose_worker_died(tmp_path: Path) -> None:
+    record = tmp_path / "runs"
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=1, max_attempts=2, supervisor=FAST_RESTARTS) as pool:
+            with pytest.raises(qoper8d.WorkerLost) as info:
+                await pool.run({"mode": "sigkill", "id": "a", "record": str(record)})
+            assert info.value.details["attempts"] == 2
+    assert record.read_text().split() == ["a", "a"]
+
+
+async def test_an_action_that_kills_every_worker_is_poisoned(tmp_path: Path) -> None:
+    record = tmp_path / "runs"
+    with trio.fail_after(30):
+        async with open_pool(
+            CRASH, size=2, max_attempts=10, poison_threshold=3, supervisor=FAST_RESTARTS
+        ) as pool:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.run, {"mode": "ok"})
+                with pytest.raises(qoper8d.Poisoned) as info:
+                    await pool.run({"mode": "sigkill", "id": "p", "record": str(record)})
+            assert info.value.code == "poisoned"
+            # The rest of the load is unaffected.
+            oks = [r async for r in pool.map({"mode": "ok", "n": i} for i in range(100))]
+            assert len(oks) == 100
+            assert pool.statistics().outcomes["poisoned"] == 1
+    assert record.read_text().split() == ["p"] * 3
+
+
+async def test_batch_rule_when_a_worker_dies_mid_batch(tmp_path: Path) -> None:
+    """The first unanswered action may have run; the rest never started and run later."""
+    record = tmp_path / "runs"
+    actions = [{"mode": "ok", "id": i, "record": str(record)} for i in range(10)]
+    actions[4] = {"mode": "sigkill", "id": 4, "record": str(record)}
+    with trio.fail_after(20):
+        # One worker and a queue of ten: one batch of all ten.
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            got = [r async for r in pool.map(actions, return_exceptions=True)]
+    assert [g["id"] for g in got if isinstance(g, dict)] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert isinstance(got[4], qoper8d.WorkerLost)
+    runs = Counter(int(x) for x in record.read_text().split())
+    assert runs == dict.fromkeys(range(10), 1), "nothing lost, nothing run twice"
+
+
+async def test_queue_full_is_refused_at_once() -> None:
+    with trio.fail_after(20):
+        async with (
+            open_pool(CRASH, size=1, max_queue=3) as pool,
+            trio.open_nursery() as nursery,
+        ):
+            # One running, three queued: the queue is full.
+            for _ in range(4):
+                nursery.start_soon(pool.run, {"mode": "hang"})
+            await trio.testing.wait_all_tasks_blocked()
+            stats = pool.statistics()
+            assert (stats.in_flight, stats.queued) == (1, 3)
+            with pytest.raises(qoper8d.QueueFull):
+                await pool.run({"mode": "ok"})
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_shallow_queue_gives_each_worker_one_action() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=3) as pool, trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(pool.run, {"mode": "hang"})
+            await trio.testing.wait_all_tasks_blocked()
+            stats = pool.statistics()
+            assert [w.in_flight for w in stats.workers] == [1, 1, 1]
+            assert all(w.running_for is not None for w in stats.workers)
+            nursery.cancel_scope.cancel()
+
+
+async def test_statistics_record_every_field() -> None:
+    with trio.fail_after(20):
+        async with open_pool("handlers.echo:handle", size=2) as pool:
+            await pool.run({"hello": "world"})
+            stats = pool.statistics()
+    assert stats.state == "running"
+    assert (stats.size, stats.busy, stats.idle, stats.queued) == (2, 0, 2, 0)
+    assert stats.submitted == 1
+    assert stats.outcomes == {
+        "result": 1,
+        "handler_error": 0,
+        "bad_result": 0,
+        "worker_lost": 0,
+        "timeout": 0,
+        "cancelled": 0,
+        "poisoned": 0,
+        "shutting_down": 0,
+    }
+    assert stats.healthy
+    for w in stats.workers:
+        assert w.pid is not None
+        assert w.state == "idle"
+        assert w.rss_bytes is not None
+        assert w.rss_bytes > 1_000_000
+        assert w.uptime > 0
+    assert sum(w.actions_done for w in stats.workers) == 1
+
+
+async def test_setup_runs_before_ready_and_teardown_on_a_graceful_stop(tmp_path: Path) -> None:
+    marker = tmp_path / "teardown"
+    os.environ["QOPER8_TEST_TEARDOWN"] = str(marker)
+    try:
+        with trio.fail_after(20):
+            async with open_pool("handlers.lifecycle:handle", size=2) as pool:
+                assert await pool.run({}) == {"setup_ran": True}
+    finally:
+        del os.environ["QOPER8_TEST_TEARDOWN"]
+    assert sorted(marker.read_text().split()) == ["teardown", "teardown"]
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+async def test_async_handlers_run_on_the_chosen_event_loop(backend: str) -> None:
+    with trio.fail_after(30):
+        async with open_pool("handlers.sleep:handle_async", size=2, async_backend=backend) as pool:
+            got = [r async for r in pool.map({"seconds": 0.001, "n": i} for i in range(20))]
+            assert [g["n"] for g in got] == list(range(20))
+
+
+async def test_routes_send_actions_by_type_to_other_handlers() -> None:
+    with trio.fail_after(20):
+        async with open_pool(
+            "handlers.echo:handle", size=1, routes={"inc": "handlers.echo:plus_one"}
+        ) as pool:
+            assert await pool.run({"type": "inc", "x": 1}) == 2
+            assert await pool.run({"type": "other", "x": 1}) == {"type": "other", "x": 1}
+
+
+@pytest.mark.parametrize(
+    ("handler", "match"),
+    [
+        ("handlers.nonexistent:handle", "no module named 'handlers.nonexistent'"),
+        ("handlers.echo:nope", "has no attribute 'nope'"),
+        ("handlers.broken_setup:handle", "setup failed on purpose"),
+    ],
+)
+async def test_a_handler_that_cannot_start_fails_the_pool_at_once(handler: str, match: str) -> None:
+    with trio.fail_after(20), pytest.raises(qoper8d.WorkerStartError, match=match):
+        async with open_pool(handler, size=2):
+            pytest.fail("the pool must not start")
+
+
+async def test_an_action_that_is_not_json_is_refused() -> None:
+    with trio.fail_after(20):
+        async with open_pool("handlers.echo:handle", size=1) as pool:
+            with pytest.raises(qoper8d.BadRequest):
+                await pool.run({"a": object()})
+            assert pool.statistics().submitted == 0
+
+
+async def test_leaving_a_map_early_withdraws_its_queued_actions() -> None:
+    with trio.fail_after(20):
+        async with open_pool("handlers.echo:plus_one", size=2) as pool:
+            results = pool.map(({"x": i} for i in range(100_000)), window=1000)
+            async for r in results:
+                if r == 10:
+                    break
+            await results.aclose()
+            stats = pool.statistics()
+            assert stats.queued == 0
+            assert stats.submitted == stats.outcomes["result"] + stats.outcomes["cancelled"]
