@@ -1,14 +1,20 @@
-"""Worker processes as the master sees them: spawn, wait for exit, signal, clean up.
+"""Worker processes as the master sees them: start, wait for exit, signal, clean up.
 
-Each worker runs in a session of its own (so Ctrl-C in the master's terminal never reaches
-it, and everything it forks shares its process group) and gets these descriptors: stdout and
-stderr pipes the master reads, the channel (a pipe to read batches from, fd 3, and one to
-write answers to, fd 4) and the lifeline (fd 5, see worker.py).
+Each worker runs in a session of its own (Ctrl-C in the master's terminal never reaches it,
+and everything it forks shares its process group) with these descriptors: 0 /dev/null,
+1 and 2 pipes the master reads and logs, 3 the pipe it reads batches from, 4 the pipe it
+writes answers to, 5 the lifeline (see worker.py).
 
-Exit is observed through a pidfd, which trio waits on like any other descriptor. The exit
-status is read with WNOWAIT first, so the pid stays reserved while we kill whatever is left
-in the worker's process group (grandchildren a handler forked); only then is it reaped. No
-signal is ever sent to a pid after it was reaped, so a recycled pid is never hit.
+Two launchers start workers:
+
+* `ForkServerLauncher` (`pool.start_method = "forkserver"`, the default) keeps one warm
+  interpreter, the fork server (zygote.py), and has it fork each worker: a replacement is
+  serving within milliseconds instead of paying interpreter start-up and imports again.
+* `SpawnLauncher` (`"spawn"`) starts a fresh `python -m qoper8d.worker` each time.
+
+Either way exit is observed through a pidfd, which trio waits on like any descriptor, and
+the process group is killed while the dead worker's pid is still reserved (as a zombie),
+so grandchildren die with it and no signal ever reaches a recycled pid.
 """
 
 from __future__ import annotations
@@ -17,21 +23,30 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import sys
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
+import structlog
 import trio
 
 from qoper8d import wire
+from qoper8d._output import pump_output
+from qoper8d.errors import WorkerStartError
 
-__all__ = ["ExitStatus", "Launcher", "SpawnLauncher", "WorkerProcess", "spawn_worker"]
+__all__ = [
+    "ExitStatus",
+    "ForkServerLauncher",
+    "Launcher",
+    "SpawnLauncher",
+    "WorkerProcess",
+]
 
-FROM_MASTER_FD = 3
-TO_MASTER_FD = 4
-LIFELINE_FD = 5
+log = structlog.get_logger("qoper8d.pool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,27 +95,77 @@ class WorkerProcess(Protocol):
         ...
 
     def signal(self, signum: int) -> None:
-        """Signal the worker and its process group; a no-op once it has been reaped."""
+        """Signal the worker; a no-op once it has exited."""
         ...
 
 
 class Launcher(Protocol):
     """Starts worker processes; the pool does the ready handshake itself."""
 
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Get ready to launch; background tasks go in `nursery`."""
+
     async def launch(self, spec: wire.WorkerSpec) -> WorkerProcess: ...
 
+    async def aclose(self) -> None:
+        """Called once every worker has exited."""
 
-class _SpawnedWorker:
+
+class _Fds:
+    """The descriptors of one new worker: its ends (fds 1-5 in the child) and ours."""
+
+    def __init__(self) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        batches_r, batches_w = os.pipe()
+        answers_r, answers_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()
+        #: The child's stdout, stderr, batches, answers and lifeline, in that order.
+        self.child = [out_w, err_w, batches_r, answers_w, lifeline_r]
+        self.to_worker = batches_w
+        self.from_worker = answers_r
+        self.lifeline = lifeline_w
+        self.output = {"stdout": out_r, "stderr": err_r}
+        os.set_blocking(batches_w, False)
+        os.set_blocking(answers_r, False)
+
+    def close_child_ends(self) -> None:
+        for fd in self.child:
+            os.close(fd)
+        self.child = []
+
+    def close_all(self) -> None:
+        self.close_child_ends()
+        for fd in (self.to_worker, self.from_worker, self.lifeline, *self.output.values()):
+            os.close(fd)
+
+
+def _posix_spawn(argv: list[str], child_fds: list[int], env: Mapping[str, str]) -> int:
+    """Start `argv` in a new session with /dev/null as fd 0 and `child_fds` as fds 1, 2, ..."""
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    # Park every source above the child's range first, so that no dup2 action overwrites a
+    # source before it is copied.
+    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in [devnull, *child_fds]]
+    os.close(devnull)
+    actions = [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in enumerate(sources)]
+    try:
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+    finally:
+        for fd in sources:
+            os.close(fd)
+
+
+class _ChildWorker:
+    """A worker that is our own child: we wait for it and reap it."""
+
     __slots__ = ("_lifeline", "_pidfd", "_status", "from_worker", "output", "pid", "to_worker")
 
-    def __init__(
-        self, pid: int, to_worker: int, from_worker: int, lifeline: int, output: dict[str, int]
-    ) -> None:
+    def __init__(self, pid: int, fds: _Fds) -> None:
         self.pid = pid
-        self.to_worker = to_worker
-        self.from_worker = from_worker
-        self.output = output
-        self._lifeline = lifeline
+        self.to_worker = fds.to_worker
+        self.from_worker = fds.from_worker
+        self.output = fds.output
+        self._lifeline = fds.lifeline
         self._pidfd = os.pidfd_open(pid)
         self._status: ExitStatus | None = None
 
@@ -109,17 +174,19 @@ class _SpawnedWorker:
             return self._status
         await trio.lowlevel.wait_readable(self._pidfd)
         # The pidfd is readable: the process has exited, so neither waitid blocks.
-        info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
-        if info is not None and info.si_code == os.CLD_EXITED:
-            status = ExitStatus(exit_code=info.si_status)
-        elif info is not None:
-            status = ExitStatus(signal=info.si_status)
-        else:  # pragma: no cover - the pidfd said it exited
+        try:
+            info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
+        except ChildProcessError:
+            # Reaped behind our back (SIGCHLD ignored, or a waitpid(-1) elsewhere in the
+            # program): the status is lost, and so is the safe moment to kill its group.
             status = ExitStatus()
-        # Still a zombie, so its pid (and process group id) cannot have been reused yet.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)  # noqa: ASYNC222
+        else:
+            status = _status_of(info)
+            # Still a zombie: its pid (and process group id) cannot have been reused yet.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)  # noqa: ASYNC222
         self._status = status
         os.close(self._pidfd)
         os.close(self._lifeline)
@@ -131,10 +198,12 @@ class _SpawnedWorker:
                 os.killpg(self.pid, signum)
 
 
-def _high_dup(fd: int) -> int:
-    # Park a descriptor above the ones the child gets (0-5), so the dup2 file actions below
-    # can never overwrite a source before it is copied.
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+def _status_of(info: os.waitid_result | None) -> ExitStatus:
+    if info is None:  # pragma: no cover - only asked once the process has exited
+        return ExitStatus()
+    if info.si_code == os.CLD_EXITED:
+        return ExitStatus(exit_code=info.si_status)
+    return ExitStatus(signal=info.si_status)
 
 
 class SpawnLauncher:
@@ -143,38 +212,265 @@ class SpawnLauncher:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._env = dict(os.environ if env is None else env)
 
+    async def start(self, nursery: trio.Nursery) -> None:
+        pass
+
     async def launch(self, spec: wire.WorkerSpec) -> WorkerProcess:
-        return await spawn_worker(spec, self._env)
+        spec = msgspec.structs.replace(spec, from_master_fd=3, to_master_fd=4, lifeline_fd=5)
+        argv = [sys.executable, "-m", "qoper8d.worker", msgspec.json.encode(spec).decode()]
+        fds = _Fds()
+        try:
+            pid = await trio.to_thread.run_sync(_posix_spawn, argv, fds.child, self._env)
+        except BaseException:
+            fds.close_all()
+            raise
+        fds.close_child_ends()
+        return _ChildWorker(pid, fds)
+
+    async def aclose(self) -> None:
+        pass
 
 
-async def spawn_worker(spec: wire.WorkerSpec, env: Mapping[str, str]) -> _SpawnedWorker:
-    spec = msgspec.structs.replace(
-        spec, from_master_fd=FROM_MASTER_FD, to_master_fd=TO_MASTER_FD, lifeline_fd=LIFELINE_FD
+class _ForkedWorker:
+    """A worker forked by the fork server: its child, not ours. We hold a pidfd for it."""
+
+    __slots__ = (
+        "_exited",
+        "_lifeline",
+        "_pidfd",
+        "_zygote",
+        "from_worker",
+        "output",
+        "pid",
+        "to_worker",
     )
-    batches_r, batches_w = os.pipe()
-    answers_r, answers_w = os.pipe()
-    lifeline_r, lifeline_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    # The child's descriptors 0-5, in order.
-    child_ends = (devnull, out_w, err_w, batches_r, answers_w, lifeline_r)
-    sources = [_high_dup(fd) for fd in child_ends]
-    for fd in child_ends:
-        os.close(fd)
-    argv = [sys.executable, "-m", "qoper8d.worker", msgspec.json.encode(spec).decode()]
-    actions = [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in enumerate(sources)]
-    try:
-        pid = await trio.to_thread.run_sync(
-            lambda: os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
+
+    def __init__(self, zygote: _Zygote, pid: int, pidfd: int, fds: _Fds) -> None:
+        self._zygote = zygote
+        self.pid = pid
+        self._pidfd = pidfd
+        self.to_worker = fds.to_worker
+        self.from_worker = fds.from_worker
+        self.output = fds.output
+        self._lifeline = fds.lifeline
+        self._exited: ExitStatus | None = None
+
+    async def wait(self) -> ExitStatus:
+        if self._exited is not None:
+            return self._exited
+        await trio.lowlevel.wait_readable(self._pidfd)
+        status = await self._zygote.exit_status(self.pid)
+        self._exited = status
+        os.close(self._pidfd)
+        os.close(self._lifeline)
+        return status
+
+    def signal(self, signum: int) -> None:
+        # Only the worker itself, through its pidfd: its pid may be reaped and reused the
+        # moment it exits. The fork server kills the rest of its process group on exit.
+        if self._exited is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+
+class _Zygote:
+    """The fork server process and our end of its control socket."""
+
+    def __init__(self, pid: int, sock: socket.socket, lifeline: int) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.lifeline = lifeline
+        self.pidfd = os.pidfd_open(pid)
+        self.alive = True
+        #: Set once it has exited and been reaped.
+        self.gone = trio.Event()
+        #: Launches waiting for their `Forked` reply, oldest first (replies come in order).
+        self.pending: deque[trio.lowlevel.Task] = deque()
+        self.replies: dict[trio.lowlevel.Task, tuple[int, int] | BaseException] = {}
+        #: Exit statuses it reported, by pid, until the worker's own `wait()` takes them.
+        self.exits: dict[int, ExitStatus] = {}
+        self.exit_waiters: dict[int, trio.Event] = {}
+
+    def exited(self, message: wire.Exited) -> None:
+        self.exits[message.pid] = ExitStatus(exit_code=message.exit_code, signal=message.signal)
+        event = self.exit_waiters.pop(message.pid, None)
+        if event is not None:
+            event.set()
+
+    async def exit_status(self, pid: int) -> ExitStatus:
+        """The status of a worker that has exited (its pidfd said so), once reported."""
+        if pid not in self.exits and self.alive:
+            event = self.exit_waiters.setdefault(pid, trio.Event())
+            await event.wait()
+        # If the fork server died first, the status died with it.
+        return self.exits.pop(pid, ExitStatus())
+
+    def reply(self, reply: tuple[int, int] | BaseException) -> None:
+        task = self.pending.popleft()
+        self.replies[task] = reply
+        trio.lowlevel.reschedule(task)
+
+
+class ForkServerLauncher:
+    """Forks workers from a warm fork server (see zygote.py); restarts it if it dies."""
+
+    def __init__(
+        self,
+        *,
+        preload: list[str] | None = None,
+        handler_path: list[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self._spec = wire.ZygoteSpec(
+            control_fd=3,
+            lifeline_fd=4,
+            preload=list(preload or []),
+            handler_path=list(handler_path or []),
         )
-    except BaseException:
-        for fd in (batches_w, answers_r, out_r, err_r, lifeline_w):
-            os.close(fd)
-        raise
-    finally:
-        for fd in sources:
-            os.close(fd)
-    os.set_blocking(batches_w, False)
-    os.set_blocking(answers_r, False)
-    return _SpawnedWorker(pid, batches_w, answers_r, lifeline_w, {"stdout": out_r, "stderr": err_r})
+        self._env = dict(os.environ if env is None else env)
+        self._start_timeout = start_timeout
+        self._nursery: trio.Nursery | None = None
+        self._zygote: _Zygote | None = None
+        self._starting = trio.Lock()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        await self._ensure_zygote()
+
+    async def _ensure_zygote(self) -> _Zygote:
+        async with self._starting:
+            if self._zygote is None or not self._zygote.alive:
+                self._zygote = await self._start_zygote()
+            return self._zygote
+
+    async def _start_zygote(self) -> _Zygote:
+        assert self._nursery is not None, "start() first"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        lifeline_r, lifeline_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        argv = [sys.executable, "-m", "qoper8d.zygote", msgspec.json.encode(self._spec).decode()]
+        try:
+            pid = await trio.to_thread.run_sync(
+                _posix_spawn, argv, [out_w, err_w, theirs.fileno(), lifeline_r], self._env
+            )
+        finally:
+            theirs.close()
+            for fd in (lifeline_r, out_w, err_w):
+                os.close(fd)
+        ours.setblocking(False)
+        zygote = _Zygote(pid, ours, lifeline_w)
+        for stream, fd in (("stdout", out_r), ("stderr", err_r)):
+            self._nursery.start_soon(pump_output, fd, stream, -1, pid, 0.0)
+        try:
+            with trio.fail_after(self._start_timeout):
+                while True:
+                    await trio.lowlevel.wait_readable(ours)
+                    data = ours.recv(1 << 16)
+                    if not data:
+                        raise WorkerStartError("the fork server exited before it was ready")
+                    (message,) = wire.FrameReader(wire.FromZygote).feed(data)
+                    if isinstance(message, wire.Ready):
+                        break
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await _reap(zygote)
+            if isinstance(exc, trio.TooSlowError):
+                raise WorkerStartError(
+                    f"the fork server did not start within {self._start_timeout:g} s"
+                ) from None
+            raise
+        self._nursery.start_soon(self._serve_zygote, zygote)
+        log.info("forkserver.ready", pid=pid, preload=self._spec.preload)
+        return zygote
+
+    async def _serve_zygote(self, zygote: _Zygote) -> None:
+        reader = wire.FrameReader(wire.FromZygote)
+        sock = zygote.sock
+        try:
+            while True:
+                try:
+                    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError:
+                    data, fds = b"", []
+                if not data:
+                    break
+                for message in reader.feed(data):
+                    if isinstance(message, wire.Forked):
+                        if fds:
+                            zygote.reply((message.pid, fds.pop()))
+                        else:
+                            zygote.reply(WorkerStartError("the fork server sent no pidfd"))
+                    elif isinstance(message, wire.Exited):
+                        zygote.exited(message)
+                    elif isinstance(message, wire.Log):
+                        log.log(20, message.event, **message.fields)
+                for fd in fds:
+                    os.close(fd)
+        finally:
+            zygote.alive = False
+            while zygote.pending:
+                zygote.reply(WorkerStartError("the fork server exited"))
+            # Workers it forked live on, orphaned; their exit statuses are lost with it.
+            for event in zygote.exit_waiters.values():
+                event.set()
+            if self._zygote is zygote:
+                log.error("forkserver.exit", pid=zygote.pid)
+            with trio.CancelScope(shield=True):
+                await _reap(zygote)
+
+    async def launch(self, spec: wire.WorkerSpec) -> WorkerProcess:
+        zygote = await self._ensure_zygote()
+        fds = _Fds()
+        try:
+            socket.send_fds(zygote.sock, [wire.encode_frame(wire.Fork(spec))], fds.child)
+        except OSError as exc:
+            fds.close_all()
+            zygote.alive = False
+            raise WorkerStartError(f"the fork server is gone: {exc}") from None
+        fds.close_child_ends()
+        task = trio.lowlevel.current_task()
+        zygote.pending.append(task)
+        # Not cancellable: the reply must be taken, or the next launch would get ours.
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        reply = zygote.replies.pop(task)
+        if isinstance(reply, BaseException):
+            fds.close_all()
+            raise reply
+        pid, pidfd = reply
+        return _ForkedWorker(zygote, pid, pidfd, fds)
+
+    async def aclose(self) -> None:
+        """Stop the fork server (every worker has exited by now)."""
+        zygote = self._zygote
+        self._zygote = None
+        if zygote is None:
+            return
+        with trio.CancelScope(shield=True):
+            if zygote.alive:
+                with contextlib.suppress(OSError):
+                    zygote.sock.send(wire.encode_frame(wire.Stop()))
+            with trio.move_on_after(5):
+                await zygote.gone.wait()
+            if not zygote.gone.is_set():
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(zygote.pidfd, signal.SIGKILL)
+                await zygote.gone.wait()
+
+
+async def _reap(zygote: _Zygote) -> None:
+    """Kill (if need be), wait for and reap the fork server; close our ends."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(zygote.pidfd, signal.SIGKILL)
+    await trio.lowlevel.wait_readable(zygote.pidfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PIDFD, zygote.pidfd, os.WEXITED)  # noqa: ASYNC222 - it has exited
+    os.close(zygote.pidfd)
+    os.close(zygote.lifeline)
+    trio.lowlevel.notify_closing(zygote.sock)
+    zygote.sock.close()
+    zygote.gone.set()

@@ -243,9 +243,10 @@ class Supervisor:
         )
         if engine.stopping:
             engine.end_queued("the pool stopped before the action could run")
-            engine.check_quiet()
         else:
             engine.dispatch()
+        if not engine.accepting:
+            engine.check_quiet()
         return crashed
 
     # -- stopping ------------------------------------------------------------------------

@@ -36,6 +36,8 @@ class PoolConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True
     routes: dict[str, HandlerName] = {}
     handler_path: list[str] = []
     async_backend: Literal["trio", "asyncio"] = "trio"
+    start_method: Literal["forkserver", "spawn"] = "forkserver"
+    preload: bool = False
     max_batch_bytes: Annotated[int, msgspec.Meta(ge=64, le=64 << 20)] = 8192
     max_queue: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     action_timeout: Seconds = 0.0

@@ -22,7 +22,7 @@ import trio
 from qoper8d import wire
 from qoper8d._engine import Engine
 from qoper8d._map import MapIterator
-from qoper8d._process import Launcher, SpawnLauncher
+from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
 from qoper8d._supervise import Supervisor
 from qoper8d.config import PoolConfig, SupervisorConfig
 from qoper8d.errors import BadRequest
@@ -200,13 +200,15 @@ async def open_pool(
         async_backend=cfg.async_backend,
         max_rss_bytes=cfg.max_worker_rss_mb << 20,
     )
+    launcher = launcher or default_launcher(cfg)
     try:
         async with trio.open_nursery() as nursery:
             engine = Engine(cfg, nursery)
-            sup = Supervisor(engine, launcher or SpawnLauncher(), sup_cfg, spec)
+            sup = Supervisor(engine, launcher, sup_cfg, spec)
             pool = Pool(engine, sup)
             clean = False
             try:
+                await launcher.start(nursery)
                 async with trio.open_nursery() as starting:
                     for _ in range(cfg.size):
                         starting.start_soon(nursery.start, sup.serve_slot, sup.new_slot())
@@ -221,10 +223,23 @@ async def open_pool(
                         await sup.stop(cfg.grace_period)
                     else:
                         await sup.stop(0)
+                    await launcher.aclose()
                     pool._state = "failed" if sup.failure is not None else "stopped"
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _single(group) from None
+
+
+def default_launcher(config: PoolConfig) -> Launcher:
+    """The launcher `pool.start_method` names."""
+    if config.start_method == "spawn":
+        return SpawnLauncher()
+    handlers = [config.handler, *config.routes.values()]
+    return ForkServerLauncher(
+        preload=sorted({h.partition(":")[0] for h in handlers}) if config.preload else [],
+        handler_path=list(config.handler_path),
+        start_timeout=config.start_timeout,
+    )
 
 
 def _single(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -46,6 +46,7 @@ __all__ = [
     "Stop",
     "Unencodable",
     "WorkerSpec",
+    "ZygoteSpec",
     "encode_batch",
     "encode_frame",
 ]
@@ -142,13 +143,48 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_rss_bytes: int = 0
 
 
+# -- master <-> fork server ----------------------------------------------------------------------
+
+
+class Fork(_Message, tag=20):
+    """Fork a worker. Its descriptors ride along (SCM_RIGHTS): stdout, stderr, batches,
+    answers, lifeline, in that order."""
+
+    spec: WorkerSpec
+
+
+class Forked(_Message, tag=21):
+    """The worker of the oldest pending `Fork` runs as `pid`; a pidfd for it rides along."""
+
+    pid: int
+
+
+class Exited(_Message, tag=22):
+    """A forked worker exited (and its process group was killed); exactly one of the two."""
+
+    pid: int
+    exit_code: int | None
+    signal: int | None
+
+
+class ZygoteSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the fork server needs: its descriptors and the modules to import before forking."""
+
+    control_fd: int
+    lifeline_fd: int
+    preload: list[str] = []
+    handler_path: list[str] = []
+
+
 FromMaster = Batch | Stop
 FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Log | Retire
+ToZygote = Fork | Stop
+FromZygote = Ready | Forked | Exited | Log
 
 _encoder = msgspec.json.Encoder()
 
 
-def encode_frame(message: FromMaster | FromWorker) -> bytes:
+def encode_frame(message: _Message) -> bytes:
     """One complete frame."""
     return _encoder.encode(message) + b"\n"
 

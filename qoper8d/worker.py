@@ -38,7 +38,16 @@ import msgspec
 
 from qoper8d import wire
 
-__all__ = ["EXIT_LOST_MASTER", "EXIT_START_FAILED", "HandlerLoadError", "load_handler", "main"]
+__all__ = [
+    "EXIT_LOST_MASTER",
+    "EXIT_START_FAILED",
+    "HandlerLoadError",
+    "arm_lifeline",
+    "extend_path",
+    "load_handler",
+    "main",
+    "serve",
+]
 
 #: The handler could not be imported or `setup()` raised (a `StartFailed` frame says why).
 EXIT_START_FAILED = 3
@@ -142,7 +151,7 @@ def _exit_lost_master() -> NoReturn:
     os._exit(EXIT_LOST_MASTER)
 
 
-def _arm_lifeline(fd: int) -> None:
+def arm_lifeline(fd: int) -> None:
     signal.signal(signal.SIGIO, signal.SIG_DFL)
     # The owner is our process group (negative id): grandchildren forked by a handler die too.
     fcntl.fcntl(fd, fcntl.F_SETOWN, -os.getpgrp())
@@ -295,11 +304,11 @@ def _run_async(coro_fn: Callable[[], Any], backend: str) -> int:
 def serve(spec: wire.WorkerSpec) -> int:
     """Run a worker described by `spec`; returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _arm_lifeline(spec.lifeline_fd)
+    arm_lifeline(spec.lifeline_fd)
     # A fatal signal (SIGSEGV in a C extension) dumps the Python stack to stderr, which the
     # master logs next to the worker's exit event.
     faulthandler.enable()
-    _extend_path(spec.handler_path)
+    extend_path(spec.handler_path)
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     channel = _Channel(spec.from_master_fd, spec.to_master_fd)
@@ -314,7 +323,7 @@ def serve(spec: wire.WorkerSpec) -> int:
     return _serve_sync(runner, handlers)
 
 
-def _extend_path(dirs: list[str]) -> None:
+def extend_path(dirs: list[str]) -> None:
     for extra in reversed(dirs):
         if extra not in sys.path:
             sys.path.insert(0, extra)
@@ -322,7 +331,7 @@ def _extend_path(dirs: list[str]) -> None:
 
 def check(spec: wire.WorkerSpec) -> str | None:
     """Import the handler(s) the way a worker would; the problem as one line, or None."""
-    _extend_path(spec.handler_path)
+    extend_path(spec.handler_path)
     try:
         _Handlers(spec)
     except HandlerLoadError as exc:

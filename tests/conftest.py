@@ -113,6 +113,29 @@ def no_orphans() -> Iterator[None]:
         pytest.fail(f"processes outlived the test: {sorted(leftover)}")
 
 
+@pytest.fixture(params=["forkserver", "spawn"])
+def start_method(request: pytest.FixtureRequest) -> str:
+    """Run a process test with each way of starting workers."""
+    return str(request.param)
+
+
+async def wait_exited(pid: int) -> None:
+    """Wait until `pid` has exited, without reaping it (a running pool may be its parent)."""
+    import trio
+
+    fd = os.pidfd_open(pid)
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()

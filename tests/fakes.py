@@ -79,6 +79,12 @@ class FakeLauncher:
         while len(self.launched) < count:
             await self._launch.wait()
 
+    async def start(self, nursery: trio.Nursery) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
     async def launch(self, spec: wire.WorkerSpec) -> FakeWorker:
         n = len(self.launched)
         self.launched.append(trio.current_time())

@@ -84,10 +84,12 @@ async def test_an_unencodable_result_is_bad_result_and_the_worker_survives() -> 
     ],
 )
 async def test_a_dying_worker_gives_worker_lost_with_its_exit(
-    action: dict[str, Any], details: dict[str, Any]
+    action: dict[str, Any], details: dict[str, Any], start_method: str
 ) -> None:
     with trio.fail_after(20), capture_logs() as logs:
-        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+        async with open_pool(
+            CRASH, size=1, supervisor=FAST_RESTARTS, start_method=start_method
+        ) as pool:
             pid = await pool.run({"mode": "pid"})
             with pytest.raises(qoper8d.WorkerLost) as info:
                 await pool.run(action)
@@ -119,9 +121,11 @@ async def test_sigsegv_logs_the_python_stack() -> None:
     assert any("crash.py" in line for line in lines)
 
 
-async def test_sigkill_of_a_busy_worker_from_outside() -> None:
+async def test_sigkill_of_a_busy_worker_from_outside(start_method: str) -> None:
     with trio.fail_after(20):
-        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+        async with open_pool(
+            CRASH, size=1, supervisor=FAST_RESTARTS, start_method=start_method
+        ) as pool:
             pid = await pool.run({"mode": "pid"})
             outcome: list[BaseException] = []
 
@@ -243,12 +247,16 @@ async def test_statistics_record_every_field() -> None:
     assert sum(w.actions_done for w in stats.workers) == 1
 
 
-async def test_setup_runs_before_ready_and_teardown_on_a_graceful_stop(tmp_path: Path) -> None:
+async def test_setup_runs_before_ready_and_teardown_on_a_graceful_stop(
+    tmp_path: Path, start_method: str
+) -> None:
     marker = tmp_path / "teardown"
     os.environ["QOPER8_TEST_TEARDOWN"] = str(marker)
     try:
         with trio.fail_after(20):
-            async with open_pool("handlers.lifecycle:handle", size=2) as pool:
+            async with open_pool(
+                "handlers.lifecycle:handle", size=2, start_method=start_method
+            ) as pool:
                 assert await pool.run({}) == {"setup_ran": True}
     finally:
         del os.environ["QOPER8_TEST_TEARDOWN"]

@@ -4,26 +4,28 @@ floods cannot stall the pool."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
 import qoper8d
 from qoper8d import SupervisorConfig, open_pool
-from tests.conftest import descendants, open_fds, wait_gone
+from tests.conftest import descendants, open_fds, parent_of, wait_exited, wait_gone
 
 CRASH = "handlers.crash:handle"
 
 
-async def test_closing_the_pool_leaves_no_child_alive() -> None:
+async def test_closing_the_pool_leaves_no_child_alive(start_method: str) -> None:
     with trio.fail_after(20):
-        async with open_pool(CRASH, size=3) as pool:
+        async with open_pool(CRASH, size=3, start_method=start_method) as pool:
             pids = {w.pid for w in pool.statistics().workers}
             assert None not in pids
             assert pids <= descendants()
@@ -55,18 +57,18 @@ async def test_closing_with_busy_workers_stops_them_and_ends_their_actions() -> 
     assert not (pids & descendants())
 
 
-async def test_a_forked_grandchild_dies_with_its_worker() -> None:
+async def test_a_forked_grandchild_dies_with_its_worker(start_method: str) -> None:
     with trio.fail_after(20):
-        async with open_pool(CRASH, size=1) as pool:
+        async with open_pool(CRASH, size=1, start_method=start_method) as pool:
             grandchild = await pool.run({"mode": "fork"})
             assert grandchild in descendants()
     assert wait_gone({grandchild}, 2.0) == set()
 
 
-async def test_no_descriptor_leaks_after_100_crashes() -> None:
+async def test_no_descriptor_leaks_after_100_crashes(start_method: str) -> None:
     fast = SupervisorConfig(max_restarts=1000, backoff_initial=0.0)
     with trio.fail_after(90):
-        async with open_pool(CRASH, size=2, supervisor=fast) as pool:
+        async with open_pool(CRASH, size=2, supervisor=fast, start_method=start_method) as pool:
             await pool.run({"mode": "ok"})
             before = open_fds()
             lost = [
@@ -128,7 +130,9 @@ _MASTER = textwrap.dedent(
     structlog.configure(processors=[structlog.processors.JSONRenderer()])
 
     async def main():
-        async with qoper8d.open_pool("handlers.crash:handle", size=3) as pool:
+        async with qoper8d.open_pool(
+            "handlers.crash:handle", size=3, start_method=sys.argv[1]
+        ) as pool:
             pids = [w.pid for w in pool.statistics().workers]
             print(json.dumps({"pids": pids}), flush=True)
             async with trio.open_nursery() as nursery:
@@ -140,9 +144,9 @@ _MASTER = textwrap.dedent(
 )
 
 
-def test_workers_exit_within_a_second_of_their_master_being_sigkilled() -> None:
+def test_workers_exit_within_a_second_of_their_master_being_sigkilled(start_method: str) -> None:
     master = subprocess.Popen(
-        [sys.executable, "-c", _MASTER],
+        [sys.executable, "-c", _MASTER, start_method],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -162,11 +166,40 @@ def test_workers_exit_within_a_second_of_their_master_being_sigkilled() -> None:
             if pids and started == {"started hang", "started spin"}:
                 break
         assert len(pids) == 3
-        assert pids <= descendants()
+        # Everything the master started: workers, and the fork server if there is one.
+        started_by_master = descendants(master.pid)
+        assert pids <= started_by_master
         master.send_signal(signal.SIGKILL)
         master.wait(timeout=5)
-        assert wait_gone(pids, 1.0) == set(), "workers outlived their master by over 1 s"
+        left = wait_gone(started_by_master, 1.0)
+        assert left == set(), "processes outlived their master by over 1 s"
     finally:
         if master.poll() is None:
             master.kill()
             master.wait()
+
+
+async def test_the_pool_survives_its_fork_server_being_killed() -> None:
+    fast = SupervisorConfig(max_restarts=100, backoff_initial=0.0)
+    with trio.fail_after(30), capture_logs() as logs:
+        async with open_pool(CRASH, size=2, supervisor=fast) as pool:
+            pid = await pool.run({"mode": "pid"})
+            zygote = parent_of(pid)
+            os.kill(zygote, signal.SIGKILL)
+            await wait_exited(zygote)
+            # Its workers serve on, orphaned ...
+            assert len([r async for r in pool.map({"mode": "ok"} for _ in range(100))]) == 100
+            # ... and a worker that dies now is replaced through a new fork server.
+            with pytest.raises(qoper8d.WorkerLost):
+                await pool.run({"mode": "sigkill"})
+            assert await pool.run({"mode": "pid"}) > 0
+            assert {parent_of(w.pid) for w in pool.statistics().workers if w.pid} != {zygote}
+    assert any(e["event"] == "forkserver.exit" for e in logs)
+
+
+@pytest.mark.parametrize("preload", [True, False])
+async def test_preload_imports_the_handler_in_the_fork_server(preload: bool) -> None:
+    with trio.fail_after(20):
+        async with open_pool("handlers.imported:handle", size=1, preload=preload) as pool:
+            imported_in, worker = await pool.run({})
+    assert (imported_in != worker) is preload

@@ -1,0 +1,151 @@
+"""The fork server: a warm interpreter that forks new workers in about a millisecond.
+
+Started by the master as `python -m qoper8d.zygote SPEC_JSON`. A fresh interpreter with
+msgspec costs 60-80 ms here before it runs a line of handler code; this process pays that
+once, then forks each worker already warm (and, with `pool.preload`, with the handler's
+modules imported too). Each forked worker runs `worker.serve()` exactly as a spawned one.
+
+It talks to the master over a SOCK_SEQPACKET socket (fd 3), one message per packet:
+`Fork` arrives with the worker's five descriptors attached; `Forked` goes back with a pidfd
+for the new worker, opened before the child can possibly be reaped, so the master never
+signals a recycled pid. SIGCHLD wakes the loop (set_wakeup_fd); each exited child is first
+inspected with WNOWAIT, its process group killed while its pid is still reserved, and only
+then reaped and reported as `Exited`. Like a worker, it dies with the master (lifeline, fd 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+
+import msgspec
+
+from qoper8d import wire, worker
+
+__all__ = ["main"]
+
+#: Descriptors a forked worker gets, in order, as fds 1 to 5.
+_WORKER_FDS = 5
+_EXIT_CHILD_FAILED = 70
+
+
+def _send(sock: socket.socket, message: wire.FromZygote, fds: list[int] | None = None) -> None:
+    frame = wire.encode_frame(message)
+    if fds:
+        socket.send_fds(sock, [frame], fds)
+    else:
+        sock.send(frame)
+
+
+def _fork_worker(spec: wire.WorkerSpec, fds: list[int]) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    # The child: never return into the fork server's loop, whatever happens.
+    code = _EXIT_CHILD_FAILED
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        # Park the descriptors high first, so no dup2 below overwrites one not yet copied.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        for target, source in enumerate(high, start=1):
+            os.dup2(source, target)
+        # Drop everything else: the server's socket, its lifeline, other workers' ends.
+        os.closerange(_WORKER_FDS + 1, os.sysconf("SC_OPEN_MAX"))
+        code = worker.serve(
+            msgspec.structs.replace(spec, from_master_fd=3, to_master_fd=4, lifeline_fd=5)
+        )
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
+        pid = info.si_pid
+        # Still a zombie: its pid and process group id cannot have been reused yet.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if info.si_code == os.CLD_EXITED:
+            _send(sock, wire.Exited(pid, info.si_status, None))
+        else:
+            _send(sock, wire.Exited(pid, None, info.si_status))
+
+
+def serve(spec: wire.ZygoteSpec) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker.arm_lifeline(spec.lifeline_fd)
+    worker.extend_path(spec.handler_path)
+    for name in spec.preload:
+        importlib.import_module(name)
+    sock = socket.socket(fileno=spec.control_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    _send(sock, wire.Ready(os.getpid()))
+    reader = wire.FrameReader(wire.ToZygote)
+    while True:
+        try:
+            readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+            _reap(sock)
+        if sock.fileno() in readable:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, _WORKER_FDS)
+            if not data:
+                return 0  # the master closed the channel: we are done
+            for message in reader.feed(data):
+                if isinstance(message, wire.Fork) and len(fds) == _WORKER_FDS:
+                    pid = _fork_worker(message.spec, fds)
+                    pidfd = os.pidfd_open(pid)
+                    _send(sock, wire.Forked(pid), [pidfd])
+                    os.close(pidfd)
+                elif isinstance(message, wire.Stop):
+                    return 0
+                else:
+                    print(f"qoper8d fork server: unexpected {message!r}", file=sys.stderr)
+            for fd in fds:
+                os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(
+            "usage: python -m qoper8d.zygote SPEC_JSON  (started by the qoper8d master)",
+            file=sys.stderr,
+        )
+        return 2
+    return serve(msgspec.json.decode(args[0], type=wire.ZygoteSpec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
