@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
+import time
 from bisect import bisect_right
 from itertools import accumulate
 from operator import attrgetter
@@ -60,6 +62,8 @@ _result_of = attrgetter("result")
 _ONLY_DONE = {wire.Done}
 #: Compact the queue list once this many taken jobs sit before its head.
 _COMPACT = 4096
+#: A read at least this long means answers are streaming in: read again before waiting.
+_BUSY_READ = 1024
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -103,6 +107,7 @@ class Worker:
         "inflight",
         "outbuf",
         "pid",
+        "poll",
         "pos",
         "proc",
         "reader_task",
@@ -120,6 +125,10 @@ class Worker:
         self.pid = proc.pid
         self.wfd = proc.to_worker
         self.rfd = proc.from_worker
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        #: `poll(0)`: is an answer (or end-of-file) waiting? No exception, one syscall.
+        self.poll = poller.poll
         self.slot = slot
         self.frames = wire.FrameReader(wire.FromWorker)
         #: The batch in flight, and how many of its actions have been answered.
@@ -158,6 +167,8 @@ class Engine:
         self.config = config
         self.nursery = nursery
         self.size = config.size
+        self.max_queue = config.max_queue
+        self.idle_spin = config.idle_spin
         # The queue is a list read from `head`: a batch is one slice, not a pop per job.
         self.queue: list[Job] = []
         self.head = 0
@@ -221,10 +232,19 @@ class Engine:
         self.dispatch()
 
     async def run(self, action: Any, timeout: float | None) -> Any:
-        payload = self.encode(action)
-        self.check_accepting()
+        if not self.accepting or self.queued >= self.max_queue:
+            self.check_accepting()
+        try:
+            payload = encode_json(action)
+        except (TypeError, ValueError, OverflowError):
+            payload = self.encode(action)  # raises BadRequest, with the reason
         waiter = Waiter()
-        job = Job(payload, waiter, None, self.timeout_for(timeout))
+        job = Job(
+            payload,
+            waiter,
+            None,
+            self.config.action_timeout if timeout is None else self.timeout_for(timeout),
+        )
         self.submitted += 1
         idle = self.idle
         if idle and not self.queued and idle[-1].reader_task is not None:
@@ -242,13 +262,24 @@ class Engine:
         worker.borrowed = True
         self.send(worker, [job], [job.payload])
         rfd = worker.rfd
-        readv = os.readv
+        # Poll for the answer for up to `pool.idle_spin` seconds, yielding to other tasks
+        # between polls, before sleeping in epoll: a trivial action comes back in tens of
+        # microseconds, and waking a sleeping master costs about as much again.
+        spin_until = time.perf_counter() + self.idle_spin
+        poll = worker.poll
         try:
             while not waiter.done and not worker.eof:
-                try:
-                    n = readv(rfd, [worker.frames.buffer()])
-                except BlockingIOError:
+                if spin_until:
+                    if not poll(0):
+                        if time.perf_counter() > spin_until:
+                            spin_until = 0.0
+                        await trio.lowlevel.checkpoint()
+                        continue
+                else:
                     await trio.lowlevel.wait_readable(rfd)
+                try:
+                    n = os.readv(rfd, [worker.frames.buffer()])
+                except BlockingIOError:
                     continue
                 except OSError:
                     n = 0
@@ -266,9 +297,7 @@ class Engine:
             worker.borrowed = False
             if worker.busy:
                 self.unpark(worker)
-        if waiter.done:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
+        if not waiter.done:
             # The worker died under us: the supervisor delivers the outcome, or a retry.
             await waiter.wait(lambda: self.cancel(job))
         return waiter.outcome()
@@ -408,14 +437,21 @@ class Engine:
         rfd = worker.rfd
         frames = worker.frames
         readv = os.readv
+        # While answers stream in faster than we handle them, read again right after a
+        # checkpoint: more will be there, and that skips an epoll round. When they trickle
+        # in (slow actions), a read would only fail: go straight to waiting.
+        busy_stream = False
         while True:
             if worker.borrowed or worker.eof or not worker.busy:
+                busy_stream = False
                 await self._park(worker)
                 continue
+            if not busy_stream:
+                await trio.lowlevel.wait_readable(rfd)
             try:
                 n = readv(rfd, [frames.buffer()])
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(rfd)
+                busy_stream = False
                 continue
             except OSError:
                 n = 0
@@ -423,7 +459,9 @@ class Engine:
                 worker.eof = True
                 continue
             self.on_data(worker, n)
-            await trio.lowlevel.checkpoint()
+            busy_stream = n >= _BUSY_READ
+            if busy_stream:
+                await trio.lowlevel.checkpoint()
 
     def drain(self, worker: Worker) -> None:
         """After the worker exited: read whatever it wrote before it died."""

@@ -138,6 +138,7 @@ class Supervisor:
     async def _start_worker(self, slot: Slot) -> Worker:
         slot.state = "starting"
         slot.worker = None
+        launched = trio.current_time()
         proc = await self.launcher.launch(self.spec)
         worker = Worker(proc, slot)
         cfg = self.engine.config
@@ -169,6 +170,12 @@ class Supervisor:
         worker.ready_at = trio.current_time()
         slot.worker = worker
         slot.state = "running"
+        log.info(
+            "worker.ready",
+            slot=slot.index,
+            pid=worker.pid,
+            started_in=round(worker.ready_at - launched, 4),
+        )
         return worker
 
     async def _handshake(self, worker: Worker) -> None:

@@ -49,6 +49,7 @@ class PoolConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True
     max_actions_per_worker: Annotated[int, msgspec.Meta(ge=0)] = 0
     max_worker_rss_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
     output_rate: Annotated[float, msgspec.Meta(ge=0)] = 1000.0
+    idle_spin: Annotated[float, msgspec.Meta(ge=0, le=0.01)] = 0.0001
 
 
 class SupervisorConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):

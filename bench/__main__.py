@@ -1,0 +1,112 @@
+"""Run the benchmarks side by side in one process and write their figures.
+
+    python -m bench                 # every suite
+    python -m bench engine          # some suites, by name
+    python -m bench --quick engine  # smaller sizes, for a smoke run
+
+Figures go to bench/results/<date>.json (suites, the machine, and each target with its
+ratio and whether it was met). Nothing here runs in the test suite: machines are shared
+and noisy, so targets are ratios measured in the same run, never timed assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bench import baselines, engine, physical
+from bench._common import RESULTS, Figure, machine, say
+
+SUITES: dict[str, Callable[[bool], dict[str, Figure]]] = {
+    "physical": lambda quick: physical.run(2_000 if quick else 20_000),
+    "baselines": lambda quick: baselines.run(*((10_000, 4_000) if quick else (100_000, 40_000))),
+    "engine": lambda quick: engine.run(
+        {
+            "map": 50_000,
+            "callers_each": 100,
+            "one_shot": 2_000,
+            "latency": 2_000,
+            "cpu_bound": 300,
+            "kills": 5,
+        }
+        if quick
+        else None
+    ),
+}
+
+# (name, numerator, denominator or None, comparison, bound, what)
+TARGETS: list[tuple[str, str, str | None, str, float, str]] = [
+    ("map_vs_imap", "map_rate", "mp_imap_unordered_cs1_rate", ">=", 15.0,
+     "pool.map throughput / imap_unordered(chunksize=1)"),
+    ("map_master_cpu", "map_master_cpu", None, "<=", 1.5,
+     "master CPU per trivial action in bulk, us"),
+    ("callers_vs_imap", "callers_256_rate", "mp_imap_unordered_cs1_rate", ">=", 3.0,
+     "256 concurrent callers / imap_unordered(chunksize=1)"),
+    ("one_shot_vs_imap", "one_shot_tasks_rate", "mp_imap_unordered_cs1_rate", ">=", 1.0,
+     "20,000 one-shot tasks / imap_unordered(chunksize=1)"),
+    ("latency_vs_pingpong", "idle_latency_vs_pingpong", None, "<=", 1.3,
+     "idle single-action latency p50 / pinned cross-CPU pipe ping-pong p50"),
+    ("cpu_bound_busy", "cpu_bound_handler_share", None, ">=", 95.0,
+     "CPU-bound 1 ms actions: cores busy with handler work, %"),
+    ("replacement_ready", "replacement_ready_p50_forkserver", None, "<=", 50.0,
+     "a killed worker's replacement ready, p50 ms"),
+    ("death_noticed", "death_noticed_p50_forkserver", None, "<=", 10.0,
+     "a caller learns of its worker's death, p50 ms"),
+]  # fmt: skip
+
+
+def evaluate(figures: dict[str, Figure]) -> list[dict[str, Any]]:
+    results = []
+    for name, num, den, op, bound, what in TARGETS:
+        if num not in figures or (den is not None and den not in figures):
+            continue
+        value = figures[num]["value"]
+        if den is not None:
+            value = value / figures[den]["value"]
+        met = value >= bound if op == ">=" else value <= bound
+        results.append(
+            {
+                "target": name,
+                "what": what,
+                "value": round(value, 3),
+                "bound": f"{op} {bound}",
+                "met": met,
+            }
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], default=[])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--out", help="where to write the JSON (default bench/results/<date>)")
+    args = parser.parse_args(argv)
+    names = args.suites or list(SUITES)
+    report: dict[str, Any] = {"machine": machine(), "quick": args.quick, "suites": {}}
+    figures: dict[str, Figure] = {}
+    for name in names:
+        say(f"{name}:")
+        report["suites"][name] = SUITES[name](args.quick)
+        figures.update(report["suites"][name])
+    report["targets"] = evaluate(figures)
+    report["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    say("targets:")
+    for t in report["targets"]:
+        mark = "met " if t["met"] else "MISS"
+        say(f"  [{mark}] {t['what']}: {t['value']} (target {t['bound']})")
+    out = args.out or RESULTS / f"{datetime.date.today().isoformat()}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    say(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The pool engine in-process: throughput, master CPU, concurrency, latency, CPU-bound
+work, and how fast a dead worker is noticed and replaced. 2 workers, trivial handler
+`{"x": i} -> i + 1`, unless a figure says otherwise."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+import trio.testing
+
+import qoper8d
+from bench import physical
+from bench._common import Figure, Stopwatch, cpu_seconds, figure, median, percentile, pinned, say
+
+TRIVIAL = "handlers.echo:plus_one"
+
+
+class _Events:
+    """Log events the benchmarks wait on, time-stamped as they are emitted."""
+
+    def __init__(self) -> None:
+        self.watch: dict[str, Callable[[dict[str, Any], float], None]] = {}
+
+    def processor(self, logger: Any, name: str, event: dict[str, Any]) -> Any:
+        hook = self.watch.get(event["event"])
+        if hook is not None:
+            hook(event, time.perf_counter())
+        raise structlog.DropEvent
+
+
+EVENTS = _Events()
+
+
+def quiet_logs() -> None:
+    structlog.configure(processors=[EVENTS.processor])
+
+
+def _caller_loop_cpu(n: int) -> float:
+    """CPU the caller's own side of the bulk loop costs without any pool (per action)."""
+    t = time.process_time()
+    total = 0
+    for a in ({"x": i} for i in range(n)):
+        total += a["x"] + 1
+    return (time.process_time() - t) / n
+
+
+async def map_throughput(pool: qoper8d.Pool, n: int, rounds: int = 3) -> tuple[float, float]:
+    best_rate, best_cpu = 0.0, 0.0
+    for _ in range(rounds):
+        with Stopwatch() as sw:
+            total = 0
+            async for r in pool.map({"x": i} for i in range(n)):
+                total += r
+        assert total == n * (n + 1) // 2
+        if n / sw.wall > best_rate:
+            best_rate, best_cpu = n / sw.wall, sw.cpu / n
+    return best_rate, best_cpu
+
+
+async def concurrent_callers(pool: qoper8d.Pool, callers: int, each: int) -> float:
+    async def caller(k: int) -> None:
+        for i in range(each):
+            assert await pool.run({"x": i}) == i + 1
+
+    with Stopwatch() as sw:
+        async with trio.open_nursery() as nursery:
+            for k in range(callers):
+                nursery.start_soon(caller, k)
+    return callers * each / sw.wall
+
+
+async def one_shot_tasks(pool: qoper8d.Pool, n: int) -> float:
+    with Stopwatch() as sw:
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(pool.run, {"x": i})
+    return n / sw.wall
+
+
+async def idle_latency(pool: qoper8d.Pool, n: int) -> list[float]:
+    samples = []
+    for i in range(n + 500):
+        t0 = time.perf_counter()
+        await pool.run({"x": i})
+        if i >= 500:
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def cpu_bound(n: int, workers: int = 2, ms: float = 1.0) -> dict[str, float]:
+    async with qoper8d.open_pool("handlers.cpu:handle", size=workers) as pool:
+        pids = [w.pid for w in pool.statistics().workers if w.pid]
+        before = sum(cpu_seconds(pid) for pid in pids)
+        with Stopwatch() as sw:
+            async for _ in pool.map({"ms": ms} for _ in range(n)):
+                pass
+        worker_cpu = sum(cpu_seconds(pid) for pid in pids) - before
+    handler_seconds = n * ms / 1000
+    return {
+        "wall": sw.wall,
+        "handler_share": handler_seconds / (sw.wall * workers),
+        "worker_cpu_share": worker_cpu / (sw.wall * workers),
+    }
+
+
+async def death_and_replacement(start_method: str, kills: int) -> dict[str, list[float]]:
+    """Kill a busy worker `kills` times: time until its caller hears, and until the
+    replacement is ready."""
+    noticed: list[float] = []
+    replaced: list[float] = []
+    ready = trio.Event()
+    ready_at: list[float] = []
+
+    def on_ready(event: dict[str, Any], stamp: float) -> None:
+        ready_at.append(stamp)
+        ready.set()
+
+    EVENTS.watch["worker.ready"] = on_ready
+    supervisor = qoper8d.SupervisorConfig(max_restarts=10 * kills, backoff_initial=0.0)
+    try:
+        async with qoper8d.open_pool(
+            "handlers.crash:handle", size=2, start_method=start_method, supervisor=supervisor
+        ) as pool:
+            for _ in range(kills):
+                heard: list[float] = []
+
+                async def victim(heard: list[float] = heard) -> None:
+                    try:
+                        await pool.run({"mode": "hang"})
+                    except qoper8d.WorkerLost:
+                        heard.append(time.perf_counter())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(victim)
+                    await trio.testing.wait_all_tasks_blocked()
+                    (busy,) = [w for w in pool.statistics().workers if w.state == "busy"]
+                    ready = trio.Event()
+                    t0 = time.perf_counter()
+                    assert busy.pid is not None
+                    os.kill(busy.pid, signal.SIGKILL)
+                await ready.wait()
+                noticed.append(heard[0] - t0)
+                replaced.append(ready_at[-1] - t0)
+    finally:
+        del EVENTS.watch["worker.ready"]
+    return {"noticed": noticed, "replaced": replaced}
+
+
+async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
+    out: dict[str, Figure] = {}
+    async with qoper8d.open_pool(TRIVIAL, size=2) as pool:
+        await pool.run({"x": 0})
+        rate, cpu = await map_throughput(pool, sizes["map"])
+        caller = _caller_loop_cpu(sizes["map"])
+        out["map_rate"] = figure(rate, "actions/s", "pool.map, 2 workers (best of 3)")
+        out["map_master_cpu"] = figure(
+            cpu * 1e6, "us/action", "master CPU per action in that map, caller's loop included"
+        )
+        out["map_caller_loop_cpu"] = figure(
+            caller * 1e6, "us/action", "of which the caller's own generator and sum, no pool"
+        )
+        rate = await concurrent_callers(pool, 256, sizes["callers_each"])
+        out["callers_256_rate"] = figure(
+            rate, "actions/s", "256 tasks each awaiting pool.run in a loop"
+        )
+        rate = await one_shot_tasks(pool, sizes["one_shot"])
+        out["one_shot_tasks_rate"] = figure(
+            rate, "actions/s", f"{sizes['one_shot']} tasks started at once, one pool.run each"
+        )
+        samples = await idle_latency(pool, sizes["latency"])
+        out["idle_latency_p50"] = figure(
+            median(samples) * 1e6, "us", "sequential pool.run on an idle pool, unpinned"
+        )
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:
+            # Pinned like the ping-pong it is compared with, and measured in alternating
+            # blocks with it, so that both see the same machine.
+            workers = [w.pid for w in pool.statistics().workers if w.pid]
+            for pid in workers:
+                os.sched_setaffinity(pid, {cpus[1]})
+            pool_samples: list[float] = []
+            ratios = []
+            block = max(1000, sizes["latency"] // 5)
+            for _ in range(5):
+                ping = physical.pickle_pingpong(cpus[0], cpus[1], block)
+                with pinned({cpus[0]}):
+                    ours = await idle_latency(pool, block)
+                pool_samples += ours
+                ratios.append(median(ours) / median(ping))
+            for pid in workers:
+                os.sched_setaffinity(pid, set(cpus))
+            out["idle_latency_pinned_p50"] = figure(
+                median(pool_samples) * 1e6,
+                "us",
+                "the same with the master pinned to one CPU and the workers to another",
+            )
+            out["idle_latency_pinned_p99"] = figure(
+                percentile(pool_samples, 99) * 1e6, "us", "the same, 99th percentile"
+            )
+            out["idle_latency_vs_pingpong"] = figure(
+                median(ratios),
+                "x",
+                "pinned idle pool.run p50 / pinned cross-CPU pickle ping-pong p50, "
+                "median of 5 alternating blocks",
+            )
+    cpu = await cpu_bound(sizes["cpu_bound"])
+    out["cpu_bound_handler_share"] = figure(
+        cpu["handler_share"] * 100, "%", "1 ms CPU-bound actions, 2 workers: handler CPU / cores"
+    )
+    out["cpu_bound_worker_cpu_share"] = figure(
+        cpu["worker_cpu_share"] * 100, "%", "the workers' whole CPU time / cores"
+    )
+    for method in ("forkserver", "spawn"):
+        times = await death_and_replacement(method, sizes["kills"])
+        out[f"replacement_ready_p50_{method}"] = figure(
+            median(times["replaced"]) * 1e3,
+            "ms",
+            f"SIGKILL of a busy worker to its replacement ready ({method})",
+        )
+        out[f"death_noticed_p50_{method}"] = figure(
+            median(times["noticed"]) * 1e3,
+            "ms",
+            f"SIGKILL of a busy worker to WorkerLost raised in its caller ({method})",
+        )
+    return out
+
+
+DEFAULT_SIZES = {
+    "map": 500_000,
+    "callers_each": 800,
+    "one_shot": 20_000,
+    "latency": 20_000,
+    "cpu_bound": 3_000,
+    "kills": 20,
+}
+
+
+def run(sizes: dict[str, int] | None = None) -> dict[str, Figure]:
+    quiet_logs()
+    out = trio.run(_bench, {**DEFAULT_SIZES, **(sizes or {})})
+    structlog.reset_defaults()
+    for name, fig in out.items():
+        say(f"  {name}: {fig['value']} {fig['unit']}")
+    return out
