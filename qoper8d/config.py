@@ -2,24 +2,63 @@
 
 Every key lives here once, with its type, its range and its default; `etc/qoper8.toml`
 documents the same keys with comments, and a test keeps the two in step.
+
+Validation is key by key rather than one `msgspec.convert` of the whole document, because
+msgspec stops at the first problem and a person fixing a file wants every problem at once.
+Each problem is one line naming the file, the dotted key and, in plain words derived from the
+key's type and constraints, what was expected.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import operator
+import os
 import re
-from typing import Annotated, Any, Literal
+import subprocess
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
 import msgspec
+import tomli_w
 
-__all__ = ["PoolConfig", "SupervisorConfig"]
+from qoper8d import wire
+from qoper8d.errors import ConfigError
+
+__all__ = [
+    "HANDLER_PATTERN",
+    "Config",
+    "HandlerName",
+    "MonitorConfig",
+    "PoolConfig",
+    "ServerConfig",
+    "SupervisorConfig",
+    "check_handlers",
+    "config_from_mapping",
+    "default_socket_path",
+    "dump_config",
+    "load_config",
+]
 
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 _HANDLER_RE = rf"^{_DOTTED}:{_DOTTED}$"
 HANDLER_PATTERN = re.compile(_HANDLER_RE)
 
-HandlerName = Annotated[str, msgspec.Meta(pattern=_HANDLER_RE)]
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+# `extra` carries the wording of error messages: "expected" replaces the words derived from the
+# type, "unit" names what a number counts. msgspec itself ignores both.
+HandlerName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=_HANDLER_RE,
+        extra={"expected": '"module:function" (e.g. "handlers.echo:handle")'},
+    ),
+]
+Seconds = Annotated[float, msgspec.Meta(ge=0, extra={"unit": "seconds"})]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, extra={"unit": "seconds"})]
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -31,32 +70,346 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 class PoolConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`[pool]`: the workers and how work reaches them."""
 
-    size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
-    handler: HandlerName = "handlers.echo:handle"
-    routes: dict[str, HandlerName] = {}
-    handler_path: list[str] = []
-    async_backend: Literal["trio", "asyncio"] = "trio"
+    size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4  # persistent workers
+    handler: HandlerName = "handlers.echo:handle"  # runs an action without a route
+    routes: dict[str, HandlerName] = {}  # an action's "type" -> the handler that runs it
+    handler_path: list[str] = []  # directories put in front of a worker's sys.path
+    async_backend: Literal["trio", "asyncio"] = "trio"  # the loop for async handlers
     start_method: Literal["forkserver", "spawn"] = "forkserver"
-    preload: bool = False
+    preload: bool = False  # import the handlers in the fork server, before forking
     max_batch_bytes: Annotated[int, msgspec.Meta(ge=64, le=64 << 20)] = 8192
     max_queue: Annotated[int, msgspec.Meta(ge=1)] = 100_000
-    action_timeout: Seconds = 0.0
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+    action_timeout: Seconds = 0.0  # 0: no limit
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1  # runs after worker_lost
     poison_threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     start_timeout: PositiveSeconds = 30.0
     grace_period: Seconds = 10.0
     kill_timeout: Seconds = 2.0
-    max_actions_per_worker: Annotated[int, msgspec.Meta(ge=0)] = 0
-    max_worker_rss_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
-    output_rate: Annotated[float, msgspec.Meta(ge=0)] = 1000.0
-    idle_spin: Annotated[float, msgspec.Meta(ge=0, le=0.01)] = 0.0001
+    max_actions_per_worker: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: no limit
+    max_worker_rss_mb: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: no limit
+    output_rate: Annotated[float, msgspec.Meta(ge=0)] = 1000.0  # log lines/s/stream; 0: all
+    idle_spin: Annotated[float, msgspec.Meta(ge=0, le=0.01, extra={"unit": "seconds"})] = 0.0001
 
 
 class SupervisorConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`[supervisor]`: replacing crashed workers, and when to give up."""
 
-    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 10
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 10  # crashes allowed per window
     restart_window: PositiveSeconds = 60.0
     backoff_initial: Seconds = 0.1
     backoff_max: Seconds = 10.0
-    backoff_reset: Seconds = 30.0
+    backoff_reset: Seconds = 30.0  # a worker that ran this long counts as stable
+
+
+class ServerConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[server]`: the control socket.
+
+    A relative `socket` in a configuration file is resolved against that file's directory
+    when it is loaded, so the daemon and `qoper8ctl` agree on the path whatever their cwd.
+    """
+
+    socket: str = ""  # empty: default_socket_path()
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576  # one request line
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    read_timeout: PositiveSeconds = 30.0  # for a partial request line to complete
+    allowed_uids: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # besides ours and root
+
+    def socket_path(self) -> Path:
+        """The configured socket path, or the default one when none is configured."""
+        return Path(self.socket) if self.socket else default_socket_path()
+
+
+class MonitorConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[monitor]`: logging and periodic pool snapshots."""
+
+    interval: PositiveSeconds = 30.0  # between pool snapshots
+    silent_start: bool = False  # no start-up banner
+    log_format: Literal["auto", "json", "console"] = "auto"  # auto: JSON unless stderr is a tty
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole file: one field per section, each defaulting to its section's defaults."""
+
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+
+
+# The sections in file order, from `Config` itself so a new section cannot be forgotten here.
+_SECTIONS: dict[str, type[_Section]] = get_type_hints(Config)
+
+
+def default_socket_path() -> Path:
+    """`$XDG_RUNTIME_DIR/qoper8/qoper8.sock`, else `/tmp/qoper8-<uid>/qoper8.sock`.
+
+    Both live in a directory private to the user, so no other user can take the name first.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime, "qoper8", "qoper8.sock")
+    return Path(f"/tmp/qoper8-{os.getuid()}", "qoper8.sock")  # noqa: S108  # per-user dir
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML file; every problem is reported at once in a `ConfigError`.
+
+    A relative `server.socket` is taken relative to the file's directory.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        _fail([f"{source}: cannot read the file: {exc.strerror or exc}"])
+    except UnicodeDecodeError as exc:
+        _fail([f"{source}: invalid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"])
+    except tomllib.TOMLDecodeError as exc:
+        _fail([f"{source}: {_where(str(exc))}"])
+    return config_from_mapping(data, source, base_dir=Path(source).parent)
+
+
+def config_from_mapping(
+    data: Mapping[str, Any],
+    source: str = "<config>",
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Validate already-parsed configuration data (missing keys take their defaults).
+
+    `source` names the data in error lines. A relative `server.socket` is resolved against
+    `base_dir` (default: the current directory), so the result never depends on a later chdir.
+    """
+    errors: list[str] = []
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if not isinstance(data, Mapping):
+        _fail([f"{source}: expected a table of sections, got {_show(data)}"])
+    for name, table in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            errors.append(f"{source}: {_unknown_section(name, table)}")
+        elif not isinstance(table, Mapping):
+            errors.append(f"{source}: {name}: expected a table, got {_show(table)}")
+        else:
+            sections[name] = _check_section(name, cls, table, source, errors)
+    if errors:
+        _fail(errors)
+    socket = sections["server"].get("socket")
+    if socket:
+        base = Path.cwd() if base_dir is None else Path(base_dir)
+        sections["server"]["socket"] = os.path.normpath(base / socket)
+    built: dict[str, Any] = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+    return Config(**built)
+
+
+def _fail(errors: list[str]) -> NoReturn:
+    raise ConfigError("\n".join(errors), errors=errors)
+
+
+def _where(message: str) -> str:
+    # tomllib (before 3.14) puts the position only in its message: "Invalid value (at line
+    # 3, column 7)" or "... (at end of document)".
+    match = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", message)
+    if match is None:
+        return f"invalid TOML: {message}"
+    return f"{match[2]}: invalid TOML: {match[1]}"
+
+
+def _unknown_section(name: str, value: Any) -> str:
+    sections = ", ".join(_SECTIONS)
+    if isinstance(value, Mapping):
+        return f"{name}: unknown section (sections: {sections})"
+    # A key written above the first [section] header lands at the top level.
+    owners = [f"{s}.{name}" for s, cls in _SECTIONS.items() if name in cls.__struct_fields__]
+    hint = f"did you mean {owners[0]}?" if owners else f"sections: {sections}"
+    return f"{name}: unknown key outside any section ({hint})"
+
+
+def _check_section(
+    section: str, cls: type[_Section], table: Mapping[str, Any], source: str, errors: list[str]
+) -> dict[str, Any]:
+    hints = _field_types(cls)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{section}.{_toml_key(key)}"
+        if key not in hints:
+            errors.append(f"{source}: {dotted}: unknown key{_suggest(section, key, hints)}")
+            continue
+        problems = _check_value(value, hints[key], dotted)
+        if problems:
+            errors.extend(f"{source}: {line}" for line in problems)
+        else:
+            values[key] = msgspec.convert(value, hints[key])
+    return values
+
+
+def _field_types(cls: type[_Section]) -> dict[str, Any]:
+    # include_extras keeps Annotated: its msgspec.Meta holds the constraints and the wording.
+    hints = get_type_hints(cls, include_extras=True)
+    return {name: hints[name] for name in cls.__struct_fields__}
+
+
+def _suggest(section: str, key: str, fields: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1)
+    if close:
+        return f" (did you mean {section}.{close[0]}?)"
+    for other, cls in _SECTIONS.items():
+        if key in cls.__struct_fields__:
+            return f" (did you mean {other}.{key}?)"
+    return ""
+
+
+def _check_value(value: Any, tp: Any, key: str) -> list[str]:
+    """One line per problem with `value` as a `tp`, naming elements of arrays and tables."""
+    base = _unwrap(tp)[0]
+    origin = get_origin(base)
+    if origin is list and isinstance(value, list):
+        (item,) = get_args(base)
+        return [p for i, v in enumerate(value) for p in _check_value(v, item, f"{key}[{i}]")]
+    if origin is dict and isinstance(value, Mapping):
+        _, item = get_args(base)
+        return [p for k, v in value.items() for p in _check_value(v, item, f"{key}.{_toml_key(k)}")]
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError:
+        return [f"{key}: expected {_expected(tp, value)}, got {_show(value)}"]
+    return []
+
+
+# -- wording -----------------------------------------------------------------------------------
+
+_BOUNDS = (
+    ("ge", ">=", operator.ge),
+    ("gt", ">", operator.gt),
+    ("le", "<=", operator.le),
+    ("lt", "<", operator.lt),
+)
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[msgspec.Meta]]:
+    if get_origin(tp) is Annotated:
+        base, *extras = get_args(tp)
+        return base, [m for m in extras if isinstance(m, msgspec.Meta)]
+    return tp, []
+
+
+def _expected(tp: Any, value: Any = None) -> str:
+    """What a `tp` looks like, in words; for a number out of range, only the bound it broke."""
+    base, metas = _unwrap(tp)
+    extra: dict[str, Any] = {k: v for m in metas for k, v in (m.extra or {}).items()}
+    if "expected" in extra:
+        return str(extra["expected"])
+    origin = get_origin(base)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in get_args(base))
+    if origin is list:
+        return f"an array (each {_expected(get_args(base)[0])})"
+    if origin is dict:
+        return f"a table (each value {_expected(get_args(base)[1])})"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    text = words.get(base, getattr(base, "__name__", str(base)))
+    if "unit" in extra:
+        text += f" of {extra['unit']}"
+    if base is str:
+        text += "".join(f" matching {m.pattern}" for m in metas if m.pattern)
+    bounds = [
+        (name, sym, holds, b)
+        for m in metas
+        for name, sym, holds in _BOUNDS
+        if (b := getattr(m, name)) is not None
+    ]
+    if bounds and _fits(value, base):
+        bounds = [x for x in bounds if not x[2](value, x[3])] or bounds
+    if [x[0] for x in bounds] == ["ge", "le"]:
+        return f"{text} from {bounds[0][3]} to {bounds[1][3]}"
+    return " ".join([text, " and ".join(f"{sym} {b}" for _, sym, _, b in bounds)]).rstrip()
+
+
+def _fits(value: Any, base: Any) -> bool:
+    try:
+        msgspec.convert(value, base)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _show(value: Any) -> str:
+    """A value as it would appear in TOML, shortened."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:56] + '..."'
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat())
+    return repr(value)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+# -- output and checks -------------------------------------------------------------------------
+
+
+def dump_config(config: Config) -> str:
+    """The effective configuration as TOML, with `server.socket` written as the path in use.
+
+    Loading the output gives back `config` (with its socket resolved).
+    """
+    data = msgspec.to_builtins(config)
+    data["server"]["socket"] = str(config.server.socket_path())
+    return tomli_w.dumps({name: data[name] for name in _SECTIONS})
+
+
+def check_handlers(config: Config) -> list[str]:
+    """Import the handler and every route as a worker would; one line per problem.
+
+    The import runs in a throwaway `python -m qoper8d.worker --check`, so the handler's import
+    side effects (threads, sockets, module state) never touch the caller.
+    """
+    pool = config.pool
+    spec = wire.WorkerSpec(
+        from_master_fd=-1,
+        to_master_fd=-1,
+        lifeline_fd=-1,
+        handler=pool.handler,
+        routes=dict(pool.routes),
+        handler_path=list(pool.handler_path),
+        async_backend=pool.async_backend,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "qoper8d.worker",
+        "--check",
+        msgspec.json.encode(spec).decode(),
+    ]
+    try:
+        done = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="backslashreplace",
+            timeout=pool.start_timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return [
+            f"pool.handler: importing took longer than pool.start_timeout ({pool.start_timeout} s)"
+        ]
+    if done.returncode == 0:
+        return []
+    # The worker's verdict is its last line; anything the handler printed while importing
+    # comes before it.
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return [f"pool.handler: {lines[-1] if lines else f'the check exited with {done.returncode}'}"]
