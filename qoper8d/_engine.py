@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import math
 import os
-import select
 import signal
 import time
 from bisect import bisect_right
+from collections import deque
 from itertools import accumulate
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import msgspec
 import structlog
 import trio
 
 from qoper8d import wire
+from qoper8d._handle import EMPTY, Discard, WorkerHandle
 from qoper8d._jobs import Job, Sink, Waiter, encode_json
-from qoper8d._process import ExitStatus, WorkerProcess
+from qoper8d._process import ExitStatus
 from qoper8d.config import PoolConfig
 from qoper8d.errors import (
     ActionCancelled,
@@ -48,17 +48,14 @@ from qoper8d.errors import (
 )
 from qoper8d.stats import OUTCOMES
 
-if TYPE_CHECKING:
-    from qoper8d._supervise import Slot
-
-__all__ = ["Engine", "Worker"]
+__all__ = ["Engine", "Reservation", "log_level"]
 
 log = structlog.get_logger("qoper8d.pool")
 
-_EMPTY: list[Job] = []
 _payload_of = attrgetter("payload")
 _sink_of = attrgetter("sink")
 _result_of = attrgetter("result")
+_timeout_of = attrgetter("timeout")
 _ONLY_DONE = {wire.Done}
 #: Compact the queue list once this many taken jobs sit before its head.
 _COMPACT = 4096
@@ -71,93 +68,31 @@ def log_level(name: str) -> int:
     return _LEVELS.get(name, 20)
 
 
-class Discard:
-    """The sink of a job whose outcome was already delivered (cancelled or timed out).
+class Reservation:
+    """A session waiting for a worker of its own."""
 
-    Its answer may still arrive (it was in a worker's batch already); it is dropped, and
-    counted so that statistics do not count it as a result as well.
-    """
-
-    __slots__ = ("answers",)
+    __slots__ = ("task", "worker")
 
     def __init__(self) -> None:
-        self.answers = 0
+        self.task: trio.lowlevel.Task | None = None
+        self.worker: WorkerHandle | None = None
 
-    def result(self, job: Job, payload: msgspec.Raw, worker: Worker) -> None:
-        self.answers += 1
+    def grant(self, worker: WorkerHandle) -> None:
+        worker.reserved = True
+        self.worker = worker
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task)
 
-    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Worker) -> None:
-        self.answers += len(jobs)
+    async def wait(self) -> WorkerHandle:
+        self.task = trio.lowlevel.current_task()
 
-    def error(self, job: Job, err: ActionError, worker: Worker | None) -> None:
-        self.answers += 1
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
 
-
-class Worker:
-    """One worker process, from its ready handshake until its exit has been accounted for."""
-
-    __slots__ = (
-        "borrowed",
-        "dead",
-        "doom",
-        "eof",
-        "exited",
-        "frames",
-        "head_started",
-        "inflight",
-        "outbuf",
-        "pid",
-        "poll",
-        "pos",
-        "proc",
-        "reader_task",
-        "ready_at",
-        "retire",
-        "rfd",
-        "seq",
-        "slot",
-        "unsent",
-        "wfd",
-    )
-
-    def __init__(self, proc: WorkerProcess, slot: Slot) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.wfd = proc.to_worker
-        self.rfd = proc.from_worker
-        poller = select.poll()
-        poller.register(self.rfd, select.POLLIN)
-        #: `poll(0)`: is an answer (or end-of-file) waiting? No exception, one syscall.
-        self.poll = poller.poll
-        self.slot = slot
-        self.frames = wire.FrameReader(wire.FromWorker)
-        #: The batch in flight, and how many of its actions have been answered.
-        self.inflight: list[Job] = _EMPTY
-        self.pos = 0
-        self.seq = 0
-        #: When the action now running started: its predecessor's answer, or the send.
-        self.head_started = 0.0
-        self.ready_at = 0.0
-        #: The reader task while it is parked (nothing to read, or a caller reads for it).
-        self.reader_task: trio.lowlevel.Task | None = None
-        #: A caller on the idle fast path is reading this worker's answers itself.
-        self.borrowed = False
-        self.eof = False
-        #: Frame bytes the pipe did not take yet; a flush task owns them.
-        self.outbuf = b""
-        #: The last batch never reached the worker (the send failed): none of it ran.
-        self.unsent = False
-        #: Takes no more work: exited, or being stopped.
-        self.dead = False
-        #: Why we are stopping it ("timeout", "cancelled", "stopping", "retire", "protocol").
-        self.doom: str | None = None
-        #: The worker asked to be replaced (e.g. its RSS passed the limit).
-        self.retire: str | None = None
-        self.exited = trio.Event()
-
-    @property
-    def busy(self) -> bool:
-        return self.pos < len(self.inflight)
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        assert self.worker is not None
+        return self.worker
 
 
 class Engine:
@@ -169,6 +104,7 @@ class Engine:
         self.size = config.size
         self.max_queue = config.max_queue
         self.idle_spin = config.idle_spin
+        self.max_actions = config.max_actions_per_worker
         # The queue is a list read from `head`: a batch is one slice, not a pop per job.
         self.queue: list[Job] = []
         self.head = 0
@@ -178,8 +114,8 @@ class Engine:
         self.tombstones = 0
         #: About how many queued actions fit in `max_batch_bytes` (learnt from batches).
         self._fits = 64
-        self.idle: list[Worker] = []
-        self.live: set[Worker] = set()
+        self.idle: list[WorkerHandle] = []
+        self.live: set[WorkerHandle] = set()
         self.discard = Discard()
         self.accepting = False
         self.stopping = False
@@ -188,6 +124,8 @@ class Engine:
         self.answers = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.quiet = trio.Event()
+        #: Sessions waiting for a worker of their own, first come first served.
+        self.reservations: deque[Reservation] = deque()
 
     # -- accepting -----------------------------------------------------------------------
 
@@ -255,7 +193,7 @@ class Engine:
         await waiter.wait(lambda: self.cancel(job))
         return waiter.outcome()
 
-    async def _run_borrowed(self, worker: Worker, job: Job, waiter: Waiter) -> Any:
+    async def _run_borrowed(self, worker: WorkerHandle, job: Job, waiter: Waiter) -> Any:
         # The idle fast path: this task sends the action and reads the answer itself, while
         # the worker's reader stays parked. If more work lands on this worker meanwhile, the
         # reader takes over when we leave.
@@ -382,11 +320,14 @@ class Engine:
         """The live jobs in the queue, in order."""
         return [job for job in self.queue[self.head :] if not job.cancelled]
 
-    def send(self, worker: Worker, batch: list[Job], payloads: list[bytes]) -> None:
+    def send(self, worker: WorkerHandle, batch: list[Job], payloads: list[bytes]) -> None:
         worker.inflight = batch
         worker.pos = 0
         worker.seq += 1
         worker.head_started = trio.current_time()
+        worker.timed = any(map(_timeout_of, batch))
+        if worker.timed:
+            self.arm(worker)
         frame = wire.encode_batch(worker.seq, payloads)
         try:
             sent = os.write(worker.wfd, frame)
@@ -403,7 +344,7 @@ class Engine:
         if not worker.borrowed:
             self.unpark(worker)
 
-    async def _flush(self, worker: Worker) -> None:
+    async def _flush(self, worker: WorkerHandle) -> None:
         # Rare: a frame larger than the pipe's free space (a very large action).
         wfd = worker.wfd
         try:
@@ -417,14 +358,15 @@ class Engine:
         except (trio.ClosedResourceError, OSError):
             worker.outbuf = b""
 
-    def unpark(self, worker: Worker) -> None:
+    def unpark(self, worker: WorkerHandle) -> None:
         task = worker.reader_task
         if task is not None:
             worker.reader_task = None
             trio.lowlevel.reschedule(task)
 
-    async def _park(self, worker: Worker) -> None:
+    async def _park(self, worker: WorkerHandle, task_status: Any) -> None:
         worker.reader_task = trio.lowlevel.current_task()
+        task_status.started()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             worker.reader_task = None
@@ -432,8 +374,9 @@ class Engine:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def read(self, worker: Worker) -> None:
-        """The worker's reader task: runs until cancelled by the worker's exit."""
+    async def read(self, worker: WorkerHandle, *, task_status: Any) -> None:
+        """The worker's reader task: runs until cancelled by the worker's exit. Started
+        once it is parked, so that the idle fast path can borrow the worker at once."""
         rfd = worker.rfd
         frames = worker.frames
         readv = os.readv
@@ -444,7 +387,8 @@ class Engine:
         while True:
             if worker.borrowed or worker.eof or not worker.busy:
                 busy_stream = False
-                await self._park(worker)
+                await self._park(worker, task_status)
+                task_status = trio.TASK_STATUS_IGNORED
                 continue
             if not busy_stream:
                 await trio.lowlevel.wait_readable(rfd)
@@ -463,7 +407,7 @@ class Engine:
             if busy_stream:
                 await trio.lowlevel.checkpoint()
 
-    def drain(self, worker: Worker) -> None:
+    def drain(self, worker: WorkerHandle) -> None:
         """After the worker exited: read whatever it wrote before it died."""
         while worker.busy and not worker.unsent:
             try:
@@ -474,7 +418,7 @@ class Engine:
                 return
             self.on_data(worker, n)
 
-    def on_data(self, worker: Worker, n: int) -> None:
+    def on_data(self, worker: WorkerHandle, n: int) -> None:
         try:
             messages = worker.frames.commit(n)
         except wire.ProtocolError as exc:
@@ -512,13 +456,23 @@ class Engine:
         if pos == start:
             return
         worker.pos = pos
-        worker.slot.actions_done += pos - start
-        self.answers += pos - start
+        done = pos - start
+        worker.slot.actions_done += done
+        worker.answered += done
+        self.answers += done
         worker.head_started = trio.current_time()
+        if self.max_actions and worker.answered >= self.max_actions and worker.retire is None:
+            self.request_retire(
+                worker,
+                f"answered {worker.answered} actions "
+                f"(pool.max_actions_per_worker = {self.max_actions})",
+            )
         if pos == len(inflight):
             self._worker_free(worker)
+        elif worker.timed:
+            self.arm(worker)
 
-    def _on_other(self, worker: Worker, m: Any, inflight: list[Job], pos: int) -> int:
+    def _on_other(self, worker: WorkerHandle, m: Any, inflight: list[Job], pos: int) -> int:
         kind = type(m)
         if kind is wire.Raised:
             self.end(
@@ -535,15 +489,25 @@ class Engine:
         if kind is wire.Log:
             log.log(log_level(m.level), m.event, slot=worker.slot.index, pid=worker.pid, **m.fields)
         elif kind is wire.Retire:
-            worker.retire = m.reason
+            self.request_retire(worker, m.reason)
         else:
             self.protocol_violation(worker, f"unexpected {kind.__name__} message")
         return pos
 
-    def _worker_free(self, worker: Worker) -> None:
-        worker.inflight = _EMPTY
+    def _worker_free(self, worker: WorkerHandle) -> None:
+        worker.inflight = EMPTY
         worker.pos = 0
-        if worker.dead:
+        if worker.timed:
+            worker.timed = False
+            self.arm(worker)
+        if worker.dead or worker.reserved:
+            if worker.changed is not None:
+                worker.changed.set()
+            if not self.accepting:
+                self.check_quiet()
+            return
+        if self.reservations:
+            self.reservations.popleft().grant(worker)
             return
         if self.queued:
             self.send(worker, *self.take_batch())
@@ -552,15 +516,95 @@ class Engine:
         if not self.accepting:
             self.check_quiet()
 
-    def add_worker(self, worker: Worker) -> None:
+    def add_worker(self, worker: WorkerHandle) -> None:
         """A worker passed its handshake: it takes work from now on."""
         self.live.add(worker)
-        self.idle.append(worker)
-        self.dispatch()
+        self.make_available(worker)
+
+    def make_available(self, worker: WorkerHandle) -> None:
+        """An idle worker (new, or back from a session) takes work from now on."""
+        if self.reservations:
+            self.reservations.popleft().grant(worker)
+        else:
+            self.idle.append(worker)
+            self.dispatch()
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def reserve(self) -> WorkerHandle:
+        """A worker of one's own: an idle one now, or the next to become free."""
+        self.check_accepting(0)
+        if self.idle:
+            worker = self.idle.pop()
+            worker.reserved = True
+            await trio.lowlevel.checkpoint()
+            return worker
+        reservation = Reservation()
+        self.reservations.append(reservation)
+        try:
+            return await reservation.wait()
+        except BaseException:
+            if reservation in self.reservations:
+                self.reservations.remove(reservation)
+            raise
+
+    def release(self, worker: WorkerHandle) -> None:
+        """Give a session's worker back to the pool."""
+        worker.reserved = False
+        if worker.changed is not None:
+            worker.changed.set()
+        if not worker.dead and not worker.busy:
+            self.make_available(worker)
+
+    async def run_on(self, worker: WorkerHandle, action: Any, timeout: float | None) -> Any:
+        """Run one action on a reserved worker (a session's)."""
+        if worker.dead:
+            raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)
+        payload = self.encode(action)
+        waiter = Waiter()
+        job = Job(payload, waiter, None, self.timeout_for(timeout))
+        self.submitted += 1
+        self.send(worker, [job], [payload])
+        await waiter.wait(lambda: self.cancel(job))
+        return waiter.outcome()
+
+    # -- time limits and recycling -------------------------------------------------------
+
+    def deadline(self, worker: WorkerHandle) -> float:
+        """When the action now running on `worker` passes its time limit (inf: never)."""
+        if worker.pos < len(worker.inflight):
+            limit = worker.inflight[worker.pos].timeout
+            if limit > 0:
+                return worker.head_started + limit
+        return math.inf
+
+    def arm(self, worker: WorkerHandle) -> None:
+        timer = worker.timer
+        if timer is not None:
+            timer.deadline = self.deadline(worker)
+
+    async def watch_deadline(self, worker: WorkerHandle, *, task_status: Any) -> None:
+        """The worker's timer task: kills it when its running action passes its limit."""
+        while True:
+            with trio.CancelScope(deadline=self.deadline(worker)) as timer:
+                worker.timer = timer
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio.sleep_forever()
+            worker.timer = None
+            if not worker.dead and trio.current_time() >= self.deadline(worker):
+                self.time_out(worker)
+                return
+
+    def request_retire(self, worker: WorkerHandle, reason: str) -> None:
+        """Ask for `worker` to be replaced between actions (the supervisor does it)."""
+        if worker.retire is None:
+            worker.retire = reason
+            worker.attention.set()
 
     # -- outcomes ------------------------------------------------------------------------
 
-    def end(self, job: Job, err: ActionError, worker: Worker | None) -> None:
+    def end(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
         if job.sink is not self.discard:
             self.outcomes[err.code] += 1
         job.sink.error(job, err, worker)
@@ -570,7 +614,7 @@ class Engine:
         errors = self.outcomes["handler_error"] + self.outcomes["bad_result"]
         return self.answers - errors - self.discard.answers
 
-    def find_running(self, job: Job) -> Worker | None:
+    def find_running(self, job: Job) -> WorkerHandle | None:
         for worker in self.live:
             if job in worker.inflight[worker.pos :]:
                 return worker
@@ -620,10 +664,10 @@ class Engine:
                     count += 1
         return count
 
-    def on_exit(self, worker: Worker, status: ExitStatus) -> str:
+    def on_exit(self, worker: WorkerHandle, status: ExitStatus) -> str:
         """Give every action still in flight its outcome; returns what it was doing."""
         pending = worker.inflight[worker.pos :]
-        worker.inflight = _EMPTY
+        worker.inflight = EMPTY
         worker.pos = 0
         if not pending:
             return ""
@@ -641,7 +685,7 @@ class Engine:
             self.requeue(requeue)
         return doing
 
-    def _first_unanswered(self, job: Job, worker: Worker, status: ExitStatus) -> bool:
+    def _first_unanswered(self, job: Job, worker: WorkerHandle, status: ExitStatus) -> bool:
         """The outcome of the action a dying worker may have been running; True to retry."""
         if job.sink is self.discard:
             return False  # cancelled or timed out: answered already
@@ -676,7 +720,7 @@ class Engine:
             return False
         return True
 
-    def time_out(self, worker: Worker) -> None:
+    def time_out(self, worker: WorkerHandle) -> None:
         """The action running on `worker` passed its deadline."""
         job = worker.inflight[worker.pos]
         self.end(
@@ -691,31 +735,37 @@ class Engine:
         job.sink = self.discard
         self.kill(worker, "timeout")
 
-    def protocol_violation(self, worker: Worker, why: str) -> None:
+    def protocol_violation(self, worker: WorkerHandle, why: str) -> None:
         # Its protocol state is in doubt: never reuse it.
         log.error("worker.protocol_error", slot=worker.slot.index, pid=worker.pid, error=why)
         worker.eof = True
         self.kill(worker, None)
 
-    def kill(self, worker: Worker, doom: str | None) -> None:
+    def kill(self, worker: WorkerHandle, doom: str | None) -> None:
         """Stop a worker now: SIGTERM, `pool.kill_timeout` to go, then SIGKILL."""
         if worker.doom is None:
             worker.doom = doom
         self.take_out(worker)
         self.nursery.start_soon(self.escalate, worker)
 
-    def take_out(self, worker: Worker) -> None:
+    def take_out(self, worker: WorkerHandle) -> None:
         """No more work for this worker."""
         worker.dead = True
         if worker in self.idle:
             self.idle.remove(worker)
 
-    async def escalate(self, worker: Worker, first: int = signal.SIGTERM) -> None:
-        worker.proc.signal(first)
-        with trio.move_on_after(self.config.kill_timeout):
-            await worker.exited.wait()
-            return
-        worker.proc.signal(signal.SIGKILL)
+    async def escalate(self, worker: WorkerHandle, first: int = signal.SIGTERM) -> None:
+        """Signal `first` (0: none, it was asked to stop already), then every
+        `pool.kill_timeout` escalate: SIGTERM, then SIGKILL."""
+        steps: list[int] = [signal.SIGTERM, signal.SIGKILL]
+        if first:
+            worker.proc.signal(first)
+            steps = steps[steps.index(first) + 1 :] if first in steps else steps
+        for signum in steps:
+            with trio.move_on_after(self.config.kill_timeout):
+                await worker.exited.wait()
+                return
+            worker.proc.signal(signum)
 
     # -- stopping ------------------------------------------------------------------------
 

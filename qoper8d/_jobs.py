@@ -18,7 +18,7 @@ import trio
 from qoper8d.errors import ActionError
 
 if TYPE_CHECKING:
-    from qoper8d._engine import Worker as _Worker
+    from qoper8d._handle import WorkerHandle as _Worker
 
 __all__ = ["Job", "Sink", "Waiter"]
 

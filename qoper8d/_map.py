@@ -20,7 +20,8 @@ from qoper8d._jobs import Job, decode_json, encode_json
 from qoper8d.errors import ActionError, QueueFull
 
 if TYPE_CHECKING:
-    from qoper8d._engine import Engine, Worker
+    from qoper8d._engine import Engine
+    from qoper8d._handle import WorkerHandle
 
 __all__ = ["MapIterator"]
 
@@ -71,13 +72,13 @@ class MapIterator:
 
     # -- the sink side, called by the engine ---------------------------------------------
 
-    def result(self, job: Job, payload: msgspec.Raw, worker: Worker) -> None:
+    def result(self, job: Job, payload: msgspec.Raw, worker: WorkerHandle) -> None:
         self._results[job.tag] = decode_json(payload)
         if job.tag == self._next and self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task)
 
-    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Worker) -> None:
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: WorkerHandle) -> None:
         # One decode for the whole run of results: they are JSON texts, so joined with
         # commas inside brackets they are one JSON array.
         values = decode_json(b"[%b]" % b",".join(payloads))
@@ -86,7 +87,7 @@ class MapIterator:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task)
 
-    def error(self, job: Job, err: ActionError, worker: Worker | None) -> None:
+    def error(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
         self._results[job.tag] = _Failed(err)
         if job.tag == self._next and self._task is not None:
             task, self._task = self._task, None

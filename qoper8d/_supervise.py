@@ -6,12 +6,18 @@ through its pidfd — no polling. On exit it reads whatever the worker wrote bef
 lets the engine give each action in flight its outcome, logs one `worker.exit` event, and
 starts a replacement in the same slot: at once after a stable run, with capped exponential
 backoff when the slot keeps crashing, and not at all once the pool-wide restart intensity is
-exceeded. Intentional stops (timeouts, cancellations, recycling, shutdown) never count as
-crashes.
+exceeded. Intentional stops (timeouts, cancellations, recycling, scaling down, shutdown)
+never count as crashes.
+
+Each worker is served by its own task (reader, deadline timer, exit watch) in its slot's
+nursery, so a slot can hold two workers for a moment: recycling starts the replacement,
+swaps it in as soon as it is ready, and only then lets the old worker finish its batch,
+run `teardown()` and exit. One slot recycles at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import Any
@@ -20,7 +26,8 @@ import structlog
 import trio
 
 from qoper8d import wire
-from qoper8d._engine import Engine, Worker, log_level
+from qoper8d._engine import Engine, log_level
+from qoper8d._handle import WorkerHandle
 from qoper8d._output import pump_output
 from qoper8d._policy import Backoff, RestartIntensity
 from qoper8d._process import ExitStatus, Launcher
@@ -39,7 +46,7 @@ class Slot:
 
     def __init__(self, index: int, supervisor: SupervisorConfig) -> None:
         self.index = index
-        self.worker: Worker | None = None
+        self.worker: WorkerHandle | None = None
         #: "starting", "running", "backoff" or "stopped" (idle/busy come from the worker).
         self.state = "starting"
         self.actions_done = 0
@@ -52,7 +59,12 @@ class _HandshakeEOF(Exception):
     """The worker closed its channel before the handshake."""
 
 
-def _close_channel(worker: Worker) -> None:
+async def _changed(worker: WorkerHandle) -> None:
+    worker.changed = trio.Event()
+    await worker.changed.wait()
+
+
+def _close_channel(worker: WorkerHandle) -> None:
     # Wake, with ClosedResourceError, any task still waiting on these descriptors.
     for fd in (worker.rfd, worker.wfd):
         trio.lowlevel.notify_closing(fd)
@@ -72,35 +84,141 @@ class Supervisor:
         self.config = config
         self.spec = spec
         self.slots: list[Slot] = []
+        self.recycling = trio.Lock()
         self.intensity = RestartIntensity(config)
         self.restarts = 0
         self.failure: BaseException | None = None
 
     def new_slot(self) -> Slot:
-        slot = Slot(len(self.slots), self.config)
+        """A slot with the lowest free number."""
+        used = {slot.index for slot in self.slots}
+        slot = Slot(min(set(range(len(used) + 1)) - used), self.config)
         self.slots.append(slot)
+        self.slots.sort(key=lambda s: s.index)
         return slot
 
     async def serve_slot(self, slot: Slot, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a worker running in `slot` until the pool stops or the slot is retired."""
-        engine = self.engine
         first = True
-        while not (engine.stopping or slot.retired):
-            try:
-                worker = await self._start_worker(slot)
-            except WorkerStartError as exc:
-                if first:
-                    raise
-                log.error("worker.start_failed", slot=slot.index, error=exc.message)
-                await self._after_crash(slot, ran_for=0.0)
-                continue
-            if first:
-                first = False
+        try:
+            async with trio.open_nursery() as nursery:
+                while not self._leaving(slot):
+                    try:
+                        new = await self._start_worker(slot)
+                    except WorkerStartError as exc:
+                        if first:
+                            raise
+                        log.error("worker.start_failed", slot=slot.index, error=exc.message)
+                        await self._after_crash(slot, ran_for=0.0)
+                        continue
+                    await self._install(new, nursery)
+                    if first:
+                        first = False
+                        task_status.started()
+                    if self._leaving(slot):  # scaled down while it started
+                        nursery.start_soon(self.retire, new, "scaled down")
+                    worker: WorkerHandle | None = new
+                    while worker is not None:
+                        await worker.attention.wait()
+                        if worker.exited.is_set():
+                            if worker.crashed and not self._leaving(slot):
+                                ran_for = trio.current_time() - worker.ready_at
+                                await self._after_crash(slot, ran_for)
+                            worker = None
+                        else:
+                            worker = await self._recycle(worker, nursery)
+        finally:
+            slot.state = "stopped"
+            slot.worker = None
+            if slot.retired and slot in self.slots:
+                self.slots.remove(slot)
+
+    def _leaving(self, slot: Slot) -> bool:
+        return self.engine.stopping or slot.retired
+
+    async def _install(self, worker: WorkerHandle, nursery: trio.Nursery) -> None:
+        """The worker serves from now on: its tasks run and the engine may use it."""
+        slot = worker.slot
+        slot.worker = worker
+        slot.state = "running"
+        await nursery.start(self._serve_worker, worker)
+
+    async def _serve_worker(self, worker: WorkerHandle, *, task_status: Any) -> None:
+        """Read its answers, enforce its deadlines, wait for its exit, account for it."""
+        engine = self.engine
+        try:
+            async with trio.open_nursery() as tasks:
+                await tasks.start(engine.watch_deadline, worker)
+                await tasks.start(engine.read, worker)
+                engine.add_worker(worker)
                 task_status.started()
-            crashed = await self._run_worker(worker)
-            if crashed and not (engine.stopping or slot.retired):
-                await self._after_crash(slot, ran_for=trio.current_time() - worker.ready_at)
-        slot.state = "stopped"
+                status = await worker.proc.wait()
+                tasks.cancel_scope.cancel()
+        except BaseException:
+            # Torn down from outside (the pool is failing): the process must not outlive us.
+            worker.proc.signal(signal.SIGKILL)
+            with trio.CancelScope(shield=True):
+                status = await worker.proc.wait()
+            self._account(worker, status)
+            raise
+        self._account(worker, status)
+
+    async def _recycle(self, old: WorkerHandle, nursery: trio.Nursery) -> WorkerHandle:
+        """Replace `old`, which asked to retire: the new worker serves before the old leaves."""
+        slot = old.slot
+        async with self.recycling:
+            if old.exited.is_set() or self.engine.stopping or slot.retired:
+                return old
+            log.info("worker.recycle", slot=slot.index, pid=old.pid, reason=old.retire)
+            try:
+                new = await self._start_worker(slot)
+            except WorkerStartError as exc:
+                log.error("worker.recycle_failed", slot=slot.index, pid=old.pid, error=exc.message)
+                if not old.exited.is_set():
+                    old.attention = trio.Event()  # it keeps serving; it will not ask again
+                return old
+            await self._install(new, nursery)
+            await self.retire(old, "retired")
+        return new
+
+    async def retire(self, worker: WorkerHandle, doom: str) -> None:
+        """Stop a worker between actions: no new work; its batch ends; `teardown()`; exit."""
+        engine = self.engine
+        # A session keeps its worker to the end of its block.
+        while worker.reserved and not worker.exited.is_set():
+            await _changed(worker)
+        engine.take_out(worker)
+        if worker.doom is None:
+            worker.doom = doom
+        while worker.busy and not worker.exited.is_set():
+            await _changed(worker)
+        if not worker.exited.is_set():
+            with contextlib.suppress(OSError):
+                os.write(worker.wfd, wire.encode_frame(wire.Stop()))
+            await engine.escalate(worker, first=0)
+
+    async def scale(self, size: int, nursery: trio.Nursery) -> None:
+        """Grow to `size` slots (returns when the new ones serve) or shrink (returns at once:
+        idle workers leave first, busy ones after their batch; none is killed)."""
+        engine = self.engine
+        live = [slot for slot in self.slots if not slot.retired]
+        engine.size = size
+        if size > len(live):
+            async with trio.open_nursery() as starting:
+                for _ in range(size - len(live)):
+                    starting.start_soon(nursery.start, self.serve_slot, self.new_slot())
+        elif size < len(live):
+
+            def busy_last(slot: Slot) -> tuple[bool, int]:
+                worker = slot.worker
+                serving = worker is not None and slot.state == "running"
+                return (serving and worker is not None and worker.busy, -slot.index)
+
+            for slot in sorted(live, key=busy_last)[: len(live) - size]:
+                slot.retired = True
+                if slot.worker is not None and slot.state == "running":
+                    nursery.start_soon(self.retire, slot.worker, "scaled down")
+            await trio.lowlevel.checkpoint()
 
     async def _after_crash(self, slot: Slot, ran_for: float) -> None:
         slot.restarts += 1
@@ -135,12 +253,13 @@ class Supervisor:
         for worker in list(engine.live):
             engine.kill(worker, "stopping")
 
-    async def _start_worker(self, slot: Slot) -> Worker:
-        slot.state = "starting"
-        slot.worker = None
+    async def _start_worker(self, slot: Slot) -> WorkerHandle:
+        if slot.worker is None or slot.worker.exited.is_set():
+            slot.state = "starting"
+            slot.worker = None
         launched = trio.current_time()
         proc = await self.launcher.launch(self.spec)
-        worker = Worker(proc, slot)
+        worker = WorkerHandle(proc, slot)
         cfg = self.engine.config
         for stream, fd in proc.output.items():
             self.engine.nursery.start_soon(
@@ -168,8 +287,6 @@ class Supervisor:
                 raise WorkerStartError(f"the worker in slot {slot.index}: {exc}") from None
             raise
         worker.ready_at = trio.current_time()
-        slot.worker = worker
-        slot.state = "running"
         log.info(
             "worker.ready",
             slot=slot.index,
@@ -178,7 +295,7 @@ class Supervisor:
         )
         return worker
 
-    async def _handshake(self, worker: Worker) -> None:
+    async def _handshake(self, worker: WorkerHandle) -> None:
         rfd = worker.rfd
         while True:
             await trio.lowlevel.wait_readable(rfd)
@@ -210,25 +327,7 @@ class Supervisor:
                 else:
                     raise wire.ProtocolError(f"unexpected {type(m).__name__} before Ready")
 
-    async def _run_worker(self, worker: Worker) -> bool:
-        """Serve until the worker exits; account for it. True if it crashed."""
-        engine = self.engine
-        engine.add_worker(worker)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(engine.read, worker)
-                status = await worker.proc.wait()
-                nursery.cancel_scope.cancel()
-        except BaseException:
-            # Torn down from outside (the pool is failing): the process must not outlive us.
-            worker.proc.signal(signal.SIGKILL)
-            with trio.CancelScope(shield=True):
-                status = await worker.proc.wait()
-            self._account(worker, status)
-            raise
-        return self._account(worker, status)
-
-    def _account(self, worker: Worker, status: ExitStatus) -> bool:
+    def _account(self, worker: WorkerHandle, status: ExitStatus) -> None:
         """The process is gone: read what it wrote, give each action its outcome, log it."""
         engine = self.engine
         engine.take_out(worker)
@@ -236,8 +335,12 @@ class Supervisor:
         _close_channel(worker)
         engine.live.discard(worker)
         crashed = worker.doom is None and not engine.stopping
+        worker.crashed = crashed
         doing = engine.on_exit(worker, status)
         worker.exited.set()
+        worker.attention.set()
+        if worker.changed is not None:
+            worker.changed.set()
         log.log(
             log_level("error" if crashed else "info"),
             "worker.exit",
@@ -254,7 +357,6 @@ class Supervisor:
             engine.dispatch()
         if not engine.accepting:
             engine.check_quiet()
-        return crashed
 
     # -- stopping ------------------------------------------------------------------------
 
