@@ -38,7 +38,7 @@ from qoper8d.errors import (
 
 if TYPE_CHECKING:
     from qoper8d.config import PoolConfig, SupervisorConfig
-    from qoper8d.pool import Pool, open_pool
+    from qoper8d.pool import Pool, Session, open_pool
     from qoper8d.stats import PoolStatistics, WorkerStatistics
 
 __version__ = "0.1.0"
@@ -66,6 +66,7 @@ __all__ = [
     "QueueFull",
     "RequestError",
     "RestartIntensityExceeded",
+    "Session",
     "ShuttingDown",
     "SupervisorConfig",
     "TooLarge",
@@ -80,6 +81,7 @@ __all__ = [
 _LAZY = {
     "open_pool": "qoper8d.pool",
     "Pool": "qoper8d.pool",
+    "Session": "qoper8d.pool",
     "PoolConfig": "qoper8d.config",
     "SupervisorConfig": "qoper8d.config",
     "PoolStatistics": "qoper8d.stats",

@@ -118,6 +118,8 @@ class Engine:
         self.live: set[WorkerHandle] = set()
         self.discard = Discard()
         self.accepting = False
+        #: Intake is closed but accepted work (and its follow-ups) runs to its end.
+        self.draining = False
         self.stopping = False
         self.submitted = 0
         #: Answers read from workers (results and handler errors alike).
@@ -135,8 +137,10 @@ class Engine:
         except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"the action is not JSON-compatible: {exc}") from None
 
-    def check_accepting(self, count: int = 1) -> None:
-        if not self.accepting:
+    def check_accepting(self, count: int = 1, *, follow_up: bool = False) -> None:
+        """Raise unless `count` more actions may be queued now. A `follow_up` (queued by
+        the callback of an accepted action) is still taken while the pool drains."""
+        if not self.accepting and not (follow_up and self.draining and not self.stopping):
             if self.stopping or self.queued or self.live:
                 raise ShuttingDown("the pool is shutting down and takes no new actions")
             raise PoolClosed("the pool is not running")
@@ -153,8 +157,16 @@ class Engine:
             raise BadRequest(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
         return float(timeout)
 
-    def submit(self, payload: bytes, sink: Sink, tag: Any, timeout: float | None) -> Job:
-        self.check_accepting()
+    def submit(
+        self,
+        payload: bytes,
+        sink: Sink,
+        tag: Any,
+        timeout: float | None,
+        *,
+        follow_up: bool = False,
+    ) -> Job:
+        self.check_accepting(follow_up=follow_up)
         job = Job(payload, sink, tag, self.timeout_for(timeout))
         self.submitted += 1
         self.queue.append(job)
@@ -245,13 +257,18 @@ class Engine:
     def dispatch(self) -> None:
         idle = self.idle
         while idle and self.queued:
-            self.send(idle.pop(), *self.take_batch())
+            worker = idle.pop()
+            self.send(worker, *self.take_batch(self.allowance(worker)))
 
-    def take_batch(self) -> tuple[list[Job], list[bytes]]:
-        """Take the next batch off the queue (`queued` must be > 0): jobs and payloads."""
+    def allowance(self, worker: WorkerHandle) -> int:
+        """How many more actions `worker` may run (`pool.max_actions_per_worker`)."""
+        return self.max_actions - worker.answered if self.max_actions else self.max_queue
+
+    def take_batch(self, most: int) -> tuple[list[Job], list[bytes]]:
+        """Take the next batch, of at most `most` jobs, off the queue (`queued` must be > 0)."""
         # This worker's share of the queue: a shallow queue spreads one action per worker,
         # a deep one fills batches up to max_batch_bytes. All per-job work is C-level.
-        want = -(-self.queued // self.size)
+        want = min(-(-self.queued // self.size), most)
         queue = self.queue
         head = self.head
         if self.tombstones:
@@ -449,6 +466,7 @@ class Engine:
                         job.sink.result(job, m.result, worker)
                     else:
                         pos = self._on_other(worker, m, inflight, pos)
+                        inflight = worker.inflight  # a Retire cuts the batch short
         except IndexError:
             worker.pos = pos
             self.protocol_violation(worker, "an answer with no action in flight")
@@ -462,6 +480,7 @@ class Engine:
         self.answers += done
         worker.head_started = trio.current_time()
         if self.max_actions and worker.answered >= self.max_actions and worker.retire is None:
+            worker.dead = True  # spent: no more work; it leaves when its turn to recycle comes
             self.request_retire(
                 worker,
                 f"answered {worker.answered} actions "
@@ -489,6 +508,14 @@ class Engine:
         if kind is wire.Log:
             log.log(log_level(m.level), m.event, slot=worker.slot.index, pid=worker.pid, **m.fields)
         elif kind is wire.Retire:
+            # The worker stops here: the rest of its batch never started and goes back to
+            # the head of the queue; it takes no more work and is replaced.
+            rest = [job for job in inflight[pos:] if job.sink is not self.discard]
+            worker.inflight = inflight[:pos]
+            worker.dead = True
+            if rest:
+                self.requeue(rest)
+                self.dispatch()
             self.request_retire(worker, m.reason)
         else:
             self.protocol_violation(worker, f"unexpected {kind.__name__} message")
@@ -510,7 +537,7 @@ class Engine:
             self.reservations.popleft().grant(worker)
             return
         if self.queued:
-            self.send(worker, *self.take_batch())
+            self.send(worker, *self.take_batch(self.allowance(worker)))
             return
         self.idle.append(worker)
         if not self.accepting:
@@ -558,7 +585,7 @@ class Engine:
 
     async def run_on(self, worker: WorkerHandle, action: Any, timeout: float | None) -> Any:
         """Run one action on a reserved worker (a session's)."""
-        if worker.dead:
+        if worker.exited.is_set() or worker.doom is not None:
             raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)
         payload = self.encode(action)
         waiter = Waiter()

@@ -42,7 +42,16 @@ log = structlog.get_logger("qoper8d.pool")
 class Slot:
     """A place in the pool: stable number, counters, and the worker it runs now."""
 
-    __slots__ = ("actions_done", "backoff", "index", "restarts", "retired", "state", "worker")
+    __slots__ = (
+        "actions_done",
+        "backoff",
+        "gone",
+        "index",
+        "restarts",
+        "retired",
+        "state",
+        "worker",
+    )
 
     def __init__(self, index: int, supervisor: SupervisorConfig) -> None:
         self.index = index
@@ -53,6 +62,8 @@ class Slot:
         self.restarts = 0
         self.backoff = Backoff(supervisor)
         self.retired = False
+        #: Set once the slot's task has ended.
+        self.gone = trio.Event()
 
 
 class _HandshakeEOF(Exception):
@@ -132,6 +143,7 @@ class Supervisor:
             slot.worker = None
             if slot.retired and slot in self.slots:
                 self.slots.remove(slot)
+            slot.gone.set()
 
     def _leaving(self, slot: Slot) -> bool:
         return self.engine.stopping or slot.retired
@@ -198,8 +210,9 @@ class Supervisor:
             await engine.escalate(worker, first=0)
 
     async def scale(self, size: int, nursery: trio.Nursery) -> None:
-        """Grow to `size` slots (returns when the new ones serve) or shrink (returns at once:
-        idle workers leave first, busy ones after their batch; none is killed)."""
+        """Grow to `size` slots or shrink to it; returns when the pool has that size: the new
+        workers serve, or the retired ones have left (idle ones first, busy ones after their
+        batch; none is killed)."""
         engine = self.engine
         live = [slot for slot in self.slots if not slot.retired]
         engine.size = size
@@ -214,11 +227,15 @@ class Supervisor:
                 serving = worker is not None and slot.state == "running"
                 return (serving and worker is not None and worker.busy, -slot.index)
 
-            for slot in sorted(live, key=busy_last)[: len(live) - size]:
-                slot.retired = True
-                if slot.worker is not None and slot.state == "running":
-                    nursery.start_soon(self.retire, slot.worker, "scaled down")
-            await trio.lowlevel.checkpoint()
+            leaving = sorted(live, key=busy_last)[: len(live) - size]
+            async with trio.open_nursery() as retiring:
+                for slot in leaving:
+                    slot.retired = True
+                    if slot.worker is not None and slot.state == "running":
+                        retiring.start_soon(self.retire, slot.worker, "scaled down")
+            for slot in leaving:
+                await slot.gone.wait()
+        await trio.lowlevel.checkpoint()
 
     async def _after_crash(self, slot: Slot, ran_for: float) -> None:
         slot.restarts += 1

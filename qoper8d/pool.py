@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import msgspec
 import trio
 
 from qoper8d import wire
+from qoper8d._classic import Callbacks, OnResponse, Session, open_session
 from qoper8d._engine import Engine
 from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
@@ -28,7 +29,7 @@ from qoper8d.config import PoolConfig, SupervisorConfig
 from qoper8d.errors import BadRequest
 from qoper8d.stats import PoolStatistics, WorkerStatistics
 
-__all__ = ["MapIterator", "Pool", "open_pool"]
+__all__ = ["MapIterator", "Pool", "Session", "open_pool"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -36,11 +37,14 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 class Pool:
     """A running pool. Get one from `open_pool()`; use it from the trio run that opened it."""
 
-    def __init__(self, engine: Engine, supervisor: Supervisor) -> None:
+    def __init__(self, engine: Engine, supervisor: Supervisor, launcher: Launcher) -> None:
         self._engine = engine
         self._supervisor = supervisor
+        self._launcher = launcher
+        self._callbacks = Callbacks(engine)
         self._state = "starting"
         self._started_at = trio.current_time()
+        self._stopped: trio.Event | None = None
 
     @property
     def config(self) -> PoolConfig:
@@ -94,6 +98,69 @@ class Pool:
     def cancel(self, handle: Any) -> None:
         """Cancel an action queued with `submit_nowait()` (no-op once it has ended)."""
         self._engine.cancel(handle)
+
+    def add_to_queue(self, request: dict[str, Any], on_response: OnResponse) -> None:
+        """Q-Oper8's way: queue `request["action"]`; the rest of `request` stays here.
+
+        `on_response(request, result, pid)` — sync or async — runs in this process once the
+        action ends: `result` is the handler's result, or the `ActionError` it ended with
+        (`pid` is None if it never ran). Callbacks run one at a time in a task of the pool
+        and may queue more actions; one that raises is logged (`pool.on_response_failed`).
+        Raises `QueueFull` or `ShuttingDown` at once.
+        """
+        self._callbacks.add(request, on_response)
+
+    def session(self) -> AbstractAsyncContextManager[Session]:
+        """Reserve one worker for a sequence of actions: `async with pool.session() as w:
+        await w.run(a); await w.run(b)` runs both on the same process (`w.pid`). Waits for
+        a free worker (ahead of queued actions); the worker goes back to the pool when the
+        block ends, however it ends."""
+        return open_session(self._engine)
+
+    async def scale(self, size: int) -> None:
+        """Change the number of workers. Growing returns once the new workers serve, without
+        touching the others; shrinking retires idle workers first, busy ones only after
+        their batch — no action is killed or lost — and returns at once."""
+        if not 1 <= size <= 1024:
+            raise BadRequest(f"size must be from 1 to 1024, not {size!r}")
+        self._engine.check_accepting(0)
+        await self._supervisor.scale(size, self._engine.nursery)
+
+    async def drain(self) -> None:
+        """Stop intake (new actions end `shutting_down`) and return once every accepted
+        action has ended and its callback, if any, has run. Workers stay up until `stop()`
+        or the end of the `open_pool` block."""
+        engine = self._engine
+        engine.accepting = False
+        engine.draining = True
+        if self._state == "running":
+            self._state = "draining"
+        while True:
+            engine.quiet = trio.Event()
+            engine.check_quiet()
+            await engine.quiet.wait()
+            if not self._callbacks.outstanding:
+                return
+            await self._callbacks.settled()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop now, gracefully: refuse new actions, give queued and running ones `grace`
+        seconds (default `pool.grace_period`) to finish, end what is left `shutting_down`,
+        stop the workers (`teardown()`, then SIGTERM, then SIGKILL). Idempotent."""
+        await self._shutdown(self.config.grace_period if grace is None else grace)
+
+    async def _shutdown(self, grace: float) -> None:
+        if self._stopped is not None:
+            await self._stopped.wait()
+            return
+        self._stopped = trio.Event()
+        with trio.CancelScope(shield=True):
+            if self._state == "running":
+                self._state = "draining"
+            await self._supervisor.stop(grace)
+            await self._launcher.aclose()
+            self._state = "failed" if self._supervisor.failure is not None else "stopped"
+        self._stopped.set()
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool and every slot (see `PoolStatistics`)."""
@@ -205,7 +272,7 @@ async def open_pool(
         async with trio.open_nursery() as nursery:
             engine = Engine(cfg, nursery)
             sup = Supervisor(engine, launcher, sup_cfg, spec)
-            pool = Pool(engine, sup)
+            pool = Pool(engine, sup, launcher)
             clean = False
             try:
                 await launcher.start(nursery)
@@ -217,14 +284,7 @@ async def open_pool(
                 yield pool
                 clean = True
             finally:
-                with trio.CancelScope(shield=True):
-                    if clean and sup.failure is None:
-                        pool._state = "draining"
-                        await sup.stop(cfg.grace_period)
-                    else:
-                        await sup.stop(0)
-                    await launcher.aclose()
-                    pool._state = "failed" if sup.failure is not None else "stopped"
+                await pool._shutdown(cfg.grace_period if clean and sup.failure is None else 0)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _single(group) from None

@@ -183,6 +183,25 @@ class _Runner:
         self.channel = channel
         self.max_rss = spec.max_rss_bytes
         self.encode = msgspec.json.Encoder().encode
+        #: Called after each action while a memory limit applies and was not yet reported.
+        self.check_rss: Callable[[], bool] | None = self._check_rss if self.max_rss else None
+        #: It sent `Retire`: it runs nothing more and waits to be stopped.
+        self.retired = False
+
+    def _check_rss(self) -> bool:
+        """True once the worker is over its memory limit: it has said so and stops here."""
+        rss = _rss_bytes()
+        if rss <= self.max_rss:
+            return False
+        # The rest of the batch is not run: the master puts it back on the queue and
+        # replaces this worker.
+        self.channel.send(
+            wire.Retire(
+                f"rss {rss >> 20} MiB over pool.max_worker_rss_mb ({self.max_rss >> 20} MiB)"
+            )
+        )
+        self.retired = True
+        return True
 
     def answer(self, result: Any) -> bytes:
         try:
@@ -195,10 +214,10 @@ class _Runner:
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
             sys.stderr.flush()
-        if self.max_rss and _rss_bytes() > self.max_rss:
-            self.channel.send(wire.Retire(f"rss over {self.max_rss} bytes"))
 
     def run_sync(self, batch: wire.Batch) -> None:
+        if self.retired:
+            return
         write = self.channel.write
         answer = self.answer
         pick = self.handlers.pick
@@ -209,9 +228,13 @@ class _Runner:
                 write(wire.encode_frame(wire.Raised(*_describe(exc))))
             else:
                 write(answer(result))
+            if self.check_rss is not None and self.check_rss():
+                break
         self.after_batch()
 
     async def run_async(self, batch: wire.Batch) -> None:
+        if self.retired:
+            return
         write = self.channel.write
         for action in batch.actions:
             try:
@@ -222,6 +245,8 @@ class _Runner:
                 write(wire.encode_frame(wire.Raised(*_describe(exc))))
             else:
                 write(self.answer(result))
+            if self.check_rss is not None and self.check_rss():
+                break
         self.after_batch()
 
 

@@ -1,0 +1,154 @@
+"""Q-Oper8's master-side API: `add_to_queue(request, on_response)` and worker sessions.
+
+In Q-Oper8 a request was an object whose `action` went to the child while everything else
+stayed in the master, and `onResponse` ran in the master with the response and the child's
+pid. Here the callbacks run in one task of the pool, a batch of answers at a time, so a slow
+or failing callback never holds up reading answers; a callback may queue more actions.
+
+Q-Oper8 also let a handler keep its child reserved and release it by hand. A session is that,
+made safe: `async with pool.session() as worker` reserves one worker for a sequence of
+actions and gives it back when the block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+import trio
+
+from qoper8d._jobs import Job, decode_json
+from qoper8d.errors import ActionError, BadRequest
+
+if TYPE_CHECKING:
+    from qoper8d._engine import Engine
+    from qoper8d._handle import WorkerHandle
+
+__all__ = ["Callbacks", "OnResponse", "Session", "open_session"]
+
+log = structlog.get_logger("qoper8d.pool")
+
+#: `on_response(request, result, pid)`: `result` is the handler's result, or the
+#: `ActionError` the action ended with; `pid` is the worker's, None if it never ran.
+OnResponse = Callable[[dict[str, Any], Any, "int | None"], Any]
+
+
+class Callbacks:
+    """The sink of every `add_to_queue` action, and the task that runs their callbacks."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pending: deque[tuple[Job, Any, int | None]] = deque()
+        self._task: trio.lowlevel.Task | None = None
+        self._runner: trio.lowlevel.Task | None = None
+        self._started = False
+        #: Actions queued here whose callbacks have not finished yet.
+        self.outstanding = 0
+        self._settled = trio.Event()
+
+    async def settled(self) -> None:
+        """Return once no action queued here is waiting for its callback."""
+        if self.outstanding:
+            self._settled = trio.Event()
+            await self._settled.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def add(self, request: dict[str, Any], on_response: OnResponse) -> None:
+        if not isinstance(request, dict) or "action" not in request:
+            raise BadRequest('add_to_queue needs a dict request with an "action" key')
+        payload = self._engine.encode(request["action"])
+        if not self._started:
+            self._started = True
+            self._engine.nursery.start_soon(self._run)
+        # Called from a callback: a follow-up of accepted work, still taken while draining.
+        follow_up = trio.lowlevel.current_task() is self._runner
+        self._engine.submit(payload, self, (request, on_response), None, follow_up=follow_up)
+        self.outstanding += 1
+
+    # -- the sink side: store and wake, nothing more ---------------------------------------
+
+    def result(self, job: Job, payload: msgspec.Raw, worker: WorkerHandle) -> None:
+        self._pending.append((job, payload, worker.pid))
+        self._wake()
+
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: WorkerHandle) -> None:
+        self._pending.extend(zip(jobs, payloads, [worker.pid] * len(jobs), strict=True))
+        self._wake()
+
+    def error(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
+        self._pending.append((job, err, worker.pid if worker is not None else None))
+        self._wake()
+
+    def _wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    # -- the runner --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self._runner = trio.lowlevel.current_task()
+        pending = self._pending
+        while True:
+            if not pending:
+                self._task = trio.lowlevel.current_task()
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    self._task = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                continue
+            job, outcome, pid = pending.popleft()
+            request, on_response = job.tag
+            result = outcome if isinstance(outcome, ActionError) else decode_json(outcome)
+            try:
+                done = on_response(request, result, pid)
+                if inspect.isawaitable(done):
+                    await done
+            except Exception as exc:
+                log.error(
+                    "pool.on_response_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    action=str(request.get("action"))[:200],
+                    exc_info=exc,
+                )
+            finally:
+                self.outstanding -= 1
+                if not self.outstanding:
+                    self._settled.set()
+            await trio.lowlevel.checkpoint()
+
+
+class Session:
+    """A worker of one's own, for a sequence of actions (see `Pool.session()`)."""
+
+    def __init__(self, engine: Engine, worker: WorkerHandle) -> None:
+        self._engine = engine
+        self._worker = worker
+
+    @property
+    def pid(self) -> int:
+        """The pid of the session's worker."""
+        return self._worker.pid
+
+    async def run(self, action: Any, *, timeout: float | None = None) -> Any:
+        """Run one action on the session's worker; as `Pool.run`. Once the worker has died,
+        every further call raises `WorkerLost` without running anything."""
+        return await self._engine.run_on(self._worker, action, timeout)
+
+
+@asynccontextmanager
+async def open_session(engine: Engine) -> AsyncIterator[Session]:
+    worker = await engine.reserve()
+    try:
+        yield Session(engine, worker)
+    finally:
+        engine.release(worker)
