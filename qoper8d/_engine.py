@@ -59,6 +59,8 @@ _timeout_of = attrgetter("timeout")
 _ONLY_DONE = {wire.Done}
 #: Compact the queue list once this many taken jobs sit before its head.
 _COMPACT = 4096
+#: About how much work (seconds of actions) one batch should hold at most.
+_BATCH_SECONDS = 0.01
 #: A read at least this long means answers are streaming in: read again before waiting.
 _BUSY_READ = 1024
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -99,12 +101,9 @@ class Engine:
     """Queue, dispatch, answers and outcomes. The supervisor owns the processes."""
 
     def __init__(self, config: PoolConfig, nursery: trio.Nursery) -> None:
-        self.config = config
         self.nursery = nursery
         self.size = config.size
-        self.max_queue = config.max_queue
-        self.idle_spin = config.idle_spin
-        self.max_actions = config.max_actions_per_worker
+        self.configure(config)
         # The queue is a list read from `head`: a batch is one slice, not a pop per job.
         self.queue: list[Job] = []
         self.head = 0
@@ -114,6 +113,8 @@ class Engine:
         self.tombstones = 0
         #: About how many queued actions fit in `max_batch_bytes` (learnt from batches).
         self._fits = 64
+        #: Seconds an action takes, smoothed over recent answers (caps batch lengths).
+        self.action_seconds = 0.0
         self.idle: list[WorkerHandle] = []
         self.live: set[WorkerHandle] = set()
         self.discard = Discard()
@@ -128,6 +129,13 @@ class Engine:
         self.quiet = trio.Event()
         #: Sessions waiting for a worker of their own, first come first served.
         self.reservations: deque[Reservation] = deque()
+
+    def configure(self, config: PoolConfig) -> None:
+        """Use new settings from now on (the size changes through the supervisor)."""
+        self.config = config
+        self.max_queue = config.max_queue
+        self.idle_spin = config.idle_spin
+        self.max_actions = config.max_actions_per_worker
 
     # -- accepting -----------------------------------------------------------------------
 
@@ -269,6 +277,11 @@ class Engine:
         # This worker's share of the queue: a shallow queue spreads one action per worker,
         # a deep one fills batches up to max_batch_bytes. All per-job work is C-level.
         want = min(-(-self.queued // self.size), most)
+        if self.action_seconds > _BATCH_SECONDS:
+            want = 1
+        elif self.action_seconds * want > _BATCH_SECONDS:
+            # Slow actions gain nothing from batching and would wait behind each other.
+            want = max(1, int(_BATCH_SECONDS / self.action_seconds))
         queue = self.queue
         head = self.head
         if self.tombstones:
@@ -478,7 +491,11 @@ class Engine:
         worker.slot.actions_done += done
         worker.answered += done
         self.answers += done
-        worker.head_started = trio.current_time()
+        now = trio.current_time()
+        # How long an action takes, smoothed: the time since this worker's previous answers
+        # (or the send) shared among the answers of this read.
+        self.action_seconds += ((now - worker.head_started) / done - self.action_seconds) * 0.1
+        worker.head_started = now
         if self.max_actions and worker.answered >= self.max_actions and worker.retire is None:
             worker.dead = True  # spent: no more work; it leaves when its turn to recycle comes
             self.request_retire(
@@ -689,6 +706,8 @@ class Engine:
                     job.sink = self.discard
                     self.outcomes["cancelled"] += 1
                     count += 1
+        if not self.accepting:
+            self.check_quiet()
         return count
 
     def on_exit(self, worker: WorkerHandle, status: ExitStatus) -> str:
@@ -738,7 +757,7 @@ class Engine:
                 worker,
             )
             return False
-        if job.runs >= cfg.max_attempts:
+        if job.runs >= (job.max_attempts or cfg.max_attempts):
             self.end(
                 job,
                 WorkerLost(f"worker {worker.pid} died running the action ({status})", **details),
@@ -797,8 +816,16 @@ class Engine:
     # -- stopping ------------------------------------------------------------------------
 
     def check_quiet(self) -> None:
-        if not self.queued and not any(w.busy for w in self.live):
-            self.quiet.set()
+        """Set `quiet` once every accepted action has its outcome: nothing queued, and
+        nothing in flight but answers nobody waits for (cancelled, timed out, withdrawn)."""
+        if self.queued:
+            return
+        discard = self.discard
+        for worker in self.live:
+            for job in worker.inflight[worker.pos :]:
+                if job.sink is not discard:
+                    return
+        self.quiet.set()
 
     def end_queued(self, message: str) -> None:
         jobs = self.queued_jobs()

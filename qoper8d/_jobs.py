@@ -57,6 +57,8 @@ class Job(msgspec.Struct, gc=False):
     deaths: int = 0
     #: Taken out of the queue: dispatch skips it (the queue is cleaned lazily).
     cancelled: bool = False
+    #: Runs allowed after worker deaths, for this job; 0: `pool.max_attempts`.
+    max_attempts: int = 0
 
 
 class Waiter:

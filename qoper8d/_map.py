@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["MapIterator"]
 
 _MISSING: Any = object()
+#: The most actions one step of the iterator encodes and queues.
+_REFILL = 16384
 
 
 class _Failed:
@@ -103,7 +105,8 @@ class MapIterator:
         outstanding = self._issued - self._next
         room = self._window - outstanding
         engine.check_accepting(0)
-        room = min(room, engine.config.max_queue - engine.queued)
+        # In slices, so that a huge window never holds the event loop for long.
+        room = min(room, engine.config.max_queue - engine.queued, _REFILL)
         if room <= 0:
             if outstanding:
                 return

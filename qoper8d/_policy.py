@@ -21,16 +21,16 @@ __all__ = ["Backoff", "RestartIntensity"]
 class Backoff:
     """One slot's crash streak and the delay before its next restart."""
 
-    __slots__ = ("_config", "_rng", "streak")
+    __slots__ = ("_rng", "config", "streak")
 
     def __init__(self, config: SupervisorConfig, rng: random.Random | None = None) -> None:
-        self._config = config
+        self.config = config
         self._rng = rng or random.Random()
         self.streak = 0
 
     def delay_after_crash(self, ran_for: float) -> float:
         """Record a crash of a worker that ran `ran_for` seconds; seconds to wait to restart."""
-        cfg = self._config
+        cfg = self.config
         if ran_for >= cfg.backoff_reset:
             self.streak = 0
         self.streak += 1
@@ -43,20 +43,20 @@ class Backoff:
 class RestartIntensity:
     """Crash times within the window; `record()` says whether the limit is now exceeded."""
 
-    __slots__ = ("_config", "_times")
+    __slots__ = ("_times", "config")
 
     def __init__(self, config: SupervisorConfig) -> None:
-        self._config = config
+        self.config = config
         self._times: deque[float] = deque()
 
     def record(self, now: float) -> bool:
         """Record a crash at `now`; True if there were more than `max_restarts` in the window."""
         times = self._times
         times.append(now)
-        horizon = now - self._config.restart_window
+        horizon = now - self.config.restart_window
         while times and times[0] < horizon:
             times.popleft()
-        return len(times) > self._config.max_restarts
+        return len(times) > self.config.max_restarts
 
     def recent(self) -> int:
         return len(self._times)

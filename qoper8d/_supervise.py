@@ -100,6 +100,13 @@ class Supervisor:
         self.restarts = 0
         self.failure: BaseException | None = None
 
+    def configure(self, config: SupervisorConfig) -> None:
+        """Use new settings from now on; crash history and backoff streaks carry over."""
+        self.config = config
+        self.intensity.config = config
+        for slot in self.slots:
+            slot.backoff.config = config
+
     def new_slot(self) -> Slot:
         """A slot with the lowest free number."""
         used = {slot.index for slot in self.slots}

@@ -113,6 +113,7 @@ class ServerConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
     read_timeout: PositiveSeconds = 30.0  # for a partial request line to complete
     allowed_uids: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # besides ours and root
+    socket_group: str = ""  # a group given access to the socket's directory and the socket
 
     def socket_path(self) -> Path:
         """The configured socket path, or the default one when none is configured."""

@@ -85,15 +85,31 @@ class Pool:
         return MapIterator(self._engine, actions, window, return_exceptions)
 
     def submit_nowait(
-        self, payload: bytes, sink: Any, tag: Any = None, *, timeout: float | None = None
+        self,
+        payload: bytes,
+        sink: Any,
+        tag: Any = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
     ) -> Any:
         """Queue an action already encoded as JSON text; its outcome goes to `sink`.
 
         For front ends that receive JSON (the control socket): the text is passed through to
-        the worker undecoded, and the result comes back as JSON text. Returns a handle for
-        `cancel()`. Raises `QueueFull` or `ShuttingDown` at once.
+        the worker undecoded, and the result comes back as raw JSON text: `sink.result(job,
+        raw, worker)`, `sink.results(jobs, raws, worker)` or `sink.error(job, err, worker)`,
+        called synchronously, once per job. `max_attempts` overrides `pool.max_attempts`.
+        Returns a handle for `cancel()`. Raises `QueueFull` or `ShuttingDown` at once.
         """
-        return self._engine.submit(payload, sink, tag, timeout)
+        job = self._engine.submit(payload, sink, tag, timeout)
+        if max_attempts is not None:
+            job.max_attempts = max_attempts
+        return job
+
+    def withdraw(self, sink: Any) -> int:
+        """Quietly give up every unanswered action of `sink` (its submitter is gone): queued
+        ones never run, running ones finish unseen; all count as `cancelled`."""
+        return self._engine.withdraw(sink)
 
     def cancel(self, handle: Any) -> None:
         """Cancel an action queued with `submit_nowait()` (no-op once it has ended)."""
@@ -125,6 +141,34 @@ class Pool:
             raise BadRequest(f"size must be from 1 to 1024, not {size!r}")
         self._engine.check_accepting(0)
         await self._supervisor.scale(size, self._engine.nursery)
+
+    async def reconfigure(self, config: PoolConfig, supervisor: SupervisorConfig) -> None:
+        """Apply new settings. Queueing, batching, limits and supervision apply at once;
+        a new size scales; anything a worker is started with (the handler, routes, paths,
+        the async backend, the memory limit, the start method) applies by replacing every
+        worker, one at a time, each replacement ready before its predecessor leaves."""
+        engine, sup = self._engine, self._supervisor
+        old_launcher = self._launcher
+        relaunch = _launcher_settings(config) != _launcher_settings(engine.config)
+        engine.configure(config)
+        sup.configure(supervisor)
+        if relaunch:
+            self._launcher = default_launcher(config)
+            await self._launcher.start(engine.nursery)
+            sup.launcher = self._launcher
+        spec = worker_spec(config)
+        replace = relaunch or spec != sup.spec
+        sup.spec = spec
+        if config.size != engine.size:
+            await sup.scale(config.size, engine.nursery)
+        if replace:
+            old = list(engine.live)
+            for worker in old:
+                engine.request_retire(worker, "the configuration changed")
+            for worker in old:
+                await worker.exited.wait()
+        if relaunch:
+            await old_launcher.aclose()
 
     async def drain(self) -> None:
         """Stop intake (new actions end `shutting_down`) and return once every accepted
@@ -257,16 +301,7 @@ async def open_pool(
         except (msgspec.ValidationError, TypeError) as exc:
             raise BadRequest(f"invalid pool setting: {exc}") from None
     sup_cfg = supervisor or SupervisorConfig()
-    spec = wire.WorkerSpec(
-        from_master_fd=-1,
-        to_master_fd=-1,
-        lifeline_fd=-1,
-        handler=cfg.handler,
-        routes=dict(cfg.routes),
-        handler_path=list(cfg.handler_path),
-        async_backend=cfg.async_backend,
-        max_rss_bytes=cfg.max_worker_rss_mb << 20,
-    )
+    spec = worker_spec(cfg)
     launcher = launcher or default_launcher(cfg)
     try:
         async with trio.open_nursery() as nursery:
@@ -288,6 +323,25 @@ async def open_pool(
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _single(group) from None
+
+
+def worker_spec(config: PoolConfig) -> wire.WorkerSpec:
+    """What each worker is started with (its descriptors are filled in at launch)."""
+    return wire.WorkerSpec(
+        from_master_fd=-1,
+        to_master_fd=-1,
+        lifeline_fd=-1,
+        handler=config.handler,
+        routes=dict(config.routes),
+        handler_path=list(config.handler_path),
+        async_backend=config.async_backend,
+        max_rss_bytes=config.max_worker_rss_mb << 20,
+    )
+
+
+def _launcher_settings(config: PoolConfig) -> tuple[Any, ...]:
+    preloaded = (config.handler, tuple(sorted(config.routes.items()))) if config.preload else ()
+    return (config.start_method, config.preload, tuple(config.handler_path), preloaded)
 
 
 def default_launcher(config: PoolConfig) -> Launcher:

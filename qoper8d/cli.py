@@ -1,0 +1,165 @@
+"""The command lines: `qoper8d` (the daemon) and `qoper8ctl` (talks to it).
+
+Both are `main(argv=None) -> int` functions returning an exit code from the named constants
+below, so they can be called from tests and scripts as well as from the console scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from qoper8d import __version__
+from qoper8d.config import (
+    Config,
+    check_handlers,
+    config_from_mapping,
+    dump_config,
+    load_config,
+)
+from qoper8d.errors import ConfigError, RestartIntensityExceeded, WorkerStartError
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_RESTARTS",
+    "EXIT_SOCKET",
+    "EXIT_USAGE",
+    "EXIT_WORKERS",
+    "daemon_main",
+]
+
+# -- qoper8d exit codes ------------------------------------------------------------------------
+#: Stopped normally (including after SIGTERM/SIGINT, `shutdown` or `drain`).
+EXIT_OK = 0
+#: Something unexpected; the log says what.
+EXIT_FAILED = 1
+#: Bad command-line arguments.
+EXIT_USAGE = 2
+#: The configuration is invalid (`--check-config` exits with this too).
+EXIT_CONFIG = 3
+#: The control socket cannot be used: another daemon has it, or its path is unsafe.
+EXIT_SOCKET = 4
+#: The workers could not start: the handler does not import, or its setup() fails.
+EXIT_WORKERS = 5
+#: Workers crashed faster than `supervisor.max_restarts` per `supervisor.restart_window`.
+EXIT_RESTARTS = 6
+#: Interrupted before the daemon was up (Ctrl-C during start-up).
+EXIT_INTERRUPTED = 130
+
+# Flags that override one key each; a flag left out changes nothing.
+_OVERRIDES: dict[str, tuple[str, str, type]] = {
+    "size": ("pool", "size", int),
+    "handler": ("pool", "handler", str),
+    "socket": ("server", "socket", str),
+    "log_format": ("monitor", "log_format", str),
+    "log_level": ("monitor", "log_level", str),
+    "monitor_interval": ("monitor", "interval", float),
+}
+
+
+def _daemon_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qoper8d",
+        description="Run a pool of persistent worker processes behind a Unix socket.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML configuration file (default: none)")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration (and import the handler in a throwaway worker), exit",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration, exit"
+    )
+    parser.add_argument("--size", type=int, help="pool.size")
+    parser.add_argument("--handler", help='pool.handler, "module:function"')
+    parser.add_argument("--socket", help="server.socket")
+    parser.add_argument(
+        "--log-format", choices=["auto", "json", "console"], help="monitor.log_format"
+    )
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="monitor.log_level"
+    )
+    parser.add_argument("--monitor-interval", type=float, help="monitor.interval, seconds")
+    parser.add_argument("--version", action="version", version=f"qoper8d {__version__}")
+    return parser
+
+
+def load_effective_config(path: Path | None, args: argparse.Namespace) -> Config:
+    """The file (or the defaults) with the flags given on the command line applied."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    base = Path.cwd()
+    if path is not None:
+        config = load_config(path)  # reports the file's own problems first
+        data = msgspec.to_builtins(config)
+        source = str(path)
+        base = path.parent
+    overrides = [(k, getattr(args, k)) for k in _OVERRIDES if getattr(args, k, None) is not None]
+    if not overrides:
+        return config if path is not None else Config()
+    for name, value in overrides:
+        section, key, _ = _OVERRIDES[name]
+        data.setdefault(section, {})[key] = value
+    if "server" in data and not data["server"].get("socket"):
+        data["server"].pop("socket", None)
+    return config_from_mapping(data, f"{source} + command line", base_dir=base)
+
+
+def daemon_main(argv: list[str] | None = None) -> int:
+    """`qoper8d`: run the service in the foreground until stopped."""
+    args = _daemon_parser().parse_args(argv)
+    try:
+        config = load_effective_config(args.config, args)
+    except ConfigError as exc:
+        for line in exc.details.get("errors", [exc.message]):
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    except tomllib.TOMLDecodeError as exc:  # pragma: no cover - load_config reports these
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        problems = check_handlers(config)
+        for line in problems:
+            where = args.config or "<defaults>"
+            print(f"{where}: {line}", file=sys.stderr)
+        if not problems:
+            print(f"{args.config or '<defaults>'}: ok")
+        return EXIT_CONFIG if problems else EXIT_OK
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return EXIT_OK
+    return _run_daemon(config, args.config)
+
+
+def _run_daemon(config: Config, path: Path | None) -> int:
+    import structlog  # imported late: --check-config and --print-config are quick
+
+    from qoper8d.control import SocketInUse
+    from qoper8d.daemon import Daemon
+    from qoper8d.monitor import configure_logging
+
+    logs = configure_logging(config.monitor.log_format, config.monitor.log_level)
+    log = structlog.get_logger("qoper8d.daemon")
+    try:
+        trio.run(Daemon(config, path, logs).run)
+    except WorkerStartError as exc:
+        log.error("daemon.workers_failed", error=exc.message, **exc.details)
+        return EXIT_WORKERS
+    except SocketInUse as exc:
+        log.error("daemon.socket_unusable", error=exc.message)
+        return EXIT_SOCKET
+    except RestartIntensityExceeded as exc:
+        log.critical("daemon.restart_intensity_exceeded", error=exc.message)
+        return EXIT_RESTARTS
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK

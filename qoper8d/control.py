@@ -1,0 +1,664 @@
+"""The control socket: NDJSON requests in, responses out, as docs/protocol.md describes.
+
+`serve_control` binds the socket only when it is called — after the pool's workers are ready —
+and reports `task_status.started(path)` once it listens. It runs until cancelled.
+
+Safety first. The socket lives in a directory only its owner may enter (0700, checked, not
+just hoped for: an existing directory owned by someone else, or open to others, stops the
+start), the socket is 0600, and every peer's uid is checked (SO_PEERCRED). A lock file held
+for the daemon's life makes a second daemon refuse to start, whatever the race; a socket
+left behind by a dead daemon is reclaimed; anything else at the path — a symlink planted
+there above all — is refused, never followed. If someone deletes the socket while we run,
+inotify tells us and we bind it again.
+
+A connection is a reader, a writer and the requests in between. `submit` payloads are passed
+to the pool as raw JSON and results come back as raw JSON, spliced into response lines
+without being decoded. A malformed line gets one error line and closes that connection only;
+nothing a client sends can reach the daemon or another connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import grp
+import math
+import os
+import select
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import structlog
+import trio
+
+from qoper8d import __version__
+from qoper8d._jobs import Job
+from qoper8d.config import ServerConfig
+from qoper8d.errors import (
+    ActionError,
+    BadRequest,
+    Qoper8Error,
+    RequestError,
+    UnknownOp,
+)
+from qoper8d.pool import Pool
+
+__all__ = ["PROTOCOL", "ControlHooks", "ControlServer", "SocketInUse", "serve_control"]
+
+log = structlog.get_logger("qoper8d.control")
+
+PROTOCOL = 1
+OPS = ("hello", "submit", "cancel", "status", "scale", "reload", "drain", "shutdown")
+#: Stop reading a connection's requests while this many response bytes wait to be sent.
+MAX_PENDING_OUTPUT = 16 << 20
+
+
+class SocketInUse(Qoper8Error):
+    """Another daemon holds the socket, or something that is not our socket is in the way."""
+
+    code = "socket_in_use"
+
+
+class ControlHooks(Protocol):
+    """What the daemon provides beyond the pool: the operations that act on the daemon."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def scale(self, size: int) -> None: ...
+
+    async def reload(self) -> list[str]: ...
+
+    async def drain(self) -> None: ...
+
+    def shutdown(self, grace: float | None) -> None: ...
+
+
+class Request(msgspec.Struct, frozen=True):
+    """One request line. Fields an op does not use are ignored."""
+
+    id: int | str
+    op: str
+    #: Raw JSON; empty when absent (msgspec cannot put Raw in a union with None).
+    action: msgspec.Raw = msgspec.Raw()
+    timeout: float | None = None
+    max_attempts: int | None = None
+    target: int | str | None = None
+    size: int | None = None
+    grace: float | None = None
+
+
+_decode_requests = msgspec.json.Decoder(Request).decode_lines
+_decode_request = msgspec.json.Decoder(Request).decode
+_decode_any = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _error_line(id_json: bytes, err: dict[str, Any]) -> bytes:
+    return b'{"id":%b,"ok":false,"error":%b}\n' % (id_json, _encode(err))
+
+
+def _result_line(id_json: bytes, result: Any) -> bytes:
+    return b'{"id":%b,"ok":true,"result":%b}\n' % (id_json, _encode(result))
+
+
+# -- the socket --------------------------------------------------------------------------------
+
+
+def _secure_directory(directory: Path, group: int | None) -> None:
+    """Create the socket's directory (0700, or 0710 with a group) or check an existing one."""
+    mode = 0o710 if group is not None else 0o700
+    try:
+        os.mkdir(directory, mode)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(directory, mode)  # whatever the umask
+        if group is not None:
+            os.chown(directory, -1, group)
+        return
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise SocketInUse(f"{directory} is not a directory (a symlink is never followed)")
+    if info.st_uid != os.getuid():
+        raise SocketInUse(
+            f"{directory} belongs to uid {info.st_uid}, not to us ({os.getuid()}): someone "
+            "else could replace the socket; choose another server.socket"
+        )
+    if info.st_mode & 0o007 or (group is None and info.st_mode & 0o070):
+        raise SocketInUse(
+            f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"make it {mode:o} or choose another server.socket"
+        )
+
+
+def _reclaim(path: Path) -> None:
+    """Make room at `path`: remove a stale socket, refuse anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise SocketInUse(f"{path} is a symlink; refusing to follow or replace it")
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.warning("control.stale_socket", socket=str(path))
+        path.unlink(missing_ok=True)
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise SocketInUse(f"another qoper8d is listening on {path}")
+
+
+def _lock(path: Path) -> int:
+    """Hold `<socket>.lock` for our whole life: the one daemon for this socket."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SocketInUse(f"another qoper8d is running for {path}") from None
+    return fd
+
+
+def _bind(path: Path, group: int | None) -> socket.socket:
+    _reclaim(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind under a private umask so the socket is never, even for an instant, open to
+        # others; then set its mode explicitly.
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        if group is not None:
+            os.chown(path, -1, group)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        sock.listen(512)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _group_id(name: str) -> int | None:
+    if not name:
+        return None
+    try:
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SocketInUse(f"server.socket_group: no group named {name!r}") from None
+
+
+class _Inotify:
+    """Just enough of inotify(7) to learn that the socket was removed or replaced."""
+
+    IN_DELETE = 0x200
+    IN_MOVED_FROM = 0x40
+    IN_NONBLOCK = os.O_NONBLOCK
+    IN_CLOEXEC = os.O_CLOEXEC
+
+    def __init__(self, directory: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.fd: int = fd
+        if (
+            libc.inotify_add_watch(fd, os.fsencode(directory), self.IN_DELETE | self.IN_MOVED_FROM)
+            < 0
+        ):
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, "inotify_add_watch")
+
+    async def removed(self, name: str) -> None:
+        """Return once `name` in the watched directory is deleted or moved away."""
+        target = os.fsencode(name)
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                continue
+            offset = 0
+            while offset + 16 <= len(data):
+                _wd, _mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                event_name = data[offset + 16 : offset + 16 + length].rstrip(b"\0")
+                offset += 16 + length
+                if event_name == target:
+                    return
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.fd)
+        os.close(self.fd)
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+class _Connection:
+    """One client: reads its requests, runs them, writes their responses as they come."""
+
+    def __init__(self, server: ControlServer, sock: trio.socket.SocketType) -> None:
+        self.server = server
+        self.sock = sock
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.writer_task: trio.lowlevel.Task | None = None
+        self.drained: trio.Event | None = None
+        #: Submits still waiting for their outcome, by the JSON text of their id.
+        self.pending: dict[bytes, Job] = {}
+        self.open = True
+
+    # Sink side: called by the pool with outcomes of this connection's submits.
+    def result(self, job: Job, payload: msgspec.Raw, worker: Any) -> None:
+        del self.pending[job.tag]
+        self.send(b'{"id":%b,"ok":true,"result":%b}\n' % (job.tag, payload))
+
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Any) -> None:
+        pending = self.pending
+        lines = []
+        for job, payload in zip(jobs, payloads, strict=True):
+            del pending[job.tag]
+            lines.append(b'{"id":%b,"ok":true,"result":%b}\n' % (job.tag, payload))
+        self.send(b"".join(lines))
+
+    def error(self, job: Job, err: ActionError, worker: Any) -> None:
+        self.pending.pop(job.tag, None)
+        self.send(_error_line(job.tag, err.to_wire()))
+
+    def send(self, data: bytes) -> None:
+        if not self.open:
+            return
+        self.out.append(data)
+        self.out_bytes += len(data)
+        task = self.writer_task
+        if task is not None:
+            self.writer_task = None
+            trio.lowlevel.reschedule(task)
+
+    async def write(self) -> None:
+        """The writer task: sends queued responses, a batch per send, until cancelled."""
+        try:
+            while True:
+                if not self.out:
+                    if self.drained is not None:
+                        self.drained.set()
+                    self.writer_task = trio.lowlevel.current_task()
+
+                    def abort(_: Any) -> trio.lowlevel.Abort:
+                        self.writer_task = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
+                data = b"".join(self.out)
+                self.out.clear()
+                self.out_bytes = 0
+                await _send_all(self.sock, data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.gone()
+
+    async def flushed(self) -> None:
+        """Return once every queued response has been written (or the client is gone)."""
+        while self.out and self.open:
+            self.drained = trio.Event()
+            await self.drained.wait()
+
+    def gone(self) -> None:
+        """The client disconnected: its queued actions are cancelled; running ones finish."""
+        if self.open:
+            self.open = False
+            self.out.clear()
+            if self.pending:
+                self.server.pool.withdraw(self)
+                self.pending.clear()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def handle(self, request: Request, nursery: trio.Nursery) -> None:
+        id_json = _encode(request.id)
+        op = request.op
+        try:
+            if op == "submit":
+                self._submit(request, id_json)
+            elif op == "status":
+                self.send(_result_line(id_json, self.server.hooks.status()))
+            elif op == "cancel":
+                self._cancel(request, id_json)
+            elif op == "hello":
+                self.send(_result_line(id_json, self.server.hello()))
+            elif op in ("scale", "reload", "drain"):
+                nursery.start_soon(self._slow_op, request, id_json)
+            elif op == "shutdown":
+                grace = request.grace
+                if grace is not None and not (isinstance(grace, float) and grace >= 0):
+                    raise BadRequest("grace must be a number of seconds >= 0")
+                self.send(_result_line(id_json, {"stopping": True}))
+                self.server.hooks.shutdown(grace)
+            else:
+                raise UnknownOp(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+        except RequestError as exc:
+            self.send(_error_line(id_json, exc.to_wire()))
+        except ActionError as exc:  # shutting_down at submission
+            self.send(_error_line(id_json, exc.to_wire()))
+
+    def _submit(self, request: Request, id_json: bytes) -> None:
+        if not request.action:
+            raise BadRequest("submit needs an action")
+        if id_json in self.pending:
+            raise BadRequest(f"id {id_json.decode()} is already in flight on this connection")
+        attempts = request.max_attempts
+        if attempts is not None and not 1 <= attempts <= 100:
+            raise BadRequest("max_attempts must be an integer from 1 to 100")
+        job = self.server.pool.submit_nowait(
+            bytes(request.action),
+            self,
+            id_json,
+            timeout=request.timeout,
+            max_attempts=attempts,
+        )
+        self.pending[id_json] = job
+
+    def _cancel(self, request: Request, id_json: bytes) -> None:
+        if request.target is None:
+            raise BadRequest("cancel needs a target: the id of an earlier submit")
+        job = self.pending.get(_encode(request.target))
+        if job is not None:
+            self.server.pool.cancel(job)
+        self.send(_result_line(id_json, {"cancelled": job is not None}))
+
+    async def _slow_op(self, request: Request, id_json: bytes) -> None:
+        hooks = self.server.hooks
+        try:
+            if request.op == "scale":
+                size = request.size
+                if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 1024:
+                    raise BadRequest("scale needs size: an integer from 1 to 1024")
+                await hooks.scale(size)
+                self.send(_result_line(id_json, {"size": size}))
+            elif request.op == "reload":
+                self.send(_result_line(id_json, {"changed": await hooks.reload()}))
+            else:
+                await hooks.drain()
+                self.send(_result_line(id_json, {"drained": True}))
+                await self.flushed()
+                hooks.shutdown(None)
+        except Qoper8Error as exc:
+            self.send(_error_line(id_json, exc.to_wire()))
+
+    def fatal(self, code: str, message: str) -> None:
+        """A line we cannot answer by id: one error line, then the connection closes."""
+        self.send(_error_line(b"null", {"code": code, "message": message}))
+
+    def bad_line(self, line: bytes) -> bool:
+        """Answer a line that did not decode as a request; False if the connection must end."""
+        try:
+            value = _decode_any(line)
+        except msgspec.DecodeError as exc:
+            self.fatal("bad_request", f"not JSON: {exc}")
+            return False
+        id_json = b"null"
+        if isinstance(value, dict):
+            given = value.get("id")
+            if isinstance(given, int | str) and not isinstance(given, bool):
+                id_json = _encode(given)
+        try:
+            _decode_request(line)
+        except msgspec.ValidationError as exc:
+            reason = str(exc).replace("$.", "")
+        else:  # pragma: no cover - it decoded alone after all
+            reason = "malformed request"
+        if not isinstance(value, dict):
+            reason = "a request is a JSON object"
+        self.send(_error_line(id_json, {"code": "bad_request", "message": reason}))
+        return True
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+class ControlServer:
+    """A running control socket, as `serve_control` reports it when it starts."""
+
+    def __init__(self, pool: Pool, hooks: ControlHooks, config: ServerConfig, path: Path) -> None:
+        self.pool = pool
+        self.hooks = hooks
+        self.config = config
+        self.path = path
+        self.allowed = {os.getuid(), 0, *config.allowed_uids}
+        self.connections: set[_Connection] = set()
+
+    async def flushed(self) -> None:
+        """Return once every response owed to a connected client has been written."""
+        for conn in list(self.connections):
+            await conn.flushed()
+
+    def hello(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL,
+            "server": "qoper8d",
+            "version": __version__,
+            "pid": os.getpid(),
+            "ops": list(OPS),
+            "max_message_bytes": self.config.max_message_bytes,
+        }
+
+    async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            sock, _ = await listener.accept()
+            nursery.start_soon(self.serve_connection, sock)
+
+    async def serve_connection(self, sock: trio.socket.SocketType) -> None:
+        conn = _Connection(self, sock)
+        with sock:
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(conn.write)
+                refusal = self._refusal(sock)
+                if refusal is None:
+                    self.connections.add(conn)
+                    try:
+                        await self._read(conn, tasks)
+                    finally:
+                        self.connections.discard(conn)
+                else:
+                    conn.fatal(*refusal)
+                with trio.move_on_after(5):
+                    await conn.flushed()
+                tasks.cancel_scope.cancel()
+
+    def _refusal(self, sock: trio.socket.SocketType) -> tuple[str, str] | None:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in self.allowed:
+            log.warning("control.forbidden", uid=uid, pid=pid)
+            return ("forbidden", f"uid {uid} may not use this socket (server.allowed_uids)")
+        if len(self.connections) >= self.config.max_connections:
+            log.warning("control.too_many_connections", limit=self.config.max_connections)
+            return (
+                "too_many_connections",
+                f"{self.config.max_connections} connections are open (server.max_connections)",
+            )
+        return None
+
+    async def _read(self, conn: _Connection, tasks: trio.Nursery) -> None:
+        sock = conn.sock
+        limit = self.config.max_message_bytes
+        buf = bytearray()
+        scanned = 0  # no newline in buf[:scanned]
+        partial_since: float | None = None
+        while conn.open:
+            if conn.out_bytes > MAX_PENDING_OUTPUT:
+                # The client is not reading its responses: stop taking requests until it does.
+                await conn.flushed()
+                continue
+            deadline = math.inf
+            if buf:
+                if partial_since is None:
+                    partial_since = trio.current_time()
+                deadline = partial_since + self.config.read_timeout
+            with trio.move_on_at(deadline) as waiting:
+                data = await sock.recv(65536)
+            if waiting.cancelled_caught:
+                conn.fatal(
+                    "read_timeout",
+                    f"a request line was not finished within {self.config.read_timeout:g} s "
+                    "(server.read_timeout)",
+                )
+                return
+            if not data:
+                if buf:
+                    conn.fatal("bad_request", "the connection ended inside a request line")
+                await self._ended(conn)
+                return
+            buf += data
+            end = buf.rfind(b"\n", scanned)
+            if end < 0:
+                scanned = len(buf)
+                if len(buf) > limit:
+                    conn.fatal("too_large", f"a request line is over {limit} bytes")
+                    return
+                continue
+            complete = bytes(buf[: end + 1])
+            del buf[: end + 1]
+            scanned = 0
+            partial_since = None
+            if not self._requests(conn, complete, tasks, limit):
+                return
+            if len(buf) > limit:
+                conn.fatal("too_large", f"a request line is over {limit} bytes")
+                return
+
+    def _requests(self, conn: _Connection, chunk: bytes, tasks: trio.Nursery, limit: int) -> bool:
+        """Handle every complete line in `chunk`; False if the connection must close."""
+        try:
+            requests = _decode_requests(chunk)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            requests = None
+        if requests is not None and len(chunk) <= limit:
+            for request in requests:
+                conn.handle(request, tasks)
+            return True
+        # Something in the chunk is wrong: go line by line to answer each as it deserves.
+        for line in chunk.split(b"\n")[:-1]:
+            if not line.strip():
+                continue
+            if len(line) > limit:
+                conn.fatal("too_large", f"a request line is over {limit} bytes")
+                return False
+            try:
+                request = _decode_request(line)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                if not conn.bad_line(line):
+                    return False
+                continue
+            conn.handle(request, tasks)
+        return True
+
+    async def _ended(self, conn: _Connection) -> None:
+        # End of file: either the client closed its socket (it is gone: cancel its queued
+        # work) or it only shut down its sending side and still reads: answer everything.
+        poller = select.poll()
+        poller.register(conn.sock.fileno(), select.POLLHUP)
+        hung_up = any(event & select.POLLHUP for _, event in poller.poll(0))
+        if hung_up:
+            conn.gone()
+            return
+        while conn.open and conn.pending:
+            conn.drained = trio.Event()
+            await conn.drained.wait()
+        await conn.flushed()
+
+
+async def serve_control(
+    pool: Pool,
+    hooks: ControlHooks,
+    config: ServerConfig,
+    *,
+    task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on `config.socket_path()` and serve clients until cancelled; reports the
+    `ControlServer` once listening."""
+    path = config.socket_path()
+    group = _group_id(config.socket_group)
+    _secure_directory(path.parent, group)
+    lock = _lock(path)
+    server = ControlServer(pool, hooks, config, path)
+    identity = -1
+    try:
+        async with trio.open_nursery() as nursery:
+            first = True
+            while True:
+                listener = trio.socket.from_stdlib_socket(_bind(path, group))
+                identity = os.stat(path).st_ino
+                watch = _watch(path)
+                try:
+                    with listener:
+                        accepting = trio.CancelScope()
+                        nursery.start_soon(_accept, server, listener, nursery, accepting)
+                        log.info("control.listening", socket=str(path))
+                        if first:
+                            first = False
+                            task_status.started(server)
+                        await _until_removed(watch, path, identity)
+                        accepting.cancel()
+                        log.warning("control.socket_removed", socket=str(path))
+                finally:
+                    if watch is not None:
+                        watch.close()
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == identity:
+                path.unlink()
+        os.close(lock)
+
+
+async def _accept(
+    server: ControlServer,
+    listener: trio.socket.SocketType,
+    nursery: trio.Nursery,
+    scope: trio.CancelScope,
+) -> None:
+    with scope:
+        await server.accept_loop(listener, nursery)
+
+
+def _watch(path: Path) -> _Inotify | None:
+    try:
+        return _Inotify(path.parent)
+    except OSError as exc:  # pragma: no cover - inotify is there on any modern Linux
+        log.warning("control.no_inotify", error=str(exc))
+        return None
+
+
+async def _until_removed(watch: _Inotify | None, path: Path, identity: int) -> None:
+    """Return when the socket file at `path` is no longer ours (deleted or replaced)."""
+    if watch is None:
+        await trio.sleep_forever()
+    assert watch is not None
+    while True:
+        await watch.removed(path.name)
+        try:
+            if os.stat(path).st_ino == identity:
+                continue  # something else of that name went; ours is still there
+        except FileNotFoundError:
+            pass
+        return

@@ -1,0 +1,208 @@
+"""The qoper8d service: a pool, its control socket, snapshots and signals, in one trio run.
+
+Start-up order is the contract: logging, then every worker ready, then the socket bound —
+so a client that can connect can be served. Then `daemon.started` (the banner, unless
+`monitor.silent_start`) and, under systemd (`NOTIFY_SOCKET`), READY=1.
+
+Stopping: SIGTERM, SIGINT, the `shutdown` op or the end of a `drain` closes intake (new
+submissions end `shutting_down`), lets running and queued work finish for
+`pool.grace_period`, ends what is left `shutting_down`, stops the workers, and writes every
+response still owed to a client before the socket closes. A second SIGTERM or SIGINT cuts
+the grace period short. SIGHUP reloads the configuration file, like the `reload` op.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from qoper8d import __version__
+from qoper8d.config import Config, load_config
+from qoper8d.control import ControlServer, serve_control
+from qoper8d.errors import ConfigError
+from qoper8d.monitor import LogWriter, serve_snapshots
+from qoper8d.pool import Pool, open_pool
+
+__all__ = ["Daemon", "config_changes"]
+
+log = structlog.get_logger("qoper8d.daemon")
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """Every key whose value differs, as `section.key: old -> new`."""
+    changes = []
+    before = msgspec.to_builtins(old)
+    after = msgspec.to_builtins(new)
+    for section, values in after.items():
+        for key, value in values.items():
+            if before[section][key] != value:
+                changes.append(f"{section}.{key}: {before[section][key]!r} -> {value!r}")
+    return changes
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (or whoever set NOTIFY_SOCKET) how we are doing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("daemon.notify_failed", error=str(exc))
+
+
+class Daemon:
+    """Runs the service until it is told to stop. `run()` raises what prevents a start:
+    `WorkerStartError`, `SocketInUse`; and `RestartIntensityExceeded` if the pool fails."""
+
+    def __init__(self, config: Config, config_path: Path | None, logs: LogWriter) -> None:
+        self.config = config
+        self.config_path = config_path
+        self._logs = logs
+        self._pool: Pool | None = None
+        self._control: ControlServer | None = None
+        self._stop = trio.Event()
+        self._grace: float | None = None
+        self._graceful: trio.CancelScope | None = None
+        self._reloading = trio.Lock()
+
+    # -- the control hooks -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self._pool is not None
+        snapshot: dict[str, Any] = msgspec.to_builtins(self._pool.statistics())
+        snapshot["daemon"] = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "socket": str(self.config.server.socket_path()),
+            "config": str(self.config_path) if self.config_path else None,
+        }
+        return snapshot
+
+    async def scale(self, size: int) -> None:
+        assert self._pool is not None
+        await self._pool.scale(size)
+        log.info("daemon.scaled", size=size)
+
+    async def reload(self) -> list[str]:
+        """Re-read the configuration file and apply it; the changes, one line each.
+
+        Pool settings apply by replacing workers one at a time; `server.*` needs a restart.
+        An invalid file raises `ConfigError` and changes nothing.
+        """
+        assert self._pool is not None
+        if self.config_path is None:
+            return []
+        async with self._reloading:
+            new = load_config(self.config_path)
+            changes = config_changes(self.config, new)
+            if not changes:
+                return []
+            notes = [
+                f"{change} (takes effect after a restart)"
+                if change.startswith("server.")
+                else change
+                for change in changes
+            ]
+            self.config = msgspec.structs.replace(new, server=self.config.server)
+            await self._pool.reconfigure(new.pool, new.supervisor)
+            log.info("daemon.reloaded", changes=notes)
+            return notes
+
+    async def drain(self) -> None:
+        assert self._pool is not None
+        log.info("daemon.draining")
+        await self._pool.drain()
+
+    def shutdown(self, grace: float | None) -> None:
+        if self._stop.is_set():
+            # Asked again while stopping: stop now.
+            if self._graceful is not None:
+                self._graceful.cancel()
+            return
+        self._grace = grace
+        self._stop.set()
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as background:
+            background.start_soon(self._logs.serve)
+            # Signals are ours from the start: a SIGTERM while workers start stops cleanly.
+            background.start_soon(self._signals, background)
+            try:
+                await self._serve()
+            finally:
+                background.cancel_scope.cancel()
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
+            self._pool = pool
+            async with trio.open_nursery() as nursery:
+                self._control = await nursery.start(serve_control, pool, self, cfg.server)
+                nursery.start_soon(
+                    serve_snapshots, self.status, lambda: self.config.monitor.interval
+                )
+                if not cfg.monitor.silent_start:
+                    self._banner()
+                _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {pool.size} workers")
+                await self._stop.wait()
+                _sd_notify("STOPPING=1")
+                await self._stop_gracefully(pool)
+                nursery.cancel_scope.cancel()
+
+    async def _stop_gracefully(self, pool: Pool) -> None:
+        grace = self.config.pool.grace_period if self._grace is None else self._grace
+        log.info("daemon.stopping", grace_period=grace)
+        with trio.move_on_after(grace) as self._graceful:
+            await pool.drain()
+        await pool.stop(0)
+        # Every accepted action has its outcome now; make sure its client hears it.
+        if self._control is not None:
+            with trio.move_on_after(5):
+                await self._control.flushed()
+        log.info("daemon.stopped", outcomes=pool.statistics().outcomes)
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    log.info("daemon.signal", signal=name, action="reload")
+                    nursery.start_soon(self._reload_logged)
+                else:
+                    now = "stop now" if self._stop.is_set() else "graceful stop"
+                    log.info("daemon.signal", signal=name, action=now)
+                    self.shutdown(None)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("daemon.reload_failed", errors=exc.details.get("errors", [exc.message]))
+
+    def _banner(self) -> None:
+        cfg = self.config
+        log.info(
+            "daemon.started",
+            version=__version__,
+            pid=os.getpid(),
+            socket=str(cfg.server.socket_path()),
+            config=str(self.config_path) if self.config_path else None,
+            size=cfg.pool.size,
+            handler=cfg.pool.handler,
+            start_method=cfg.pool.start_method,
+            max_batch_bytes=cfg.pool.max_batch_bytes,
+            monitor_interval=cfg.monitor.interval,
+        )

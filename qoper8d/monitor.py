@@ -1,0 +1,137 @@
+"""Structured logs that never block the master, and periodic pool snapshots.
+
+Every event is a structlog event: JSON lines when stderr is not a terminal (or
+`monitor.log_format = "json"`), readable console lines otherwise. Inside the daemon's trio
+run, a rendered line is only appended to a bounded in-memory queue; one task writes the queue
+to stderr through a non-blocking descriptor. A slow or stuck reader of stderr (a full pipe,
+a paused terminal) therefore delays log lines, never supervision; past `MAX_BACKLOG` lines
+the newest are dropped and counted, and a `log.dropped` event says how many.
+
+`serve_snapshots` logs one `pool.snapshot` event every `monitor.interval` seconds, with the
+same fields as `qoper8ctl status --json`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from collections.abc import Callable
+from typing import IO, Any
+
+import structlog
+import trio
+
+__all__ = ["LogWriter", "configure_logging", "serve_snapshots"]
+
+#: Lines held for a slow stderr before new ones are dropped.
+MAX_BACKLOG = 10_000
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class LogWriter:
+    """Where rendered log lines go: straight to the stream outside trio, queued inside it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lines: deque[str] = deque()
+        self._task: trio.lowlevel.Task | None = None
+        self._serving = False
+        self.dropped = 0
+
+    def msg(self, message: str) -> None:
+        if not self._serving:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+            return
+        if len(self._lines) >= MAX_BACKLOG:
+            self.dropped += 1
+            return
+        self._lines.append(message)
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    # structlog calls the method named after the level; they all mean the same here.
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+    async def serve(self) -> None:
+        """Write queued lines until cancelled; then write what is left, synchronously."""
+        self._stream.flush()
+        fd = os.dup(self._stream.fileno())
+        out = trio.lowlevel.FdStream(fd)  # non-blocking: a full pipe parks us, not the loop
+        self._serving = True
+        try:
+            while True:
+                if self.dropped:
+                    count, self.dropped = self.dropped, 0
+                    self._lines.append(f'{{"event": "log.dropped", "lines": {count}}}')
+                if not self._lines:
+                    self._task = trio.lowlevel.current_task()
+
+                    def abort(_: Any) -> trio.lowlevel.Abort:
+                        self._task = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
+                chunk = "\n".join(self._lines) + "\n"
+                self._lines.clear()
+                await out.send_all(chunk.encode("utf-8", "backslashreplace"))
+        finally:
+            self._serving = False
+            self._task = None
+            with trio.CancelScope(shield=True):
+                await out.aclose()
+            for line in self._lines:
+                self._stream.write(line + "\n")
+            self._lines.clear()
+            self._stream.flush()
+
+
+class _Factory:
+    def __init__(self, writer: LogWriter) -> None:
+        self._writer = writer
+
+    def __call__(self, *args: Any) -> LogWriter:
+        return self._writer
+
+
+def configure_logging(
+    log_format: str = "auto", level: str = "info", stream: IO[str] | None = None
+) -> LogWriter:
+    """Set up structlog for the daemon; returns the writer whose `serve()` task must run
+    inside the trio run for logging to stay non-blocking."""
+    stream = stream or sys.stderr
+    use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    writer = LogWriter(stream)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, 20)),
+        logger_factory=_Factory(writer),
+        cache_logger_on_first_use=False,
+    )
+    return writer
+
+
+async def serve_snapshots(
+    snapshot: Callable[[], dict[str, Any]],
+    interval: Callable[[], float],
+) -> None:
+    """Log `pool.snapshot` every `interval()` seconds (read each time: reload may change it)."""
+    log = structlog.get_logger("qoper8d.monitor")
+    while True:
+        await trio.sleep(interval())
+        log.info("pool.snapshot", **snapshot())
