@@ -24,6 +24,21 @@ def figure(value: float, unit: str, what: str, **extra: Any) -> Figure:
     return {"value": round(value, 4), "unit": unit, "what": what, **extra}
 
 
+def error_figure(exc: BaseException, what: str) -> Figure:
+    """A measurement that failed: the run goes on, and the JSON says why."""
+    return {"value": f"{type(exc).__name__}: {exc}", "unit": "error", "what": what}
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process, from /proc/<pid>/statm."""
+    with open(f"/proc/{pid}/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -97,3 +112,8 @@ def machine() -> dict[str, Any]:
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def say_figures(out: dict[str, Figure]) -> None:
+    for name, fig in out.items():
+        say(f"  {name}: {fig['value']} {fig['unit']}")

@@ -3,17 +3,27 @@
 A raw ping-pong — the parent writes a pickled `{"x": i}` to a pipe, the child unpickles it,
 answers `i + 1` pickled on another pipe — with both processes pinned, on different CPUs and
 on the same one (on these machines a wake-up across CPUs costs several times one on the
-same CPU). No framework, no event loop: the floor any pool's round trip stands on.
+same CPU); the same over a Unix socketpair. No framework, no event loop: the floor any
+pool's round trip stands on.
+
+And the ceiling of bulk throughput: the parent streams msgpack-encoded batches of ~8 KiB of
+`{"x": i}` actions down a pipe, the child decodes each batch and streams back the encoded
+results, both pinned to their own CPU. Building the actions, encoding, decoding and the
+sum are all counted; nothing else is (no dispatch, no per-action bookkeeping).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import socket
+import struct
 import time
 from typing import Any
 
-from bench._common import Figure, figure, median, percentile, pinned, say
+import msgspec
+
+from bench._common import Figure, Stopwatch, figure, median, percentile, pinned, say_figures
 
 
 def _pong(inbox: int, outbox: int, cpu: int) -> None:
@@ -51,7 +61,104 @@ def pickle_pingpong(parent_cpu: int, child_cpu: int, rounds: int = 20_000) -> li
     return samples
 
 
-def run(rounds: int = 20_000) -> dict[str, Figure]:
+def socket_pingpong(parent_cpu: int, child_cpu: int, rounds: int = 20_000) -> list[float]:
+    """The pickle ping-pong over a Unix stream socketpair instead of two pipes."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        parent.close()
+        os.sched_setaffinity(0, {child_cpu})
+        while data := child.recv(65536):
+            child.sendall(pickle.dumps(pickle.loads(data)["x"] + 1))
+        os._exit(0)
+    child.close()
+    samples: list[float] = []
+    try:
+        with pinned({parent_cpu}):
+            for i in range(rounds + 1000):
+                t0 = time.perf_counter()
+                parent.sendall(pickle.dumps({"x": i}))
+                pickle.loads(parent.recv(65536))
+                if i >= 1000:  # warm-up excluded
+                    samples.append(time.perf_counter() - t0)
+    finally:
+        parent.shutdown(socket.SHUT_WR)
+        os.waitpid(pid, 0)
+        parent.close()
+    return samples
+
+
+_HEADER = struct.Struct("<I")
+#: Batches in flight at once. Kept so small that neither pipe (64 KiB) ever fills, so
+#: neither side blocks on a write while the other blocks on one too.
+_STREAM_WINDOW = 4
+
+
+def _read_exact(f: Any, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def _stream_child(inbox: int, outbox: int, cpu: int) -> None:
+    os.sched_setaffinity(0, {cpu})
+    decode = msgspec.msgpack.Decoder().decode
+    encode = msgspec.msgpack.Encoder().encode
+    with os.fdopen(inbox, "rb") as f:
+        while header := f.read(4):
+            (size,) = _HEADER.unpack(header)
+            results = encode([a["x"] + 1 for a in decode(_read_exact(f, size))])
+            os.write(outbox, _HEADER.pack(len(results)) + results)
+    os._exit(0)
+
+
+def msgpack_stream(
+    parent_cpu: int, child_cpu: int, n: int, batch_bytes: int = 8192
+) -> tuple[float, float, int]:
+    """Stream n actions through a child in msgpack batches of about `batch_bytes`.
+
+    Returns actions per second, the parent's CPU seconds per action, and actions per batch.
+    """
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(list[int]).decode
+    # Actions per batch: as many as fit in batch_bytes at the stream's typical action size.
+    per_batch = max(1, batch_bytes // len(encode([{"x": n // 2}])))
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(to_child_w)
+        os.close(to_parent_r)
+        _stream_child(to_child_r, to_parent_w, child_cpu)
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    inbox = os.fdopen(to_parent_r, "rb")
+    total = 0
+    try:
+        with pinned({parent_cpu}), Stopwatch() as sw:
+            sent = 0
+            in_flight = 0
+            while sent < n or in_flight:
+                if sent < n and in_flight < _STREAM_WINDOW:
+                    end = min(n, sent + per_batch)
+                    batch = encode([{"x": i} for i in range(sent, end)])
+                    os.write(to_child_w, _HEADER.pack(len(batch)) + batch)
+                    sent = end
+                    in_flight += 1
+                else:
+                    (size,) = _HEADER.unpack(_read_exact(inbox, 4))
+                    total += sum(decode(_read_exact(inbox, size)))
+                    in_flight -= 1
+    finally:
+        os.close(to_child_w)
+        os.waitpid(pid, 0)
+        inbox.close()
+    assert total == n * (n + 1) // 2
+    return n / sw.wall, sw.cpu / n, per_batch
+
+
+def run(rounds: int = 20_000, stream_actions: int = 5_000_000) -> dict[str, Figure]:
     cpus = sorted(os.sched_getaffinity(0))
     out: dict[str, Figure] = {}
     if len(cpus) >= 2:
@@ -62,12 +169,32 @@ def run(rounds: int = 20_000) -> dict[str, Figure]:
         out["pipe_pingpong_cross_cpu_p99"] = figure(
             percentile(cross, 99) * 1e6, "us", "same, 99th percentile"
         )
+        cross = socket_pingpong(cpus[0], cpus[1], rounds)
+        out["socket_pingpong_cross_cpu_p50"] = figure(
+            median(cross) * 1e6,
+            "us",
+            "raw pickle round trip over a Unix socketpair, pinned to 2 CPUs",
+        )
+        out["socket_pingpong_cross_cpu_p99"] = figure(
+            percentile(cross, 99) * 1e6, "us", "same, 99th percentile"
+        )
     same = pickle_pingpong(cpus[0], cpus[0], rounds)
     out["pipe_pingpong_same_cpu_p50"] = figure(
         median(same) * 1e6, "us", "raw pickle round trip over pipes, both on one CPU"
     )
-    for name, fig in out.items():
-        say(f"  {name}: {fig['value']} {fig['unit']}")
+    child_cpu = cpus[1] if len(cpus) >= 2 else cpus[0]
+    rate, cpu, per_batch = msgpack_stream(cpus[0], child_cpu, stream_actions)
+    out["msgpack_stream_rate"] = figure(
+        rate,
+        "actions/s",
+        "msgpack batches of 8 KiB streamed through a child over pipes, pinned to 2 CPUs: "
+        "the ceiling for any pool's bulk throughput here",
+        actions_per_batch=per_batch,
+    )
+    out["msgpack_stream_master_cpu"] = figure(
+        cpu * 1e6, "us/action", "the parent's CPU per action in that stream"
+    )
+    say_figures(out)
     return out
 
 

@@ -1,0 +1,75 @@
+"""qoper8d measured in the shape of the baselines: start-up, idle latency p50/p99, and bulk
+throughput with master CPU, 2 workers, trivial handler — so that one table compares them."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+import trio
+
+import qoper8d
+from bench import baselines, engine
+from bench._common import Figure, Stopwatch, error_figure, figure, median, percentile, say_figures
+
+SIZES = {"map": 400_000, "callers": 100_000, "latency": 2_000, "startup": 5}
+QUICK_SIZES = {"map": 50_000, "callers": 10_000, "latency": 500, "startup": 3}
+
+
+async def first_result(start_method: str) -> float:
+    t0 = time.perf_counter()
+    async with qoper8d.open_pool(engine.TRIVIAL, size=2, start_method=start_method) as pool:
+        await pool.run({"x": 0})
+        return time.perf_counter() - t0
+
+
+async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
+    out: dict[str, Figure] = {}
+    for method, suffix in (("forkserver", ""), ("spawn", "_spawn")):
+        try:
+            times = [await first_result(method) for _ in range(sizes["startup"])]
+            out[f"qoper8d_startup{suffix}"] = figure(
+                median(times) * 1e3,
+                "ms",
+                f"qoper8d.open_pool(size=2, start_method={method!r}): construct, first result "
+                f"(median of {sizes['startup']})",
+            )
+        except Exception as exc:
+            out[f"qoper8d_startup{suffix}_error"] = error_figure(exc, f"start-up ({method})")
+    async with qoper8d.open_pool(engine.TRIVIAL, size=2) as pool:
+        await pool.run({"x": 0})
+        n = sizes["map"]
+        with Stopwatch() as sw:
+            total = 0
+            async for r in pool.map({"x": i} for i in range(n)):
+                total += r
+        assert total == n * (n + 1) // 2
+        out["qoper8d_map_rate"] = figure(n / sw.wall, "actions/s", "qoper8d pool.map, 2 workers")
+        out["qoper8d_map_master_cpu"] = figure(
+            sw.cpu / n * 1e6, "us/action", "its master CPU, caller's loop included"
+        )
+        tasks = baselines.TRIO_TASKS
+        each = sizes["callers"] // tasks
+        with Stopwatch() as sw:
+            await engine.concurrent_callers(pool, tasks, each)
+        n = tasks * each
+        what = f"qoper8d pool.run from {tasks} concurrent trio tasks, 2 workers"
+        out[f"qoper8d_run_{tasks}_callers_rate"] = figure(n / sw.wall, "actions/s", what)
+        out[f"qoper8d_run_{tasks}_callers_master_cpu"] = figure(
+            sw.cpu / n * 1e6, "us/action", f"its master CPU: {what}"
+        )
+        samples = await engine.idle_latency(pool, sizes["latency"])
+        what = "qoper8d pool.run, one at a time, unpinned"
+        out["qoper8d_latency_p50"] = figure(median(samples) * 1e6, "us", f"{what}, p50")
+        out["qoper8d_latency_p99"] = figure(percentile(samples, 99) * 1e6, "us", f"{what}, p99")
+    return out
+
+
+def run(quick: bool = False) -> dict[str, Figure]:
+    engine.quiet_logs()
+    try:
+        out = trio.run(_bench, QUICK_SIZES if quick else SIZES)
+    finally:
+        structlog.reset_defaults()
+    say_figures(out)
+    return out

@@ -1,0 +1,398 @@
+"""The results JSON as a Markdown report and a chart, for people.
+
+    python -m bench --report bench/results/2026-11-28.json
+
+writes bench/results/REPORT.md (the machine, the targets, Q-Oper8's published figures beside
+ours, the pools side by side, every figure by suite) and bench/results/throughput.png (the
+throughput of every pool measured, qoper8d highlighted; and Q-Oper8's table, ours against its
+published points). `python -m bench` writes both after every run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench._common import RESULTS, Figure, is_number
+
+#: Suites whose figures are qoper8d's own (highlighted in the chart).
+QOPER8D_SUITES = ("engine", "qoper8d_pools", "qoper8_table", "faults", "memory")
+#: Figures of these suites are not pools' throughput: they go to the second panel or nowhere.
+_NOT_IN_BARS = ("qoper8_table", "memory")
+#: What each suite is, in a line.
+SUITE_TITLES = {
+    "physical": "physical limits: raw ping-pongs and a batched msgpack stream",
+    "baselines": "Python's pools, 2 workers, trivial action",
+    "qoper8d_pools": "qoper8d in the baselines' shape",
+    "engine": "the qoper8d engine in-process",
+    "qoper8_table": "Q-Oper8's benchmark table, reproduced",
+    "faults": "throughput while workers are SIGKILLed",
+    "memory": "worker and master memory",
+}
+#: Pool families with start-up and latency figures, in table order: (prefix, label).
+FAMILIES = (
+    ("mp_pool", "multiprocessing.Pool (fork)"),
+    ("ppe", "ProcessPoolExecutor (fork)"),
+    ("trio_parallel", "trio-parallel (spawn)"),
+    ("pebble", "pebble.ProcessPool (fork)"),
+    ("qoper8d", "qoper8d (forkserver)"),
+)
+
+
+def fmt(value: Any) -> str:
+    if not is_number(value):
+        return f"`{value}`"
+    v = float(value)
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _all_figures(report: dict[str, Any]) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    for suite in report.get("suites", {}).values():
+        figures.update(suite)
+    return figures
+
+
+def _value(figures: dict[str, Figure], name: str) -> str:
+    fig = figures.get(name)
+    if fig is None:
+        return "—"
+    return fmt(fig["value"])
+
+
+# -- Markdown ----------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any], source: str, chart: str | None) -> str:
+    figures = _all_figures(report)
+    m = report.get("machine", {})
+    when = report.get("finished", "")
+    lines = [f"# qoper8d benchmarks, {when[:10]}", ""]
+    lines += [
+        f"Generated from `{source}`; `python -m bench --report {source}` regenerates it."
+        + (
+            " **A quick run: small sizes, a smoke test, not figures to quote.**"
+            if report.get("quick")
+            else ""
+        ),
+        "Figures are compared as ratios measured side by side in this one run; the machine is"
+        " shared and noisy, so absolute figures vary from run to run.",
+        "",
+        "## The machine",
+        "",
+    ]
+    lines += _table(
+        ["", ""],
+        [
+            ["CPUs (usable)", f"{m.get('cpus')} ({m.get('usable_cpus')})"],
+            ["CPU model", str(m.get("cpu_model", ""))],
+            ["Python", f"{m.get('implementation', '')} {m.get('python', '')}"],
+            ["kernel", str(m.get("kernel", ""))],
+            ["commit", f"`{m.get('commit', '')}`"],
+            [
+                "load average before",
+                ", ".join(f"{x:.2f}" for x in m.get("load_average_before", [])),
+            ],
+            ["finished", when],
+        ],
+    )
+    lines += ["## Targets", ""]
+    targets = report.get("targets", [])
+    if targets:
+        lines += _table(
+            ["target", "what", "value", "bound", "met"],
+            [
+                [
+                    t["target"],
+                    t["what"],
+                    fmt(t["value"]),
+                    t["bound"],
+                    "yes" if t["met"] else "**no**",
+                ]
+                for t in targets
+            ],
+        )
+    else:
+        lines += ["No target could be evaluated from the suites run.", ""]
+    lines += _qoper8_section(report, figures)
+    lines += _pools_section(report, figures)
+    if chart:
+        lines += ["## Throughput chart", "", f"![throughput of every pool]({chart})", ""]
+    lines += ["## Every figure, by suite", ""]
+    for suite, suite_figures in report.get("suites", {}).items():
+        lines += [f"### {suite}: {SUITE_TITLES.get(suite, '')}", ""]
+        lines += _table(
+            ["figure", "value", "unit", "what"],
+            [
+                [f"`{name}`", fmt(f["value"]), f["unit"], f["what"]]
+                for name, f in suite_figures.items()
+            ],
+        )
+    lines += [
+        "## What limits each figure",
+        "",
+        "_To be written by the lead: for each suite, what bounds its figures on this machine "
+        "(the master's CPU, cross-CPU wake-ups, pickling, the 2 cores shared by master and "
+        "workers...), and how far each is from the physical bound measured above._",
+        "",
+    ]
+    lines += [f"- **{suite}**: _…_" for suite in report.get("suites", {})]
+    return "\n".join(lines) + "\n"
+
+
+def _qoper8_section(report: dict[str, Any], figures: dict[str, Figure]) -> list[str]:
+    if "qoper8_table" not in report.get("suites", {}):
+        return []
+    cores = report.get("machine", {}).get("cpus")
+    lines = [
+        "## Q-Oper8's table beside ours",
+        "",
+        "Q-Oper8 (2011) published sustained throughput of a trivial handler on 4 CPUs with "
+        f"Node.js 0.4; ours is on {cores} cores, so sizes past {cores} share CPUs with the "
+        "master. Different machines, a decade apart: the ratio says little about the designs.",
+        "",
+    ]
+    rows = []
+    for size in range(1, 9):
+        ours = figures.get(f"sustained_size_{size}_rate")
+        theirs = figures.get(f"qoper8_published_size_{size}_rate")
+        ratio = "—"
+        if ours and theirs and is_number(ours["value"]):
+            ratio = f"{ours['value'] / theirs['value']:.1f}x"
+        rows.append(
+            [
+                str(size),
+                fmt(theirs["value"]) if theirs else "—",
+                fmt(ours["value"]) if ours else "—",
+                _value(figures, f"sustained_size_{size}_master_cpu"),
+                ratio,
+            ]
+        )
+    lines += _table(
+        ["pool size", "Q-Oper8, actions/s", "qoper8d, actions/s", "master CPU, us/action", "ratio"],
+        rows,
+    )
+    rows = [
+        [
+            f"{b:,}",
+            _value(figures, f"sustained_batch_{b}_rate"),
+            _value(figures, f"sustained_batch_{b}_master_cpu"),
+        ]
+        for b in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+        if f"sustained_batch_{b}_rate" in figures or f"sustained_batch_{b}_error" in figures
+    ]
+    if rows:
+        lines += ["`max_batch_bytes` at 2 workers:", ""]
+        lines += _table(["max_batch_bytes", "actions/s", "master CPU, us/action"], rows)
+    return lines
+
+
+def _pools_section(report: dict[str, Any], figures: dict[str, Figure]) -> list[str]:
+    lines: list[str] = []
+    rows = [
+        [
+            label,
+            _value(figures, f"{prefix}_startup"),
+            _value(figures, f"{prefix}_latency_p50"),
+            _value(figures, f"{prefix}_latency_p99"),
+        ]
+        for prefix, label in FAMILIES
+        if any(f"{prefix}_{k}" in figures for k in ("startup", "latency_p50", "latency_p99"))
+    ]
+    if rows:
+        lines += ["## Pools side by side: start-up and idle latency (2 workers)", ""]
+        lines += _table(["pool", "start-up, ms", "latency p50, us", "latency p99, us"], rows)
+    rows = []
+    for suite, name, fig in _throughputs(report):
+        stem = name.removesuffix("_rate")
+        rows.append(
+            [
+                suite,
+                f"`{stem}`",
+                fmt(fig["value"]),
+                _value(figures, f"{stem}_master_cpu"),
+                fig["what"],
+            ]
+        )
+    if rows:
+        lines += ["## Pools side by side: throughput (2 workers, trivial action)", ""]
+        lines += _table(["suite", "figure", "actions/s", "master CPU, us/action", "what"], rows)
+    return lines
+
+
+def _throughputs(report: dict[str, Any]) -> list[tuple[str, str, Figure]]:
+    """Every pool's throughput figure, fastest first: (suite, name, figure)."""
+    found = [
+        (suite, name, fig)
+        for suite, suite_figures in report.get("suites", {}).items()
+        if suite not in _NOT_IN_BARS
+        for name, fig in suite_figures.items()
+        if fig.get("unit") == "actions/s" and is_number(fig["value"])
+    ]
+    return sorted(found, key=lambda item: -item[2]["value"])
+
+
+# -- the chart ---------------------------------------------------------------------------------
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = report.get("suites", {})
+    bars: list[tuple[str, float, str]] = []  # label, value, kind
+    for suite, name, fig in _throughputs(report):
+        label = name.removesuffix("_rate")
+        if suite == "engine":
+            label = f"engine: {label}"
+        bars.append((label, float(fig["value"]), "qoper8d" if suite in QOPER8D_SUITES else suite))
+    bars.sort(key=lambda b: b[1])
+    colours = {"qoper8d": "#d95f02", "baselines": "#7570b3", "physical": "#bbbbbb"}
+    names = {"qoper8d": "qoper8d", "baselines": "Python's pools", "physical": "physical bound"}
+    table = suites.get("qoper8_table", {})
+
+    panels = 2 if table else 1
+    heights = [max(4.0, 0.32 * len(bars) + 1.2)] + ([4.2] if table else [])
+    fig, axes = plt.subplots(
+        panels, 1, figsize=(10, sum(heights) + 0.6), gridspec_kw={"height_ratios": heights}
+    )
+    axes = list(axes) if panels > 1 else [axes]
+    ax = axes[0]
+    y = range(len(bars))
+    ax.barh(
+        list(y),
+        [b[1] for b in bars],
+        color=[colours.get(b[2], "#999999") for b in bars],
+        hatch=None,
+        edgecolor="none",
+    )
+    ax.set_yticks(list(y), [b[0] for b in bars], fontsize=8.5)
+    for i, (_, value, kind) in enumerate(bars):
+        ax.text(value * 1.06, i, _short(value), va="center", fontsize=8)
+        if kind == "qoper8d":
+            ax.get_yticklabels()[i].set_fontweight("bold")
+    ax.set_xscale("log")
+    if bars:
+        ax.set_xlim(min(b[1] for b in bars) / 2, max(b[1] for b in bars) * 3)
+    ax.set_xlabel("actions/s (log scale)")
+    m = report.get("machine", {})
+    quick = " — quick run" if report.get("quick") else ""
+    ax.set_title(
+        f"Throughput of the trivial action, 2 workers ({m.get('cpus')} cores, "
+        f"Python {m.get('python', '')}){quick}",
+        fontsize=11,
+    )
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=colours[k])
+        for k in ("qoper8d", "baselines", "physical")
+        if any(b[2] == k for b in bars)
+    ]
+    labels = [
+        names[k] for k in ("qoper8d", "baselines", "physical") if any(b[2] == k for b in bars)
+    ]
+    ax.legend(handles, labels, loc="lower right", fontsize=8.5)
+    ax.grid(axis="x", which="both", alpha=0.25)
+
+    if table:
+        ax = axes[1]
+        sizes = [
+            s
+            for s in range(1, 9)
+            if is_number(table.get(f"sustained_size_{s}_rate", {}).get("value"))
+        ]
+        ours = [table[f"sustained_size_{s}_rate"]["value"] for s in sizes]
+        ax.plot(
+            sizes,
+            ours,
+            "o-",
+            color=colours["qoper8d"],
+            label=f"qoper8d here ({m.get('cpus')} cores)",
+        )
+        published = sorted(
+            (int(k.split("_")[3]), f["value"])
+            for k, f in table.items()
+            if k.startswith("qoper8_published_size_")
+        )
+        if published:
+            ax.plot(
+                [p[0] for p in published],
+                [p[1] for p in published],
+                "s--",
+                color="#1b9e77",
+                markersize=8,
+                label="Q-Oper8 published (4 CPUs, Node.js 0.4)",
+            )
+        for s, v in zip(sizes, ours, strict=True):
+            ax.annotate(
+                _short(v),
+                (s, v),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=8,
+            )
+        for s, v in published:
+            ax.annotate(
+                _short(v),
+                (s, v),
+                textcoords="offset points",
+                xytext=(0, -14),
+                ha="center",
+                fontsize=8,
+            )
+        ax.set_xticks(range(1, 9))
+        ax.set_xlabel("pool size (worker processes)")
+        ax.set_yscale("log")
+        values = ours + [p[1] for p in published]
+        if values:
+            ax.set_ylim(min(values) / 3, max(values) * 3)
+        ax.set_ylabel("actions/s (log scale)")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short(v)))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title("Q-Oper8's table: sustained throughput by pool size", fontsize=11)
+        ax.legend(fontsize=8.5, loc="best")
+        ax.grid(alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.0f}k"
+    return f"{value:.0f}"
+
+
+def write(report: dict[str, Any], source: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """Write REPORT.md and throughput.png into `out_dir`; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / "throughput.png"
+    md = out_dir / "REPORT.md"
+    chart(report, png)
+    md.write_text(markdown(report, source, png.name))
+    return md, png
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        report: dict[str, Any] = json.load(f)
+    return report
