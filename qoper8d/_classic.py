@@ -91,6 +91,15 @@ class Callbacks:
             self._task = None
             trio.lowlevel.reschedule(task)
 
+    async def flush(self, timeout: float) -> None:
+        """Run callbacks still pending, for at most `timeout` seconds, whatever cancellation
+        is going on: the pool is closing and each of them has an outcome to hear."""
+        if not self._pending:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            while self._pending:
+                await self._call(*self._pending.popleft())
+
     # -- the runner --------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -106,25 +115,27 @@ class Callbacks:
 
                 await trio.lowlevel.wait_task_rescheduled(abort)
                 continue
-            job, outcome, pid = pending.popleft()
-            request, on_response = job.tag
-            result = outcome if isinstance(outcome, ActionError) else decode_json(outcome)
-            try:
-                done = on_response(request, result, pid)
-                if inspect.isawaitable(done):
-                    await done
-            except Exception as exc:
-                log.error(
-                    "pool.on_response_failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    action=str(request.get("action"))[:200],
-                    exc_info=exc,
-                )
-            finally:
-                self.outstanding -= 1
-                if not self.outstanding:
-                    self._settled.set()
+            await self._call(*pending.popleft())
             await trio.lowlevel.checkpoint()
+
+    async def _call(self, job: Job, outcome: Any, pid: int | None) -> None:
+        request, on_response = job.tag
+        result = outcome if isinstance(outcome, ActionError) else decode_json(outcome)
+        try:
+            done = on_response(request, result, pid)
+            if inspect.isawaitable(done):
+                await done
+        except Exception as exc:
+            log.error(
+                "pool.on_response_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                action=str(request.get("action"))[:200],
+                exc_info=exc,
+            )
+        finally:
+            self.outstanding -= 1
+            if not self.outstanding:
+                self._settled.set()
 
 
 class Session:

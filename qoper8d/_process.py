@@ -411,6 +411,9 @@ class ForkServerLauncher:
                         log.log(20, message.event, **message.fields)
                 for fd in fds:
                     os.close(fd)
+        except trio.Cancelled:
+            self._zygote = None  # the pool is going: this is a stop, not a failure
+            raise
         finally:
             zygote.alive = False
             while zygote.pending:

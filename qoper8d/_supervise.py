@@ -174,7 +174,9 @@ class Supervisor:
                 status = await worker.proc.wait()
                 tasks.cancel_scope.cancel()
         except BaseException:
-            # Torn down from outside (the pool is failing): the process must not outlive us.
+            # Torn down from outside (the pool is failing or being cancelled): the process
+            # must not outlive us. That is a stop, not a crash.
+            worker.doom = worker.doom or "stopping"
             worker.proc.signal(signal.SIGKILL)
             with trio.CancelScope(shield=True):
                 status = await worker.proc.wait()

@@ -343,7 +343,9 @@ class _Connection:
             elif op == "hello":
                 self.send(_result_line(id_json, self.server.hello()))
             elif op in ("scale", "reload", "drain"):
-                nursery.start_soon(self._slow_op, request, id_json)
+                # In the server's nursery: the operation completes even if this client
+                # goes away meanwhile (its answer is then dropped).
+                self.server.nursery.start_soon(self._slow_op, request, id_json)
             elif op == "shutdown":
                 grace = request.grace
                 if grace is not None and not (isinstance(grace, float) and grace >= 0):
@@ -396,8 +398,7 @@ class _Connection:
             else:
                 await hooks.drain()
                 self.send(_result_line(id_json, {"drained": True}))
-                await self.flushed()
-                hooks.shutdown(None)
+                hooks.shutdown(None)  # the daemon writes every owed answer before it exits
         except Qoper8Error as exc:
             self.send(_error_line(id_json, exc.to_wire()))
 
@@ -446,6 +447,8 @@ class ControlServer:
         self.path = path
         self.allowed = {os.getuid(), 0, *config.allowed_uids}
         self.connections: set[_Connection] = set()
+        #: Where connections and operations outliving their connection run.
+        self.nursery: trio.Nursery
 
     async def flushed(self) -> None:
         """Return once every response owed to a connected client has been written."""
@@ -605,6 +608,7 @@ async def serve_control(
     identity = -1
     try:
         async with trio.open_nursery() as nursery:
+            server.nursery = nursery
             first = True
             while True:
                 listener = trio.socket.from_stdlib_socket(_bind(path, group))

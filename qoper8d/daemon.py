@@ -26,7 +26,7 @@ import trio
 from qoper8d import __version__
 from qoper8d.config import Config, load_config
 from qoper8d.control import ControlServer, serve_control
-from qoper8d.errors import ConfigError
+from qoper8d.errors import ConfigError, single_error
 from qoper8d.monitor import LogWriter, serve_snapshots
 from qoper8d.pool import Pool, open_pool
 
@@ -136,6 +136,12 @@ class Daemon:
     # -- running ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as background:
             background.start_soon(self._logs.serve)
             # Signals are ours from the start: a SIGTERM while workers start stops cleanly.

@@ -61,6 +61,7 @@ __all__ = [
     "WorkerLost",
     "WorkerStartError",
     "error_from_wire",
+    "single_error",
 ]
 
 
@@ -292,3 +293,29 @@ def error_from_wire(data: dict[str, Any]) -> Qoper8Error:
         err.code = code  # type: ignore[misc]  # keep the server's code for unknown errors
         return err
     return cls(message, **details)
+
+
+def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The one real error in an exception group (a nursery's), as callers expect to catch it.
+
+    Cancellations are set aside, and several copies of one error (every slot failing to
+    import the same handler) count as one. With several different errors, the group stays.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    import trio  # this module is imported by workers, which lack trio
+
+    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len({(type(e), str(e)) for e in errors}) == 1:
+        return errors[0]
+    if not errors and leaves:
+        return leaves[0]
+    return group

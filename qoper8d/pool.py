@@ -26,7 +26,7 @@ from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
 from qoper8d._supervise import Supervisor
 from qoper8d.config import PoolConfig, SupervisorConfig
-from qoper8d.errors import BadRequest
+from qoper8d.errors import BadRequest, single_error
 from qoper8d.stats import PoolStatistics, WorkerStatistics
 
 __all__ = ["MapIterator", "Pool", "Session", "open_pool"]
@@ -320,9 +320,10 @@ async def open_pool(
                 clean = True
             finally:
                 await pool._shutdown(cfg.grace_period if clean and sup.failure is None else 0)
+                await pool._callbacks.flush(cfg.kill_timeout)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        raise single_error(group) from None
 
 
 def worker_spec(config: PoolConfig) -> wire.WorkerSpec:
@@ -354,24 +355,3 @@ def default_launcher(config: PoolConfig) -> Launcher:
         handler_path=list(config.handler_path),
         start_timeout=config.start_timeout,
     )
-
-
-def _single(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The one real error in a nursery's exception group, as callers expect to catch it."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    # Several slots failing for one reason (a handler that cannot import) is one error.
-    if len({(type(e), str(e)) for e in errors}) == 1:
-        return errors[0]
-    if not errors and leaves:
-        return leaves[0]
-    return group

@@ -99,6 +99,7 @@ def _reap(sock: socket.socket) -> None:
 
 def serve(spec: wire.ZygoteSpec) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker.set_process_name("qoper8d-forksrv")
     worker.arm_lifeline(spec.lifeline_fd)
     worker.extend_path(spec.handler_path)
     for name in spec.preload:

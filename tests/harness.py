@@ -128,7 +128,11 @@ class Daemon:
         self.proc.send_signal(signum)
 
     def wait(self, timeout: float = 30.0) -> int:
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            last = "\n".join(self.lines[-25:])
+            raise AssertionError(f"the daemon did not exit within {timeout} s:\n{last}") from None
         self._reader.join(timeout)
         return code
 
