@@ -60,7 +60,7 @@ _ONLY_DONE = {wire.Done}
 #: Compact the queue list once this many taken jobs sit before its head.
 _COMPACT = 4096
 #: About how much work (seconds of actions) one batch should hold at most.
-_BATCH_SECONDS = 0.01
+_BATCH_SECONDS = 0.25
 #: A read at least this long means answers are streaming in: read again before waiting.
 _BUSY_READ = 1024
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
