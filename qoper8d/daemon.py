@@ -86,6 +86,10 @@ class Daemon:
             "version": __version__,
             "socket": str(self.config.server.socket_path()),
             "config": str(self.config_path) if self.config_path else None,
+            # Leak indicators an operator (and the fault tests) can watch over time.
+            "connections": len(self._control.connections) if self._control else 0,
+            "tasks": trio.lowlevel.current_statistics().tasks_living,
+            "open_fds": len(os.listdir("/proc/self/fd")),
         }
         return snapshot
 
