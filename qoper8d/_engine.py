@@ -136,6 +136,8 @@ class Engine:
         self.max_queue = config.max_queue
         self.idle_spin = config.idle_spin
         self.max_actions = config.max_actions_per_worker
+        #: Some job may have a time limit (skips looking for one in every batch otherwise).
+        self.timeouts = config.action_timeout > 0 or getattr(self, "timeouts", False)
 
     # -- accepting -----------------------------------------------------------------------
 
@@ -163,6 +165,8 @@ class Engine:
             return self.config.action_timeout
         if not timeout >= 0 or math.isinf(timeout):
             raise BadRequest(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
+        if timeout:
+            self.timeouts = True
         return float(timeout)
 
     def submit(
@@ -355,7 +359,7 @@ class Engine:
         worker.pos = 0
         worker.seq += 1
         worker.head_started = trio.current_time()
-        worker.timed = any(map(_timeout_of, batch))
+        worker.timed = self.timeouts and any(map(_timeout_of, batch))
         if worker.timed:
             self.arm(worker)
         frame = wire.encode_batch(worker.seq, payloads)

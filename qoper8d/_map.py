@@ -67,6 +67,14 @@ class MapIterator:
         self._return_exceptions = return_exceptions
         self._next = 0  # position of the next result to hand out
         self._issued = 0  # actions submitted so far
+        # Results arrive in runs: the answers one read brought from one worker's batch, for
+        # consecutive positions. A run is kept as a list by its first position, and the one
+        # being handed out is `_run` (positions `_run_start` to `_run_end`), so handing out a
+        # result is a list index, not a dict insert and pop. Anything else (an error, a
+        # lone result, a run broken by a retry) goes in `_results` by position.
+        self._runs: dict[int, list[Any]] = {}
+        self._run: list[Any] = []
+        self._run_start = self._run_end = 0
         self._results: dict[int, Any] = {}
         self._task: trio.lowlevel.Task | None = None
         self._exhausted = False
@@ -84,8 +92,14 @@ class MapIterator:
         # One decode for the whole run of results: they are JSON texts, so joined with
         # commas inside brackets they are one JSON array.
         values = decode_json(b"[%b]" % b",".join(payloads))
-        self._results.update(zip(map(_tag_of, jobs), values, strict=True))
-        if self._task is not None and self._next in self._results:
+        first = jobs[0].tag
+        if jobs[-1].tag - first == len(jobs) - 1:
+            self._runs[first] = values
+            ready = first == self._next
+        else:
+            self._results.update(zip(map(_tag_of, jobs), values, strict=True))
+            ready = self._next in self._results
+        if ready and self._task is not None:
             task, self._task = self._task, None
             trio.lowlevel.reschedule(task)
 
@@ -145,23 +159,26 @@ class MapIterator:
         index = self._next
         if self._issued - index < self._low and not self._exhausted and not self._closed:
             await self._refill()
-        value = self._results.pop(index, _MISSING)
-        if value is _MISSING:
-            if index >= self._issued or self._closed:
-                self._closed = True
-                raise StopAsyncIteration
-            self._task = trio.lowlevel.current_task()
+        if index < self._run_end:
+            value = self._run[index - self._run_start]
+        else:
+            value = self._take(index)
+            if value is _MISSING:
+                if index >= self._issued or self._closed:
+                    self._closed = True
+                    raise StopAsyncIteration
+                self._task = trio.lowlevel.current_task()
 
-            def abort(_: Any) -> trio.lowlevel.Abort:
-                self._task = None
-                return trio.lowlevel.Abort.SUCCEEDED
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    self._task = None
+                    return trio.lowlevel.Abort.SUCCEEDED
 
-            try:
-                await trio.lowlevel.wait_task_rescheduled(abort)
-            except BaseException:
-                self._withdraw()
-                raise
-            value = self._results.pop(index)
+                try:
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                except BaseException:
+                    self._withdraw()
+                    raise
+                value = self._take(index)
         self._next = index + 1
         if type(value) is not _Failed:
             return value
@@ -170,12 +187,23 @@ class MapIterator:
         self._withdraw()
         raise value.error
 
+    def _take(self, index: int) -> Any:
+        """The result at `index` if it has arrived (a run starting there becomes current)."""
+        run = self._runs.pop(index, None)
+        if run is not None:
+            self._run, self._run_start, self._run_end = run, index, index + len(run)
+            return run[0]
+        return self._results.pop(index, _MISSING)
+
     def _withdraw(self) -> None:
         """Stop early: take back what is still queued, drop answers still to come."""
         if not self._closed:
             self._closed = True
             self._engine.withdraw(self)
             self._results.clear()
+            self._runs.clear()
+            self._run = []
+            self._run_start = self._run_end = 0
 
     async def aclose(self) -> None:
         """Stop early (also what leaving `async with aclosing(...)` does)."""
