@@ -337,6 +337,7 @@ def worker_spec(config: PoolConfig) -> wire.WorkerSpec:
         handler_path=list(config.handler_path),
         async_backend=config.async_backend,
         max_rss_bytes=config.max_worker_rss_mb << 20,
+        idle_spin=config.idle_spin,
     )
 
 

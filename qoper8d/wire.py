@@ -141,6 +141,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     handler_path: list[str] = []
     async_backend: str = "trio"
     max_rss_bytes: int = 0
+    #: Seconds to poll for the next batch before blocking (see `pool.idle_spin`).
+    idle_spin: float = 0.0
 
 
 # -- master <-> fork server ----------------------------------------------------------------------
