@@ -30,6 +30,7 @@ from bench import (
     qoper8_table,
     qoper8d_pools,
     report,
+    service,
 )
 from bench._common import RESULTS, ROOT, Figure, is_number, machine, say
 
@@ -49,6 +50,7 @@ SUITES: dict[str, Callable[[bool], dict[str, Figure]]] = {
         if quick
         else None
     ),
+    "service": service.run,
     "qoper8_table": qoper8_table.run,
     "faults": faults.run,
     # In a fresh interpreter of its own, so the suites before it do not skew its RSS.
@@ -73,6 +75,10 @@ TARGETS: list[tuple[str, str, str | None, str, float, str]] = [
      "a killed worker's replacement ready, p50 ms"),
     ("death_noticed", "death_noticed_p50_forkserver", None, "<=", 10.0,
      "a caller learns of its worker's death, p50 ms"),
+    ("socket_map_vs_imap", "socket_map_rate", "mp_imap_unordered_cs1_rate", ">=", 4.0,
+     "Client.map over the socket / imap_unordered(chunksize=1)"),
+    ("socket_latency_vs_pingpong", "socket_latency_vs_pingpong", None, "<=", 2.5,
+     "idle submit p50 over the socket / pinned cross-CPU pipe ping-pong p50"),
     ("master_rss_bounded", "master_rss_growth", None, "<=", 5.0,
      "master RSS growth over 1,000,000 trivial actions through pool.map, %"),
 ]  # fmt: skip

@@ -21,6 +21,7 @@ import signal
 import time
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Callable
 from itertools import accumulate
 from operator import attrgetter
 from typing import Any
@@ -178,12 +179,25 @@ class Engine:
         *,
         follow_up: bool = False,
     ) -> Job:
-        self.check_accepting(follow_up=follow_up)
-        job = Job(payload, sink, tag, self.timeout_for(timeout))
-        self.submitted += 1
+        job = self.accept(payload, sink, tag, timeout, follow_up=follow_up)
         self.queue.append(job)
         self.queued += 1
         self.dispatch()
+        return job
+
+    def accept(
+        self,
+        payload: bytes,
+        sink: Sink,
+        tag: Any,
+        timeout: float | None,
+        *,
+        follow_up: bool = False,
+    ) -> Job:
+        """A job for an action, counted as submitted; the caller queues or runs it."""
+        self.check_accepting(follow_up=follow_up)
+        job = Job(payload, sink, tag, self.timeout_for(timeout))
+        self.submitted += 1
         return job
 
     def submit_many(self, jobs: list[Job]) -> None:
@@ -208,19 +222,43 @@ class Engine:
             self.config.action_timeout if timeout is None else self.timeout_for(timeout),
         )
         self.submitted += 1
-        idle = self.idle
-        if idle and not self.queued and idle[-1].reader_task is not None:
-            return await self._run_borrowed(idle.pop(), job, waiter)
+        worker = self.borrowable()
+        if worker is not None:
+            await self.run_borrowed(worker, job, lambda: waiter.done)
+            if not waiter.done:
+                # The worker died under us: the supervisor delivers the outcome, or a retry.
+                await waiter.wait(lambda: self.cancel(job))
+            return waiter.outcome()
         self.queue.append(job)
         self.queued += 1
         self.dispatch()
         await waiter.wait(lambda: self.cancel(job))
         return waiter.outcome()
 
-    async def _run_borrowed(self, worker: WorkerHandle, job: Job, waiter: Waiter) -> Any:
-        # The idle fast path: this task sends the action and reads the answer itself, while
-        # the worker's reader stays parked. If more work lands on this worker meanwhile, the
-        # reader takes over when we leave.
+    def borrowable(self) -> WorkerHandle | None:
+        """An idle worker the caller may run one action on itself (see `run_borrowed`), taken
+        out of the idle list; None unless the pool is idle and nothing is queued."""
+        idle = self.idle
+        if idle and not self.queued and idle[-1].reader_task is not None:
+            return idle.pop()
+        return None
+
+    async def run_borrowed(
+        self,
+        worker: WorkerHandle,
+        job: Job,
+        finished: Callable[[], bool],
+        *,
+        hand_over: bool = False,
+    ) -> None:
+        """The idle fast path: send `job` to `worker` and read the answer in this task.
+
+        The worker's reader stays parked meanwhile (trio allows one reader per descriptor);
+        if more work lands on this worker, the reader takes over when we leave. Returns once
+        `finished()` (the job's outcome was delivered) or the worker is gone — or, with
+        `hand_over`, once `pool.idle_spin` has passed: the worker's reader then takes over,
+        so a task with other duties (a connection's reader) is never held for long.
+        """
         worker.borrowed = True
         self.send(worker, [job], [job.payload])
         rfd = worker.rfd
@@ -230,13 +268,17 @@ class Engine:
         spin_until = time.perf_counter() + self.idle_spin
         poll = worker.poll
         try:
-            while not waiter.done and not worker.eof:
+            while not finished() and not worker.eof:
                 if spin_until:
                     if not poll(0):
                         if time.perf_counter() > spin_until:
+                            if hand_over:
+                                return
                             spin_until = 0.0
                         await trio.lowlevel.checkpoint()
                         continue
+                elif hand_over:
+                    return
                 else:
                     await trio.lowlevel.wait_readable(rfd)
                 try:
@@ -252,17 +294,13 @@ class Engine:
         except trio.ClosedResourceError:
             pass  # the worker exited; the supervisor has delivered what it could
         except BaseException:
-            if not waiter.done:
+            if not finished():
                 self.cancel(job)
             raise
         finally:
             worker.borrowed = False
             if worker.busy:
                 self.unpark(worker)
-        if not waiter.done:
-            # The worker died under us: the supervisor delivers the outcome, or a retry.
-            await waiter.wait(lambda: self.cancel(job))
-        return waiter.outcome()
 
     # -- dispatch (the hot path) ---------------------------------------------------------
 

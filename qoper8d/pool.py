@@ -106,6 +106,40 @@ class Pool:
             job.max_attempts = max_attempts
         return job
 
+    async def submit_direct(
+        self,
+        payload: bytes,
+        sink: Any,
+        tag: Any = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Any:
+        """`submit_nowait`, but on an idle pool this task writes the action to a worker and
+        reads the answer itself, returning once the sink has it: one task hop less for a
+        front end's lone request — or until `pool.idle_spin` has passed, when the pool's
+        reader takes over. Otherwise it queues the action and returns at once."""
+        engine = self._engine
+        worker = engine.borrowable()
+        if worker is None:
+            return self.submit_nowait(
+                payload, sink, tag, timeout=timeout, max_attempts=max_attempts
+            )
+        try:
+            job = engine.accept(payload, sink, tag, timeout)
+        except BaseException:
+            engine.make_available(worker)
+            raise
+        if max_attempts is not None:
+            job.max_attempts = max_attempts
+        await engine.run_borrowed(
+            worker,
+            job,
+            lambda: all(other is not job for other in worker.inflight),
+            hand_over=True,
+        )
+        return job
+
     def withdraw(self, sink: Any) -> int:
         """Quietly give up every unanswered action of `sink` (its submitter is gone): queued
         ones never run, running ones finish unseen; all count as `cancelled`."""

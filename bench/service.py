@@ -1,0 +1,171 @@
+"""qoper8d as a service: the daemon in its own process, spoken to over its Unix socket.
+
+Three ways in: the blocking client's pipelined `map`, one `submit` at a time (latency,
+compared with the pinned pipe ping-pong in alternating blocks), and `qoper8ctl submit` fed
+NDJSON on stdin. JSON both ways, a process hop each way: the cost of the service on top of
+the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from bench import physical
+from bench._common import ROOT, Figure, cpu_seconds, figure, median, percentile, say_figures
+
+HANDLER = "handlers.echo:plus_one"
+
+
+@contextmanager
+def daemon(size: int = 2) -> Iterator[tuple[Path, int]]:
+    """A qoper8d for the block: (socket path, pid), ready when it is yielded."""
+    tmp = Path(tempfile.mkdtemp(prefix="q8b-", dir="/tmp"))
+    os.chmod(tmp, 0o700)
+    config = {
+        "pool": {"size": size, "handler": HANDLER},
+        "server": {"socket": str(tmp / "q.sock")},
+        "monitor": {"log_format": "json", "log_level": "warning", "silent_start": True},
+    }
+    (tmp / "q.toml").write_text(tomli_w.dumps(config))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify"))
+    notify.settimeout(60)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qoper8d", "--config", str(tmp / "q.toml")],
+        cwd=ROOT,
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        yield tmp / "q.sock", proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _client_map(path: Path, pid: int, n: int, window: int) -> dict[str, float]:
+    from qoper8d import Client
+
+    with Client(path) as client:
+        list(client.map(({"x": i} for i in range(2000)), window=window))  # warm-up
+        daemon_cpu = cpu_seconds(pid)
+        cpu = time.process_time()
+        wall = time.perf_counter()
+        total = sum(client.map(({"x": i} for i in range(n)), window=window))
+        wall = time.perf_counter() - wall
+        cpu = time.process_time() - cpu
+        daemon_cpu = cpu_seconds(pid) - daemon_cpu
+    assert total == n * (n + 1) // 2
+    return {"rate": n / wall, "client_cpu": cpu / n, "daemon_cpu": daemon_cpu / n}
+
+
+def _latency(path: Path, n: int) -> list[float]:
+    from qoper8d import Client
+
+    samples = []
+    with Client(path) as client:
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            client.submit({"x": i})
+            if i >= 200:
+                samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def _ctl_submit(path: Path, n: int) -> float:
+    lines = "".join(f'{{"x": {i}}}\n' for i in range(n)).encode()
+    wall = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from qoper8d.cli import ctl_main; sys.exit(ctl_main())",
+            "--socket",
+            str(path),
+            "submit",
+        ],
+        input=lines,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=600,
+        check=True,
+    )
+    wall = time.perf_counter() - wall
+    assert done.stdout.count(b"\n") == n
+    return n / wall
+
+
+def run(quick: bool) -> dict[str, Figure]:
+    n_map = 20_000 if quick else 200_000
+    n_latency = 1_000 if quick else 5_000
+    n_ctl = 5_000 if quick else 50_000
+    out: dict[str, Figure] = {}
+    with daemon() as (path, pid):
+        best: dict[str, float] = {}
+        for window in (256, 2048):
+            got = _client_map(path, pid, n_map, window)
+            if got["rate"] > best.get("rate", 0.0):
+                best = {**got, "window": window}
+        out["socket_map_rate"] = figure(
+            best["rate"],
+            "actions/s",
+            f"Client.map over the socket (daemon: 2 workers), window {int(best['window'])}",
+        )
+        out["socket_map_daemon_cpu"] = figure(
+            best["daemon_cpu"] * 1e6, "us/action", "the daemon's CPU per action in that map"
+        )
+        out["socket_map_client_cpu"] = figure(
+            best["client_cpu"] * 1e6, "us/action", "the client's CPU per action in that map"
+        )
+        cpus = sorted(os.sched_getaffinity(0))
+        ratios: list[float] = []
+        ours: list[float] = []
+        for _ in range(5):
+            ping = physical.pickle_pingpong(cpus[0], cpus[-1], max(500, n_latency // 5))
+            block = _latency(path, max(500, n_latency // 5))
+            ours += block
+            ratios.append(median(block) / median(ping))
+        out["socket_latency_p50"] = figure(
+            median(ours) * 1e6, "us", "one Client.submit at a time on an idle daemon"
+        )
+        out["socket_latency_p99"] = figure(percentile(ours, 99) * 1e6, "us", "the same, p99")
+        out["socket_latency_vs_pingpong"] = figure(
+            median(ratios),
+            "x",
+            "idle submit p50 over the socket / cross-CPU pipe ping-pong p50, "
+            "median of 5 alternating blocks",
+        )
+        out["ctl_submit_rate"] = figure(
+            _ctl_submit(path, n_ctl),
+            "actions/s",
+            f"qoper8ctl submit fed {n_ctl} NDJSON actions on stdin (process start included)",
+        )
+    say_figures(out)
+    return out
+
+
+def main() -> dict[str, Any]:
+    return run(quick=False)
