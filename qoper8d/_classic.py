@@ -22,14 +22,14 @@ import msgspec
 import structlog
 import trio
 
-from qoper8d._jobs import Job, decode_json
-from qoper8d.errors import ActionError, BadRequest
+from qoper8d._jobs import Job, Waiter, decode_json
+from qoper8d.errors import ActionError, BadRequest, WorkerLost
 
 if TYPE_CHECKING:
     from qoper8d._engine import Engine
     from qoper8d._handle import WorkerHandle
 
-__all__ = ["Callbacks", "OnResponse", "Session", "open_session"]
+__all__ = ["Callbacks", "OnResponse", "Reservation", "Session", "open_session"]
 
 log = structlog.get_logger("qoper8d.pool")
 
@@ -153,13 +153,77 @@ class Session:
     async def run(self, action: Any, *, timeout: float | None = None) -> Any:
         """Run one action on the session's worker; as `Pool.run`. Once the worker has died,
         every further call raises `WorkerLost` without running anything."""
-        return await self._engine.run_on(self._worker, action, timeout)
+        engine, worker = self._engine, self._worker
+        if worker.exited.is_set() or worker.doom is not None:
+            raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)
+        payload = engine.encode(action)
+        waiter = Waiter()
+        job = Job(payload, waiter, None, engine.timeout_for(timeout))
+        engine.submitted += 1
+        engine.send(worker, [job], [payload])
+        await waiter.wait(lambda: engine.cancel(job))
+        return waiter.outcome()
+
+
+class Reservation:
+    """A session waiting for a worker of its own."""
+
+    __slots__ = ("task", "worker")
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.worker: WorkerHandle | None = None
+
+    def grant(self, worker: WorkerHandle) -> None:
+        worker.reserved = True
+        self.worker = worker
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task)
+
+    async def wait(self) -> WorkerHandle:
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        assert self.worker is not None
+        return self.worker
+
+
+async def _reserve(engine: Engine) -> WorkerHandle:
+    """A worker of one's own: an idle one now, or the next to become free (ahead of the
+    queue: the engine hands a freed worker to the oldest reservation first)."""
+    engine.check_accepting(0)
+    if engine.idle:
+        worker = engine.idle.pop()
+        worker.reserved = True
+        await trio.lowlevel.checkpoint()
+        return worker
+    reservation = Reservation()
+    engine.reservations.append(reservation)
+    try:
+        return await reservation.wait()
+    except BaseException:
+        if reservation in engine.reservations:
+            engine.reservations.remove(reservation)
+        raise
+
+
+def _release(engine: Engine, worker: WorkerHandle) -> None:
+    """Give a session's worker back to the pool."""
+    worker.reserved = False
+    if worker.changed is not None:
+        worker.changed.set()
+    if not worker.dead and not worker.busy:
+        engine.make_available(worker)
 
 
 @asynccontextmanager
 async def open_session(engine: Engine) -> AsyncIterator[Session]:
-    worker = await engine.reserve()
+    worker = await _reserve(engine)
     try:
         yield Session(engine, worker)
     finally:
-        engine.release(worker)
+        _release(engine, worker)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from bisect import bisect_right
 from collections import deque
@@ -30,26 +29,22 @@ import structlog
 import trio
 
 from qoper8d import wire
+from qoper8d._classic import Reservation
 from qoper8d._handle import EMPTY, Discard, WorkerHandle
 from qoper8d._jobs import Job, Sink, Waiter, encode_json
-from qoper8d._process import ExitStatus
+from qoper8d._outcomes import Outcomes
 from qoper8d.config import PoolConfig
 from qoper8d.errors import (
-    ActionCancelled,
-    ActionError,
-    ActionTimeout,
     BadRequest,
     BadResult,
     HandlerError,
-    Poisoned,
     PoolClosed,
     QueueFull,
     ShuttingDown,
-    WorkerLost,
 )
 from qoper8d.stats import OUTCOMES
 
-__all__ = ["Engine", "Reservation", "log_level"]
+__all__ = ["Engine", "log_level"]
 
 log = structlog.get_logger("qoper8d.pool")
 
@@ -71,35 +66,9 @@ def log_level(name: str) -> int:
     return _LEVELS.get(name, 20)
 
 
-class Reservation:
-    """A session waiting for a worker of its own."""
-
-    __slots__ = ("task", "worker")
-
-    def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
-        self.worker: WorkerHandle | None = None
-
-    def grant(self, worker: WorkerHandle) -> None:
-        worker.reserved = True
-        self.worker = worker
-        if self.task is not None:
-            trio.lowlevel.reschedule(self.task)
-
-    async def wait(self) -> WorkerHandle:
-        self.task = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        assert self.worker is not None
-        return self.worker
-
-
-class Engine:
-    """Queue, dispatch, answers and outcomes. The supervisor owns the processes."""
+class Engine(Outcomes):
+    """Queue, dispatch and answers; `Outcomes` ends actions when things go wrong. The
+    supervisor owns the processes."""
 
     def __init__(self, config: PoolConfig, nursery: trio.Nursery) -> None:
         self.nursery = nursery
@@ -615,45 +584,6 @@ class Engine:
             self.idle.append(worker)
             self.dispatch()
 
-    # -- sessions ------------------------------------------------------------------------
-
-    async def reserve(self) -> WorkerHandle:
-        """A worker of one's own: an idle one now, or the next to become free."""
-        self.check_accepting(0)
-        if self.idle:
-            worker = self.idle.pop()
-            worker.reserved = True
-            await trio.lowlevel.checkpoint()
-            return worker
-        reservation = Reservation()
-        self.reservations.append(reservation)
-        try:
-            return await reservation.wait()
-        except BaseException:
-            if reservation in self.reservations:
-                self.reservations.remove(reservation)
-            raise
-
-    def release(self, worker: WorkerHandle) -> None:
-        """Give a session's worker back to the pool."""
-        worker.reserved = False
-        if worker.changed is not None:
-            worker.changed.set()
-        if not worker.dead and not worker.busy:
-            self.make_available(worker)
-
-    async def run_on(self, worker: WorkerHandle, action: Any, timeout: float | None) -> Any:
-        """Run one action on a reserved worker (a session's)."""
-        if worker.exited.is_set() or worker.doom is not None:
-            raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)
-        payload = self.encode(action)
-        waiter = Waiter()
-        job = Job(payload, waiter, None, self.timeout_for(timeout))
-        self.submitted += 1
-        self.send(worker, [job], [payload])
-        await waiter.wait(lambda: self.cancel(job))
-        return waiter.outcome()
-
     # -- time limits and recycling -------------------------------------------------------
 
     def deadline(self, worker: WorkerHandle) -> float:
@@ -687,191 +617,3 @@ class Engine:
         if worker.retire is None:
             worker.retire = reason
             worker.attention.set()
-
-    # -- outcomes ------------------------------------------------------------------------
-
-    def end(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
-        if job.sink is not self.discard:
-            self.outcomes[err.code] += 1
-        job.sink.error(job, err, worker)
-
-    def result_count(self) -> int:
-        """Actions that ended with a result."""
-        errors = self.outcomes["handler_error"] + self.outcomes["bad_result"]
-        return self.answers - errors - self.discard.answers
-
-    def find_running(self, job: Job) -> WorkerHandle | None:
-        for worker in self.live:
-            if job in worker.inflight[worker.pos :]:
-                return worker
-        return None
-
-    def cancel(self, job: Job) -> None:
-        """The submitter withdrew `job`: drop it if queued, stop its worker if running."""
-        if job.sink is self.discard or job.cancelled:
-            return
-        worker = self.find_running(job)
-        if worker is None:
-            job.cancelled = True
-            self.queued -= 1
-            self.tombstones += 1
-            self.end(job, ActionCancelled("cancelled while queued"), None)
-        elif worker.inflight[worker.pos] is job:
-            self.end(
-                job,
-                ActionCancelled("cancelled while running; its worker is replaced", pid=worker.pid),
-                worker,
-            )
-            self.kill(worker, "cancelled")
-        else:
-            # Already in a worker's batch but not started: it will run when its turn comes
-            # (a worker reads nothing mid-batch), and its answer is dropped.
-            self.end(job, ActionCancelled("cancelled before it started"), None)
-        job.sink = self.discard
-        if not self.accepting:
-            self.check_quiet()
-
-    def withdraw(self, sink: Sink) -> int:
-        """Cancel, silently, every unanswered job of `sink` (a map being closed)."""
-        count = 0
-        for job in self.queue[self.head :]:
-            if job.sink is sink and not job.cancelled:
-                job.cancelled = True
-                job.sink = self.discard
-                self.queued -= 1
-                self.tombstones += 1
-                self.outcomes["cancelled"] += 1
-                count += 1
-        for worker in self.live:
-            for job in worker.inflight[worker.pos :]:
-                if job.sink is sink:
-                    job.sink = self.discard
-                    self.outcomes["cancelled"] += 1
-                    count += 1
-        if not self.accepting:
-            self.check_quiet()
-        return count
-
-    def on_exit(self, worker: WorkerHandle, status: ExitStatus) -> str:
-        """Give every action still in flight its outcome; returns what it was doing."""
-        pending = worker.inflight[worker.pos :]
-        worker.inflight = EMPTY
-        worker.pos = 0
-        if not pending:
-            return ""
-        first: Job | None = pending[0]
-        rest = pending[1:]
-        if worker.unsent:
-            first, rest = None, pending
-        requeue = [job for job in rest if job.sink is not self.discard]
-        doing = ""
-        if first is not None:
-            doing = first.payload[:200].decode("utf-8", "replace")
-            if self._first_unanswered(first, worker, status):
-                requeue.insert(0, first)
-        if requeue:
-            self.requeue(requeue)
-        return doing
-
-    def _first_unanswered(self, job: Job, worker: WorkerHandle, status: ExitStatus) -> bool:
-        """The outcome of the action a dying worker may have been running; True to retry."""
-        if job.sink is self.discard:
-            return False  # cancelled or timed out: answered already
-        job.runs += 1
-        if worker.doom == "stopping" or self.stopping:
-            self.end(
-                job,
-                ShuttingDown("the pool stopped while the action was running", pid=worker.pid),
-                worker,
-            )
-            return False
-        job.deaths += 1
-        cfg = self.config
-        details = {"pid": worker.pid, **status.details(), "attempts": job.runs}
-        if job.deaths >= cfg.poison_threshold:
-            self.end(
-                job,
-                Poisoned(
-                    f"the action killed {job.deaths} workers "
-                    f"(pool.poison_threshold = {cfg.poison_threshold})",
-                    **details,
-                ),
-                worker,
-            )
-            return False
-        if job.runs >= (job.max_attempts or cfg.max_attempts):
-            self.end(
-                job,
-                WorkerLost(f"worker {worker.pid} died running the action ({status})", **details),
-                worker,
-            )
-            return False
-        return True
-
-    def time_out(self, worker: WorkerHandle) -> None:
-        """The action running on `worker` passed its deadline."""
-        job = worker.inflight[worker.pos]
-        self.end(
-            job,
-            ActionTimeout(
-                f"the action ran longer than {job.timeout:g} s; its worker is replaced",
-                timeout=job.timeout,
-                pid=worker.pid,
-            ),
-            worker,
-        )
-        job.sink = self.discard
-        self.kill(worker, "timeout")
-
-    def protocol_violation(self, worker: WorkerHandle, why: str) -> None:
-        # Its protocol state is in doubt: never reuse it.
-        log.error("worker.protocol_error", slot=worker.slot.index, pid=worker.pid, error=why)
-        worker.eof = True
-        self.kill(worker, None)
-
-    def kill(self, worker: WorkerHandle, doom: str | None) -> None:
-        """Stop a worker now: SIGTERM, `pool.kill_timeout` to go, then SIGKILL."""
-        if worker.doom is None:
-            worker.doom = doom
-        self.take_out(worker)
-        self.nursery.start_soon(self.escalate, worker)
-
-    def take_out(self, worker: WorkerHandle) -> None:
-        """No more work for this worker."""
-        worker.dead = True
-        if worker in self.idle:
-            self.idle.remove(worker)
-
-    async def escalate(self, worker: WorkerHandle, first: int = signal.SIGTERM) -> None:
-        """Signal `first` (0: none, it was asked to stop already), then every
-        `pool.kill_timeout` escalate: SIGTERM, then SIGKILL."""
-        steps: list[int] = [signal.SIGTERM, signal.SIGKILL]
-        if first:
-            worker.proc.signal(first)
-            steps = steps[steps.index(first) + 1 :] if first in steps else steps
-        for signum in steps:
-            with trio.move_on_after(self.config.kill_timeout):
-                await worker.exited.wait()
-                return
-            worker.proc.signal(signum)
-
-    # -- stopping ------------------------------------------------------------------------
-
-    def check_quiet(self) -> None:
-        """Set `quiet` once every accepted action has its outcome: nothing queued, and
-        nothing in flight but answers nobody waits for (cancelled, timed out, withdrawn)."""
-        if self.queued:
-            return
-        discard = self.discard
-        for worker in self.live:
-            for job in worker.inflight[worker.pos :]:
-                if job.sink is not discard:
-                    return
-        self.quiet.set()
-
-    def end_queued(self, message: str) -> None:
-        jobs = self.queued_jobs()
-        self.queue.clear()
-        self.head = self.queued = self.tombstones = 0
-        for job in jobs:
-            self.end(job, ShuttingDown(message), None)

@@ -37,11 +37,12 @@ class Sink(Protocol):
         """The action ended with an error outcome (`worker` is None if it never ran)."""
 
 
-class Job(msgspec.Struct, gc=False):
+class Job(msgspec.Struct, gc=False, eq=False):
     """One accepted action, queued or running, until its single outcome is delivered.
 
     A msgspec Struct without GC tracking: created once per action in bulk paths, it costs a
     third of a plain class. Nothing a job refers to refers back to it, so no cycle is lost.
+    Jobs compare by identity (`eq=False`): two equal actions are still two jobs.
     """
 
     #: The action as JSON text.
