@@ -1,15 +1,9 @@
 """The control socket: NDJSON requests in, responses out, as docs/protocol.md describes.
 
 `serve_control` binds the socket only when it is called — after the pool's workers are ready —
-and reports `task_status.started(path)` once it listens. It runs until cancelled.
-
-Safety first. The socket lives in a directory only its owner may enter (0700, checked, not
-just hoped for: an existing directory owned by someone else, or open to others, stops the
-start), the socket is 0600, and every peer's uid is checked (SO_PEERCRED). A lock file held
-for the daemon's life makes a second daemon refuse to start, whatever the race; a socket
-left behind by a dead daemon is reclaimed; anything else at the path — a symlink planted
-there above all — is refused, never followed. If someone deletes the socket while we run,
-inotify tells us and we bind it again.
+and reports `task_status.started(server)` once it listens. It runs until cancelled. The socket
+file itself (a private directory, a lock, reclaiming, re-binding) is `_socketfile`'s job;
+every peer's uid is checked here (SO_PEERCRED) before it may send anything.
 
 A connection is a reader, a writer and the requests in between. `submit` payloads are passed
 to the pool as raw JSON and results come back as raw JSON, spliced into response lines
@@ -20,14 +14,10 @@ nothing a client sends can reach the daemon or another connection.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
-import grp
 import math
 import os
 import select
 import socket
-import stat
 import struct
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +28,7 @@ import trio
 
 from qoper8d import __version__
 from qoper8d._jobs import Job
+from qoper8d._socketfile import SocketInUse, bind, group_id, lock, removed, secure_directory, watch
 from qoper8d.config import ServerConfig
 from qoper8d.errors import (
     ActionError,
@@ -56,12 +47,6 @@ PROTOCOL = 1
 OPS = ("hello", "submit", "cancel", "status", "scale", "reload", "drain", "shutdown")
 #: Stop reading a connection's requests while this many response bytes wait to be sent.
 MAX_PENDING_OUTPUT = 16 << 20
-
-
-class SocketInUse(Qoper8Error):
-    """Another daemon holds the socket, or something that is not our socket is in the way."""
-
-    code = "socket_in_use"
 
 
 class ControlHooks(Protocol):
@@ -106,147 +91,6 @@ def _error_line(id_json: bytes, err: dict[str, Any]) -> bytes:
 
 def _result_line(id_json: bytes, result: Any) -> bytes:
     return b'{"id":%b,"ok":true,"result":%b}\n' % (id_json, _encode(result))
-
-
-# -- the socket --------------------------------------------------------------------------------
-
-
-def _secure_directory(directory: Path, group: int | None) -> None:
-    """Create the socket's directory (0700, or 0710 with a group) or check an existing one."""
-    mode = 0o710 if group is not None else 0o700
-    try:
-        os.mkdir(directory, mode)
-    except FileExistsError:
-        pass
-    else:
-        os.chmod(directory, mode)  # whatever the umask
-        if group is not None:
-            os.chown(directory, -1, group)
-        return
-    info = os.lstat(directory)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise SocketInUse(f"{directory} is not a directory (a symlink is never followed)")
-    if info.st_uid != os.getuid():
-        raise SocketInUse(
-            f"{directory} belongs to uid {info.st_uid}, not to us ({os.getuid()}): someone "
-            "else could replace the socket; choose another server.socket"
-        )
-    if info.st_mode & 0o007 or (group is None and info.st_mode & 0o070):
-        raise SocketInUse(
-            f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
-            f"make it {mode:o} or choose another server.socket"
-        )
-
-
-def _reclaim(path: Path) -> None:
-    """Make room at `path`: remove a stale socket, refuse anything else."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(info.st_mode):
-        raise SocketInUse(f"{path} is a symlink; refusing to follow or replace it")
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.warning("control.stale_socket", socket=str(path))
-        path.unlink(missing_ok=True)
-        return
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    raise SocketInUse(f"another qoper8d is listening on {path}")
-
-
-def _lock(path: Path) -> int:
-    """Hold `<socket>.lock` for our whole life: the one daemon for this socket."""
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SocketInUse(f"another qoper8d is running for {path}") from None
-    return fd
-
-
-def _bind(path: Path, group: int | None) -> socket.socket:
-    _reclaim(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # Bind under a private umask so the socket is never, even for an instant, open to
-        # others; then set its mode explicitly.
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        if group is not None:
-            os.chown(path, -1, group)
-            os.chmod(path, 0o660)
-        else:
-            os.chmod(path, 0o600)
-        sock.listen(512)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _group_id(name: str) -> int | None:
-    if not name:
-        return None
-    try:
-        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise SocketInUse(f"server.socket_group: no group named {name!r}") from None
-
-
-class _Inotify:
-    """Just enough of inotify(7) to learn that the socket was removed or replaced."""
-
-    IN_DELETE = 0x200
-    IN_MOVED_FROM = 0x40
-    IN_NONBLOCK = os.O_NONBLOCK
-    IN_CLOEXEC = os.O_CLOEXEC
-
-    def __init__(self, directory: Path) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        self.fd: int = fd
-        if (
-            libc.inotify_add_watch(fd, os.fsencode(directory), self.IN_DELETE | self.IN_MOVED_FROM)
-            < 0
-        ):
-            err = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(err, "inotify_add_watch")
-
-    async def removed(self, name: str) -> None:
-        """Return once `name` in the watched directory is deleted or moved away."""
-        target = os.fsencode(name)
-        while True:
-            await trio.lowlevel.wait_readable(self.fd)
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            offset = 0
-            while offset + 16 <= len(data):
-                _wd, _mask, _cookie, length = struct.unpack_from("iIII", data, offset)
-                event_name = data[offset + 16 : offset + 16 + length].rstrip(b"\0")
-                offset += 16 + length
-                if event_name == target:
-                    return
-
-    def close(self) -> None:
-        trio.lowlevel.notify_closing(self.fd)
-        os.close(self.fd)
 
 
 # -- connections -------------------------------------------------------------------------------
@@ -645,9 +489,9 @@ async def serve_control(
     """Listen on `config.socket_path()` and serve clients until cancelled; reports the
     `ControlServer` once listening."""
     path = config.socket_path()
-    group = _group_id(config.socket_group)
-    _secure_directory(path.parent, group)
-    lock = _lock(path)
+    group = group_id(config.socket_group)
+    secure_directory(path.parent, group)
+    held = lock(path)
     server = ControlServer(pool, hooks, config, path)
     identity = -1
     try:
@@ -655,9 +499,9 @@ async def serve_control(
             server.nursery = nursery
             first = True
             while True:
-                listener = trio.socket.from_stdlib_socket(_bind(path, group))
+                listener = trio.socket.from_stdlib_socket(bind(path, group))
                 identity = os.stat(path).st_ino
-                watch = _watch(path)
+                watcher = watch(path)
                 try:
                     with listener:
                         accepting = trio.CancelScope()
@@ -666,17 +510,17 @@ async def serve_control(
                         if first:
                             first = False
                             task_status.started(server)
-                        await _until_removed(watch, path, identity)
+                        await removed(watcher, path, identity)
                         accepting.cancel()
                         log.warning("control.socket_removed", socket=str(path))
                 finally:
-                    if watch is not None:
-                        watch.close()
+                    if watcher is not None:
+                        watcher.close()
     finally:
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == identity:
                 path.unlink()
-        os.close(lock)
+        os.close(held)
 
 
 async def _accept(
@@ -687,26 +531,3 @@ async def _accept(
 ) -> None:
     with scope:
         await server.accept_loop(listener, nursery)
-
-
-def _watch(path: Path) -> _Inotify | None:
-    try:
-        return _Inotify(path.parent)
-    except OSError as exc:  # pragma: no cover - inotify is there on any modern Linux
-        log.warning("control.no_inotify", error=str(exc))
-        return None
-
-
-async def _until_removed(watch: _Inotify | None, path: Path, identity: int) -> None:
-    """Return when the socket file at `path` is no longer ours (deleted or replaced)."""
-    if watch is None:
-        await trio.sleep_forever()
-    assert watch is not None
-    while True:
-        await watch.removed(path.name)
-        try:
-            if os.stat(path).st_ino == identity:
-                continue  # something else of that name went; ours is still there
-        except FileNotFoundError:
-            pass
-        return
