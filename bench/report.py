@@ -143,15 +143,10 @@ def markdown(report: dict[str, Any], source: str, chart: str | None) -> str:
                 for name, f in suite_figures.items()
             ],
         )
-    lines += [
-        "## What limits each figure",
-        "",
-        "_To be written by the lead: for each suite, what bounds its figures on this machine "
-        "(the master's CPU, cross-CPU wake-ups, pickling, the 2 cores shared by master and "
-        "workers...), and how far each is from the physical bound measured above._",
-        "",
-    ]
-    lines += [f"- **{suite}**: _…_" for suite in report.get("suites", {})]
+    # The analysis is prose kept beside the code that measures, not generated.
+    limits = Path(__file__).with_name("LIMITS.md")
+    if limits.exists():
+        lines += ["", limits.read_text().strip(), ""]
     return "\n".join(lines) + "\n"
 
 

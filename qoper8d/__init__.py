@@ -37,6 +37,7 @@ from qoper8d.errors import (
 )
 
 if TYPE_CHECKING:
+    from qoper8d.client import Client, open_client
     from qoper8d.config import PoolConfig, SupervisorConfig
     from qoper8d.pool import Pool, Session, open_pool
     from qoper8d.stats import PoolStatistics, WorkerStatistics
@@ -50,6 +51,7 @@ __all__ = [
     "ActionTimeout",
     "BadRequest",
     "BadResult",
+    "Client",
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
@@ -75,6 +77,7 @@ __all__ = [
     "WorkerStartError",
     "WorkerStatistics",
     "__version__",
+    "open_client",
     "open_pool",
 ]
 
@@ -86,6 +89,8 @@ _LAZY = {
     "SupervisorConfig": "qoper8d.config",
     "PoolStatistics": "qoper8d.stats",
     "WorkerStatistics": "qoper8d.stats",
+    "Client": "qoper8d.client",
+    "open_client": "qoper8d.client",
 }
 
 

@@ -83,6 +83,8 @@ def _close_channel(worker: WorkerHandle) -> None:
 
 
 class Supervisor:
+    """The slots and their tasks; restart policy; stopping every worker."""
+
     def __init__(
         self,
         engine: Engine,

@@ -1,7 +1,8 @@
 """The command lines: `qoper8d` (the daemon) and `qoper8ctl` (talks to it).
 
-Both are `main(argv=None) -> int` functions returning an exit code from the named constants
-below, so they can be called from tests and scripts as well as from the console scripts.
+Both are `main(argv=None) -> int` functions returning an exit code from named constants, so
+they can be called from tests and scripts as well as from the console scripts. The daemon's
+are here; `qoper8ctl`'s implementation lives in `qoper8d.ctl` and is re-exported.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -23,9 +24,29 @@ from qoper8d.config import (
     dump_config,
     load_config,
 )
+from qoper8d.ctl import (
+    CTL_DEGRADED,
+    CTL_FAILED,
+    CTL_NOT_RUNNING,
+    CTL_OK,
+    CTL_UNKNOWN,
+    CTL_USAGE,
+    ctl_main,
+    format_status,
+    status_problems,
+)
 from qoper8d.errors import ConfigError, RestartIntensityExceeded, WorkerStartError
 
+if TYPE_CHECKING:
+    pass
+
 __all__ = [
+    "CTL_DEGRADED",
+    "CTL_FAILED",
+    "CTL_NOT_RUNNING",
+    "CTL_OK",
+    "CTL_UNKNOWN",
+    "CTL_USAGE",
     "EXIT_CONFIG",
     "EXIT_FAILED",
     "EXIT_OK",
@@ -33,7 +54,10 @@ __all__ = [
     "EXIT_SOCKET",
     "EXIT_USAGE",
     "EXIT_WORKERS",
+    "ctl_main",
     "daemon_main",
+    "format_status",
+    "status_problems",
 ]
 
 # -- qoper8d exit codes ------------------------------------------------------------------------

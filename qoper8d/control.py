@@ -14,6 +14,7 @@ nothing a client sends can reach the daemon or another connection.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import select
@@ -45,6 +46,8 @@ log = structlog.get_logger("qoper8d.control")
 
 PROTOCOL = 1
 OPS = ("hello", "submit", "cancel", "status", "scale", "reload", "drain", "shutdown")
+#: accept() errors that mean "not now", not "never": wait a little and accept again.
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: Stop reading a connection's requests while this many response bytes wait to be sent.
 MAX_PENDING_OUTPUT = 16 << 20
 
@@ -350,10 +353,28 @@ class ControlServer:
 
     async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # Out of descriptors or memory: the connections we have will free some.
+                log.error("control.accept_failed", error=os.strerror(exc.errno or 0))
+                await trio.sleep(0.1)
+                continue
             nursery.start_soon(self.serve_connection, sock)
 
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
+        """One client, start to end. Nothing that goes wrong here may reach the daemon: an
+        unexpected error closes this connection (and is logged), never the server."""
+        try:
+            await self._serve_connection(sock)
+        except Exception as exc:
+            log.error(
+                "control.connection_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc
+            )
+
+    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
         conn = _Connection(self, sock)
         with sock:
             async with trio.open_nursery() as tasks:
@@ -401,8 +422,12 @@ class ControlServer:
                 if partial_since is None:
                     partial_since = trio.current_time()
                 deadline = partial_since + self.config.read_timeout
-            with trio.move_on_at(deadline) as waiting:
-                data = await sock.recv(65536)
+            try:
+                with trio.move_on_at(deadline) as waiting:
+                    data = await sock.recv(65536)
+            except OSError:  # reset by the peer, say: it is gone
+                conn.gone()
+                return
             if waiting.cancelled_caught:
                 conn.fatal(
                     "read_timeout",

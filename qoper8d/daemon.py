@@ -96,6 +96,9 @@ class Daemon:
     async def scale(self, size: int) -> None:
         assert self._pool is not None
         await self._pool.scale(size)
+        # The running size, so a reload compares the file with what runs, not with the start.
+        pool = msgspec.structs.replace(self.config.pool, size=size)
+        self.config = msgspec.structs.replace(self.config, pool=pool)
         log.info("daemon.scaled", size=size)
 
     async def reload(self) -> list[str]:

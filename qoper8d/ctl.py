@@ -1,0 +1,501 @@
+"""`qoper8ctl`: one command to a running qoper8d, and an exit code that says how it went.
+
+`ctl_main(argv=None) -> int` is the console script's entry point (also reachable as
+`qoper8d.cli.ctl_main`). It speaks to the daemon through the blocking `qoper8d.Client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from qoper8d import __version__
+from qoper8d.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qoper8d.client import Client
+
+
+__all__ = [
+    "CTL_DEGRADED",
+    "CTL_FAILED",
+    "CTL_INTERRUPTED",
+    "CTL_NOT_RUNNING",
+    "CTL_OK",
+    "CTL_UNKNOWN",
+    "CTL_USAGE",
+    "ctl_main",
+    "format_status",
+    "status_problems",
+]
+
+
+# -- qoper8ctl ---------------------------------------------------------------------------------
+# Exit codes follow the LSB's `status` convention, so scripts and service managers can tell a
+# stopped daemon (3) from one they could not ask (4).
+
+#: status: running, every slot has a live worker. Other commands: done.
+CTL_OK = 0
+#: status: running, but degraded (a slot without a live worker, a restart in progress, draining).
+CTL_DEGRADED = 1
+#: Other commands: the daemon refused the request, or an action ended with an error.
+CTL_FAILED = 1
+#: Bad arguments, an unreadable --config file, or an invalid action on stdin.
+CTL_USAGE = 2
+#: No daemon: no socket at the path, or nothing listening on it (or it went away mid-request).
+CTL_NOT_RUNNING = 3
+#: Unknown: permission denied, timed out, or the daemon's answers made no sense.
+CTL_UNKNOWN = 4
+#: Interrupted (Ctrl-C).
+CTL_INTERRUPTED = 130
+
+#: How often the progress bar may be redrawn, in seconds.
+_PROGRESS_INTERVAL = 0.1
+#: Result bytes held before they are written to stdout even though more are coming.
+_OUTPUT_CHUNK = 1 << 16
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _ctl_parser() -> argparse.ArgumentParser:
+    # The connection options are accepted before and after the command; SUPPRESS keeps a
+    # subcommand's parser from overwriting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_argument_group("finding the daemon")
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="the daemon's TOML configuration; its server.socket is used",
+    )
+    where.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="the control socket (wins over --config; default: the default path)",
+    )
+    where.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=argparse.SUPPRESS,
+        help="seconds to wait for the daemon when connecting and for its quick answers "
+        "(default: 10; 0: no limit)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="qoper8ctl", description="Talk to a running qoper8d.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"qoper8ctl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="show the pool and its workers; exit 0 healthy, 1 degraded, 3 not running, 4 unknown",
+    )
+    status.add_argument("--json", action="store_true", help="print the daemon's snapshot")
+    status.set_defaults(run=_ctl_status)
+
+    submit = commands.add_parser(
+        "submit",
+        parents=[common],
+        help="run one action, or NDJSON actions from stdin (results as NDJSON, in order)",
+    )
+    submit.add_argument("action", nargs="?", metavar="ACTION_JSON", help="one action as JSON")
+    submit.add_argument(
+        "--action-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long each action may run (default: pool.action_timeout; 0: no limit)",
+    )
+    submit.add_argument(
+        "--max-attempts", type=int, metavar="N", help="runs allowed per action (pool.max_attempts)"
+    )
+    # Wider than Client.map's default: the command line has nothing else to do, and a wider
+    # window hides more of the round trip (about 1.6x the rate of 256 on a local daemon).
+    submit.add_argument(
+        "--window",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="actions in flight at once (default: 1024)",
+    )
+    submit.set_defaults(run=_ctl_submit)
+
+    scale = commands.add_parser("scale", parents=[common], help="change the number of workers")
+    scale.add_argument("size", type=int, metavar="N")
+    scale.set_defaults(run=_ctl_scale)
+
+    reload = commands.add_parser(
+        "reload", parents=[common], help="re-read the configuration file; print what changed"
+    )
+    reload.set_defaults(run=_ctl_reload)
+
+    drain = commands.add_parser(
+        "drain", parents=[common], help="finish every accepted action, then stop the daemon"
+    )
+    drain.set_defaults(run=_ctl_drain)
+
+    stop = commands.add_parser("stop", parents=[common], help="stop the daemon gracefully")
+    stop.add_argument(
+        "--grace",
+        type=_seconds,
+        metavar="SECONDS",
+        help="time running actions get to finish (default: pool.grace_period)",
+    )
+    stop.set_defaults(run=_ctl_stop)
+    return parser
+
+
+def ctl_main(argv: list[str] | None = None) -> int:
+    """`qoper8ctl`: one command to a running daemon; the exit code says how it went."""
+    try:
+        args = _ctl_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else CTL_USAGE
+
+    # Imported here: the daemon's own start-up never pays for the client (and anyio).
+    from qoper8d.client import Client, resolve_socket_path
+    from qoper8d.errors import ConnectError, Forbidden, NotRunning, Qoper8Error
+
+    if args.command == "submit" and args.action is not None:
+        # A usage error is reported as one, whether or not a daemon is there to ask.
+        try:
+            args.action = msgspec.json.decode(args.action)
+        except msgspec.DecodeError as exc:
+            _complain(f"invalid ACTION_JSON: {exc}")
+            return CTL_USAGE
+    try:
+        path = resolve_socket_path(getattr(args, "socket", None), getattr(args, "config", None))
+    except ConfigError as exc:
+        for line in exc.details.get("errors", [exc.message]):
+            _complain(line)
+        return CTL_USAGE
+    timeout = getattr(args, "timeout", 10.0) or None
+    try:
+        with Client(path, timeout=timeout) as client:
+            code: int = args.run(client, args)
+            return code
+    except NotRunning as exc:
+        _complain(exc.message)
+        return CTL_NOT_RUNNING
+    except Forbidden as exc:
+        _complain(f"permission denied: {path} ({exc.message})")
+        return CTL_UNKNOWN
+    except ConnectError as exc:  # AccessDenied, ConnectTimeout, unreadable answers
+        _complain(exc.message)
+        return CTL_UNKNOWN
+    except Qoper8Error as exc:
+        _complain(f"{args.command} failed: {exc.code}: {_one_line(exc.message)}")
+        # A status that could not be had (too_many_connections, say) is unknown, not degraded.
+        return CTL_UNKNOWN if args.command == "status" else CTL_FAILED
+    except KeyboardInterrupt:
+        return CTL_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read our output stopped (`| head`): stop too, without a traceback, and
+        # without another one when the interpreter flushes stdout on its way out.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CTL_FAILED
+
+
+def _complain(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line for line in text.splitlines() if line.strip())
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def _ctl_status(client: Client, args: argparse.Namespace) -> int:
+    snapshot = client.status()
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(snapshot).decode() + "\n")
+    else:
+        sys.stdout.write(format_status(snapshot))
+    sys.stdout.flush()
+    problems = status_problems(snapshot)
+    if problems:
+        _complain(f"degraded: {', '.join(problems)}")
+        return CTL_DEGRADED
+    return CTL_OK
+
+
+def status_problems(snapshot: dict[str, Any]) -> list[str]:
+    """Why a snapshot is not healthy, one phrase per problem; empty when it is healthy."""
+    problems = []
+    if snapshot.get("state") != "running":
+        problems.append(f"the pool is {snapshot.get('state')}")
+    problems.extend(
+        f"slot {w.get('slot')} is {w.get('state')}"
+        for w in snapshot.get("workers", [])
+        if w.get("pid") is None or w.get("state") not in ("idle", "busy")
+    )
+    return problems
+
+
+def format_status(snapshot: dict[str, Any]) -> str:
+    """The snapshot for people: one header line, then a row per worker slot (`--json` has
+    everything else: outcome counts, actions in flight, the daemon's pid and socket)."""
+    s = snapshot
+    lines = [
+        f"{s.get('state')}: {s.get('size')} workers ({s.get('busy')} busy, {s.get('idle')} "
+        f"idle), {s.get('queued')} queued, {s.get('restarts')} restarts, "
+        f"up {_duration(s.get('uptime'))}"
+    ]
+    header = ("slot", "pid", "state", "actions", "restarts", "uptime", "rss")
+    rows = [header]
+    for w in s.get("workers", []):
+        state = str(w.get("state"))
+        if w.get("running_for") is not None:
+            state += f" {_duration(w['running_for'])}"  # a hung handler shows here
+        rss = w.get("rss_bytes")
+        live = w.get("pid") is not None
+        rows.append(
+            (
+                str(w.get("slot")),
+                str(w["pid"]) if live else "-",
+                state,
+                str(w.get("actions_done")),
+                str(w.get("restarts")),
+                _duration(w.get("uptime")) if live else "-",
+                "-" if rss is None else f"{rss / (1 << 20):.1f} MiB",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    left = {1, 2}  # pid and state read better left-aligned; numbers right-aligned
+    for row in rows:
+        cells = [
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: Any) -> str:
+    """12.3s, 5m07s, 2h03m, 3d04h: short, and exact enough for a status line."""
+    if not isinstance(seconds, int | float):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+# -- submit ------------------------------------------------------------------------------------
+
+
+def _ctl_submit(client: Client, args: argparse.Namespace) -> int:
+    from qoper8d.errors import ActionError, RequestError
+
+    if args.action is None:
+        return _submit_stream(client, args)
+    try:
+        result = client.submit(
+            args.action, timeout=args.action_timeout, max_attempts=args.max_attempts
+        )
+    except (ActionError, RequestError) as exc:
+        sys.stdout.write(msgspec.json.encode({"error": exc.to_wire()}).decode() + "\n")
+        sys.stdout.flush()
+        _complain(f"action failed: {exc.code}: {_one_line(exc.message)}")
+        return CTL_FAILED
+    sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+    sys.stdout.flush()
+    return CTL_OK
+
+
+class _ActionLines:
+    """NDJSON actions from a binary stream, one per line; blank lines are skipped.
+
+    Iteration stops at the first invalid line and keeps its description in `error`, so the
+    actions before it still run and print before the command reports it.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: str | None = None
+        self.consumed = 0  # bytes read, for the progress bar's share of a regular file
+
+    def __iter__(self) -> Iterator[Any]:
+        decode = msgspec.json.decode
+        for number, line in enumerate(self.stream, 1):
+            self.consumed += len(line)
+            if not line.strip():
+                continue
+            try:
+                yield decode(line)
+            except msgspec.DecodeError as exc:
+                self.error = f"stdin line {number}: invalid JSON: {exc}"
+                return
+
+
+class _Progress:
+    """A one-line progress report on a terminal: done, failed, rate, and a bar when the
+    input's size is known. Redrawn at most every `_PROGRESS_INTERVAL` seconds."""
+
+    def __init__(self, stream: Any, total_bytes: int | None) -> None:
+        self.stream = stream
+        self.total = total_bytes
+        self.started = time.monotonic()
+        self.drawn_at = 0.0
+        self.shown = False
+
+    def draw(self, done: int, failed: int, consumed: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.drawn_at < _PROGRESS_INTERVAL:
+            return
+        self.drawn_at = now
+        rate = done / max(now - self.started, 1e-9)
+        text = f"{done:,} done, {failed:,} failed, {rate:,.0f}/s"
+        if self.total:
+            share = min(consumed / self.total, 1.0)
+            filled = int(share * 24)
+            text = f"[{'#' * filled}{'.' * (24 - filled)}] {share:4.0%}  {text}"
+        self.stream.write(f"\r\x1b[K{text}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+class _Results:
+    """Result lines for stdout, written in chunks: when `_OUTPUT_CHUNK` bytes are waiting,
+    and whenever the next result is not in yet, so nothing sits in a buffer while we wait."""
+
+    def __init__(self, out: Any, lines: _ActionLines, progress: _Progress | None) -> None:
+        self.out = out
+        self.lines = lines
+        self.progress = progress
+        self.buf: list[bytes] = []
+        self.size = 0
+        self.done = 0
+        self.failed = 0
+        # When results and the bar share a terminal, the bar is cleared before results print.
+        self.share_terminal = progress is not None and out.isatty()
+
+    def add(self, line: bytes, *, failed: bool) -> None:
+        self.buf.append(line)
+        self.size += len(line)
+        self.done += 1
+        self.failed += failed
+        if self.size >= _OUTPUT_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        progress = self.progress
+        if self.buf:
+            if self.share_terminal and progress is not None:
+                progress.clear()
+            self.out.write(b"".join(self.buf))
+            self.out.flush()
+            self.buf.clear()
+            self.size = 0
+        if progress is not None:
+            progress.draw(self.done, self.failed, self.lines.consumed, force=not progress.shown)
+
+    def finish(self) -> None:
+        self.flush()
+        if self.progress is not None:
+            self.progress.draw(self.done, self.failed, self.lines.consumed, force=True)
+            self.progress.stream.write("\n")
+            self.progress.stream.flush()
+
+
+def _submit_stream(client: Client, args: argparse.Namespace) -> int:
+    from qoper8d.errors import Qoper8Error
+
+    stdin = sys.stdin.buffer
+    lines = _ActionLines(stdin)
+    progress = None
+    if sys.stderr.isatty():
+        progress = _Progress(sys.stderr, _regular_file_size(stdin))
+    results = _Results(sys.stdout.buffer, lines, progress)
+    # Typed input: one action at a time, so each result shows before the next line is read.
+    window = 1 if stdin.isatty() else max(1, args.window)
+    encode = msgspec.json.encode
+    try:
+        for result in client._map(
+            lines, window, True, args.action_timeout, args.max_attempts, results.flush
+        ):
+            if isinstance(result, Qoper8Error):
+                results.add(b'{"error":%b}\n' % encode(result.to_wire()), failed=True)
+            else:
+                results.add(encode(result) + b"\n", failed=False)
+    finally:
+        results.finish()
+    if lines.error is not None:
+        _complain(lines.error)
+        return CTL_USAGE
+    if results.failed:
+        _complain(f"{results.failed} of {results.done} actions failed")
+        return CTL_FAILED
+    return CTL_OK
+
+
+def _regular_file_size(stream: Any) -> int | None:
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+# -- the rest ----------------------------------------------------------------------------------
+
+
+def _ctl_scale(client: Client, args: argparse.Namespace) -> int:
+    client.scale(args.size)
+    print(f"scaled to {args.size} workers")
+    return CTL_OK
+
+
+def _ctl_reload(client: Client, args: argparse.Namespace) -> int:
+    changed = client.reload()
+    for line in changed:
+        print(line)
+    if not changed:
+        print("reloaded: nothing changed")
+    return CTL_OK
+
+
+def _ctl_drain(client: Client, args: argparse.Namespace) -> int:
+    client.drain()
+    print("drained: every accepted action has ended; the daemon is stopping")
+    return CTL_OK
+
+
+def _ctl_stop(client: Client, args: argparse.Namespace) -> int:
+    client.shutdown(args.grace)
+    grace = "" if args.grace is None else f" (grace {args.grace:g} s)"
+    print(f"stopping{grace}")
+    return CTL_OK
