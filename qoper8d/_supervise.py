@@ -32,7 +32,7 @@ from qoper8d._output import pump_output
 from qoper8d._policy import Backoff, RestartIntensity
 from qoper8d._process import ExitStatus, Launcher
 from qoper8d.config import SupervisorConfig
-from qoper8d.errors import RestartIntensityExceeded, WorkerStartError
+from qoper8d.errors import RestartIntensityExceeded, ShuttingDown, WorkerStartError
 
 __all__ = ["Slot", "Supervisor"]
 
@@ -277,8 +277,15 @@ class Supervisor:
         self.failure = err
         engine.accepting = False
         engine.stopping = True
-        engine.end_queued(f"the pool failed: {err}")
+        message = f"the pool failed: {err}"
+        engine.end_queued(message)
+        # Everything in flight gets its outcome now, while whoever waits for it can still
+        # hear it; the workers are killed next, and their exits deliver nothing more.
         for worker in list(engine.live):
+            for job in worker.inflight[worker.pos :]:
+                if job.sink is not engine.discard:
+                    engine.end(job, ShuttingDown(message, pid=worker.pid), worker)
+                    job.sink = engine.discard
             engine.kill(worker, "stopping")
 
     async def _start_worker(self, slot: Slot) -> WorkerHandle:

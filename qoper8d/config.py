@@ -194,7 +194,7 @@ def config_from_mapping(
         if cls is None:
             errors.append(f"{source}: {_unknown_section(name, table)}")
         elif not isinstance(table, Mapping):
-            errors.append(f"{source}: {name}: expected a table, got {_show(table)}")
+            errors.append(f"{source}: {_toml_key(name)}: expected a table, got {_show(table)}")
         else:
             sections[name] = _check_section(name, cls, table, source, errors)
     if errors:
@@ -222,12 +222,13 @@ def _where(message: str) -> str:
 
 def _unknown_section(name: str, value: Any) -> str:
     sections = ", ".join(_SECTIONS)
+    shown = _toml_key(name)  # a name may hold a newline: the error stays one line
     if isinstance(value, Mapping):
-        return f"{name}: unknown section (sections: {sections})"
+        return f"{shown}: unknown section (sections: {sections})"
     # A key written above the first [section] header lands at the top level.
     owners = [f"{s}.{name}" for s, cls in _SECTIONS.items() if name in cls.__struct_fields__]
     hint = f"did you mean {owners[0]}?" if owners else f"sections: {sections}"
-    return f"{name}: unknown key outside any section ({hint})"
+    return f"{shown}: unknown key outside any section ({hint})"
 
 
 def _check_section(

@@ -46,8 +46,11 @@ log = structlog.get_logger("qoper8d.control")
 
 PROTOCOL = 1
 OPS = ("hello", "submit", "cancel", "status", "scale", "reload", "drain", "shutdown")
+_TOO_DEEP = "the request is nested too deeply"
 #: accept() errors that mean "not now", not "never": wait a little and accept again.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: Seconds a send may take before the client is taken for gone (it stopped reading).
+_SEND_TIMEOUT = 10.0
 #: Stop reading a connection's requests while this many response bytes wait to be sent.
 MAX_PENDING_OUTPUT = 16 << 20
 
@@ -172,9 +175,29 @@ class _Connection:
                 data = b"".join(self.out)
                 self.out.clear()
                 self.out_bytes = 0
-                await _send_all(self.sock, data)
+                # Shielded, so a cancelled writer never leaves half a line; bounded, so a
+                # client that stopped reading cannot hold us.
+                with trio.CancelScope(shield=True), trio.move_on_after(_SEND_TIMEOUT) as send:
+                    await _send_all(self.sock, data)
+                if send.cancelled_caught:
+                    log.warning("control.client_not_reading")
+                    self.gone()
+                    return
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             self.gone()
+
+    async def final_flush(self) -> None:
+        """Write what is still owed, even while the daemon is being torn down (bounded).
+        Runs after the writer task has ended, so it is the only sender."""
+        with trio.CancelScope(shield=True), trio.move_on_after(_SEND_TIMEOUT):
+            while self.out and self.open:
+                data = b"".join(self.out)
+                self.out.clear()
+                self.out_bytes = 0
+                try:
+                    await _send_all(self.sock, data)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.gone()
 
     async def flushed(self) -> None:
         """Return once every queued response has been written (or the client is gone)."""
@@ -299,6 +322,10 @@ class _Connection:
         except msgspec.DecodeError as exc:
             self.fatal("bad_request", f"not JSON: {exc}")
             return False
+        except RecursionError:
+            # Valid JSON, perhaps, but nested deeper than anyone needs: refuse the line.
+            self.send(_error_line(b"null", {"code": "bad_request", "message": _TOO_DEEP}))
+            return True
         id_json = b"null"
         if isinstance(value, dict):
             given = value.get("id")
@@ -377,20 +404,25 @@ class ControlServer:
     async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
         conn = _Connection(self, sock)
         with sock:
-            async with trio.open_nursery() as tasks:
-                tasks.start_soon(conn.write)
-                refusal = self._refusal(sock)
-                if refusal is None:
-                    self.connections.add(conn)
-                    try:
-                        await self._read(conn, tasks)
-                    finally:
-                        self.connections.discard(conn)
-                else:
-                    conn.fatal(*refusal)
-                with trio.move_on_after(5):
-                    await conn.flushed()
-                tasks.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(conn.write)
+                    refusal = self._refusal(sock)
+                    if refusal is None:
+                        self.connections.add(conn)
+                        try:
+                            await self._read(conn, tasks)
+                        finally:
+                            self.connections.discard(conn)
+                    else:
+                        conn.fatal(*refusal)
+                    with trio.move_on_after(5):
+                        await conn.flushed()
+                    tasks.cancel_scope.cancel()
+            finally:
+                # Outcomes delivered as the daemon is torn down (a failing pool ends what
+                # ran elsewhere) are owed to this client too: the writer is gone by now.
+                await conn.final_flush()
 
     def _refusal(self, sock: trio.socket.SocketType) -> tuple[str, str] | None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -464,7 +496,7 @@ class ControlServer:
         """Handle every complete line in `chunk`; False if the connection must close."""
         try:
             requests = _decode_requests(chunk)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             requests = None
         if requests is not None and len(chunk) <= limit:
             if len(requests) == 1 and requests[0].op == "submit":
@@ -482,7 +514,7 @@ class ControlServer:
                 return False
             try:
                 request = _decode_request(line)
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
                 if not conn.bad_line(line):
                     return False
                 continue

@@ -245,20 +245,27 @@ class Pool:
         engine = self._engine
         now = trio.current_time()
         workers = []
-        busy = idle = in_flight = 0
+        busy = idle = 0
+        discard = engine.discard
+        # In flight: actions a worker holds that still wait for their outcome. One that has
+        # its outcome already (timed out, cancelled, withdrawn) but whose worker still holds
+        # it counts no more: outcomes, queued and in flight add up to what was submitted.
+        in_flight = sum(
+            1 for w in engine.live for job in w.inflight[w.pos :] if job.sink is not discard
+        )
         for slot in self._supervisor.slots:
             w = slot.worker
             if w is not None and not w.exited.is_set() and slot.state == "running":
-                flying = len(w.inflight) - w.pos
+                running = len(w.inflight) - w.pos
+                flying = sum(1 for job in w.inflight[w.pos :] if job.sink is not discard)
                 if w.doom is not None:
                     state = "retiring"
-                elif flying:
+                elif running:
                     state = "busy"
                     busy += 1
                 else:
                     state = "idle"
                     idle += 1
-                in_flight += flying
                 record = WorkerStatistics(
                     slot=slot.index,
                     pid=w.pid,
@@ -267,7 +274,7 @@ class Pool:
                     restarts=slot.restarts,
                     uptime=now - w.ready_at,
                     rss_bytes=_rss(w.pid),
-                    running_for=now - w.head_started if flying else None,
+                    running_for=now - w.head_started if running else None,
                     in_flight=flying,
                 )
             else:
