@@ -163,6 +163,12 @@ class MapIterator:
             value = self._run[index - self._run_start]
         else:
             value = self._take(index)
+            while value is _MISSING and self._filling(index):
+                # The result is not in yet: fill the window meanwhile, a slice at a time,
+                # letting the pool read answers between slices.
+                await self._refill()
+                await trio.lowlevel.checkpoint()
+                value = self._take(index)
             if value is _MISSING:
                 if index >= self._issued or self._closed:
                     self._closed = True
@@ -186,6 +192,13 @@ class MapIterator:
             return value.error
         self._withdraw()
         raise value.error
+
+    def _filling(self, index: int) -> bool:
+        """Is there room in the window, and a source to fill it from?"""
+        if self._exhausted or self._closed or self._issued - index >= self._window:
+            return False
+        engine = self._engine
+        return engine.queued < engine.config.max_queue
 
     def _take(self, index: int) -> Any:
         """The result at `index` if it has arrived (a run starting there becomes current)."""

@@ -313,3 +313,20 @@ async def test_leaving_a_map_early_withdraws_its_queued_actions() -> None:
             stats = pool.statistics()
             assert stats.queued == 0
             assert stats.submitted == stats.outcomes["result"] + stats.outcomes["cancelled"]
+
+
+async def test_map_fills_its_window_while_waiting_for_a_result() -> None:
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=1) as pool, trio.open_nursery() as nursery:
+
+            async def consume() -> None:
+                actions = ({"mode": "hang", "n": i} for i in range(100_000))
+                async for _ in pool.map(actions, window=40_000):
+                    pass
+
+            nursery.start_soon(consume)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = pool.statistics()
+            # The first result will never come; the window is full all the same.
+            assert stats.queued + stats.in_flight == 40_000
+            nursery.cancel_scope.cancel()
