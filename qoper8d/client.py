@@ -115,6 +115,9 @@ class _Connection:
         """Write queued lines and read responses until `ready()`; False if `deadline`
         (a `time.monotonic()` value) passed first. Raises if the connection is lost."""
         poller = self.poller
+        if self.out:
+            # The socket is almost always writable: try before asking poll(2).
+            self._send()
         while not ready():
             if self.failure is not None:
                 raise _again(self.failure)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import select
 import socket
@@ -47,6 +46,8 @@ log = structlog.get_logger("qoper8d.control")
 PROTOCOL = 1
 OPS = ("hello", "submit", "cancel", "status", "scale", "reload", "drain", "shutdown")
 _TOO_DEEP = "the request is nested too deeply"
+#: A read at least this long means requests are streaming in (see `_read`).
+_BUSY_READ = 4096
 #: accept() errors that mean "not now", not "never": wait a little and accept again.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: Seconds a send may take before the client is taken for gone (it stopped reading).
@@ -439,7 +440,7 @@ class ControlServer:
         return None
 
     async def _read(self, conn: _Connection, tasks: trio.Nursery) -> None:
-        sock = conn.sock
+        fd = conn.fd
         limit = self.config.max_message_bytes
         buf = bytearray()
         scanned = 0  # no newline in buf[:scanned]
@@ -449,23 +450,29 @@ class ControlServer:
                 # The client is not reading its responses: stop taking requests until it does.
                 await conn.flushed()
                 continue
-            deadline = math.inf
-            if buf:
+            # A plain read on the non-blocking socket first, epoll only when it is empty: a
+            # trio socket's recv, and a cancel scope per read, cost more than the request.
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                if not buf:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                # A partial line must be finished within server.read_timeout.
                 if partial_since is None:
                     partial_since = trio.current_time()
-                deadline = partial_since + self.config.read_timeout
-            try:
-                with trio.move_on_at(deadline) as waiting:
-                    data = await sock.recv(65536)
+                with trio.move_on_at(partial_since + self.config.read_timeout) as waiting:
+                    await trio.lowlevel.wait_readable(fd)
+                if waiting.cancelled_caught:
+                    conn.fatal(
+                        "read_timeout",
+                        f"a request line was not finished within {self.config.read_timeout:g}"
+                        " s (server.read_timeout)",
+                    )
+                    return
+                continue
             except OSError:  # reset by the peer, say: it is gone
                 conn.gone()
-                return
-            if waiting.cancelled_caught:
-                conn.fatal(
-                    "read_timeout",
-                    f"a request line was not finished within {self.config.read_timeout:g} s "
-                    "(server.read_timeout)",
-                )
                 return
             if not data:
                 if buf:
@@ -489,6 +496,9 @@ class ControlServer:
             if len(buf) > limit:
                 conn.fatal("too_large", f"a request line is over {limit} bytes")
                 return
+            if len(data) >= _BUSY_READ:
+                # Requests are streaming in: let everyone else run before reading on.
+                await trio.lowlevel.checkpoint()
 
     async def _requests(
         self, conn: _Connection, chunk: bytes, tasks: trio.Nursery, limit: int

@@ -132,10 +132,11 @@ class Pool:
             raise
         if max_attempts is not None:
             job.max_attempts = max_attempts
+        # Its batch is this one job: answered once the worker holds something else.
         await engine.run_borrowed(
             worker,
             job,
-            lambda: all(other is not job for other in worker.inflight),
+            lambda: not worker.inflight or worker.inflight[0] is not job,
             hand_over=True,
         )
         return job
