@@ -25,13 +25,14 @@ from itertools import accumulate
 from operator import attrgetter
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 
 from qoper8d import wire
 from qoper8d._classic import Reservation
 from qoper8d._handle import EMPTY, Discard, WorkerHandle
-from qoper8d._jobs import Job, Sink, Waiter, encode_json
+from qoper8d._jobs import Job, Sink, Waiter, decode_json, encode_json
 from qoper8d._outcomes import Outcomes
 from qoper8d.config import PoolConfig
 from qoper8d.errors import (
@@ -50,9 +51,9 @@ log = structlog.get_logger("qoper8d.pool")
 
 _payload_of = attrgetter("payload")
 _sink_of = attrgetter("sink")
-_result_of = attrgetter("result")
 _timeout_of = attrgetter("timeout")
-_ONLY_DONE = {wire.Done}
+#: Decodes the results of a run of answers (`wire.join_done`) for sinks that pass them on.
+decode_raws: Callable[[bytes], list[msgspec.Raw]] = msgspec.json.Decoder(list[msgspec.Raw]).decode
 #: Compact the queue list once this many taken jobs sit before its head.
 _COMPACT = 4096
 #: About how much work (seconds of actions) one batch should hold at most.
@@ -81,8 +82,13 @@ class Engine(Outcomes):
         self.queued = 0
         #: Cancelled jobs still in the queue.
         self.tombstones = 0
-        #: About how many queued actions fit in `max_batch_bytes` (learnt from batches).
-        self._fits = 64
+        #: Where each queued job's payload starts in the stream of queued bytes, and where
+        #: the last one ends: `marks[i]` for `queue[i]`, one more than `queue` holds. A batch
+        #: cut to `max_batch_bytes` is then one bisect, not a length per job.
+        self.marks = [0]
+        #: Jobs before this index were put back (`requeue`): they may be out of order, and
+        #: their marks mean nothing.
+        self.replay_end = 0
         #: Seconds an action takes, smoothed over recent answers (caps batch lengths).
         self.action_seconds = 0.0
         self.idle: list[WorkerHandle] = []
@@ -149,10 +155,16 @@ class Engine(Outcomes):
         follow_up: bool = False,
     ) -> Job:
         job = self.accept(payload, sink, tag, timeout, follow_up=follow_up)
-        self.queue.append(job)
-        self.queued += 1
+        self.enqueue(job)
         self.dispatch()
         return job
+
+    def enqueue(self, job: Job) -> None:
+        """Put `job` at the tail of the queue."""
+        self.queue.append(job)
+        marks = self.marks
+        marks.append(marks[-1] + len(job.payload))
+        self.queued += 1
 
     def accept(
         self,
@@ -169,9 +181,12 @@ class Engine(Outcomes):
         self.submitted += 1
         return job
 
-    def submit_many(self, jobs: list[Job]) -> None:
-        """Queue jobs built by a bulk submitter (`map`), with one dispatch for all of them."""
+    def submit_many(self, jobs: list[Job], payloads: list[bytes]) -> None:
+        """Queue jobs built by a bulk submitter (`map`) for `payloads`, with one dispatch
+        for all of them."""
         self.queue.extend(jobs)
+        marks = self.marks
+        marks.extend(accumulate(map(len, payloads), initial=marks.pop()))
         self.queued += len(jobs)
         self.submitted += len(jobs)
         self.dispatch()
@@ -198,8 +213,7 @@ class Engine(Outcomes):
                 # The worker died under us: the supervisor delivers the outcome, or a retry.
                 await waiter.wait(lambda: self.cancel(job))
             return waiter.outcome()
-        self.queue.append(job)
-        self.queued += 1
+        self.enqueue(job)
         self.dispatch()
         await waiter.wait(lambda: self.cancel(job))
         return waiter.outcome()
@@ -283,7 +297,7 @@ class Engine(Outcomes):
         """How many more actions `worker` may run (`pool.max_actions_per_worker`)."""
         return self.max_actions - worker.answered if self.max_actions else self.max_queue
 
-    def take_batch(self, most: int) -> tuple[list[Job], list[bytes]]:
+    def take_batch(self, most: int) -> tuple[list[Job], list[bytes], bool]:
         """Take the next batch, of at most `most` jobs, off the queue (`queued` must be > 0)."""
         # This worker's share of the queue: a shallow queue spreads one action per worker,
         # a deep one fills batches up to max_batch_bytes. All per-job work is C-level.
@@ -293,29 +307,23 @@ class Engine(Outcomes):
         elif self.action_seconds * want > _BATCH_SECONDS:
             # Slow actions gain nothing from batching and would wait behind each other.
             want = max(1, int(_BATCH_SECONDS / self.action_seconds))
-        queue = self.queue
         head = self.head
-        if self.tombstones:
+        if self.tombstones or head < self.replay_end:
             return self._take_batch_skipping(want)
-        # Look at no more jobs than the last byte-limited batch held, plus a margin, so a
-        # deep queue does not cost a scan of its whole share for every batch.
-        batch = queue[head : head + min(want, self._fits)]
-        payloads = list(map(_payload_of, batch))
-        limit = self.config.max_batch_bytes
-        if len(batch) > 1 and sum(map(len, payloads)) > limit:
-            cut = bisect_right(list(accumulate(map(len, payloads))), limit) or 1
-            batch = batch[:cut]
-            payloads = payloads[:cut]
-            self._fits = cut + cut // 4 + 8
-        elif len(batch) == self._fits:
-            self._fits *= 2
+        # The longest run from the head, of at most `want` jobs, whose payloads fit in
+        # max_batch_bytes (at least one job, however long).
+        marks = self.marks
+        start = marks[head]
+        end = bisect_right(marks, start + self.config.max_batch_bytes, head + 2, head + want + 1)
+        batch = self.queue[head : end - 1]
         self.queued -= len(batch)
-        self._advance(head + len(batch))
-        return batch, payloads
+        self._advance(end - 1)
+        return batch, list(map(_payload_of, batch)), False
 
-    def _take_batch_skipping(self, want: int) -> tuple[list[Job], list[bytes]]:
+    def _take_batch_skipping(self, want: int) -> tuple[list[Job], list[bytes], bool]:
         queue = self.queue
         head = self.head
+        replayed = head < self.replay_end
         limit = self.config.max_batch_bytes
         batch: list[Job] = []
         total = 0
@@ -333,37 +341,47 @@ class Engine(Outcomes):
             head += 1
         self.queued -= len(batch)
         self._advance(head)
-        return batch, list(map(_payload_of, batch))
+        return batch, list(map(_payload_of, batch)), replayed
 
     def _advance(self, head: int) -> None:
         queue = self.queue
         if head >= len(queue):
             queue.clear()
-            self.head = self.tombstones = 0
+            self.marks = [0]
+            self.head = self.tombstones = self.replay_end = 0
         elif head > _COMPACT and head * 2 > len(queue):
             del queue[:head]
+            del self.marks[:head]
             self.head = 0
+            self.replay_end = max(0, self.replay_end - head)
         else:
             self.head = head
 
     def requeue(self, jobs: list[Job]) -> None:
         """Put jobs back at the head of the queue, in order (they never started)."""
         head = self.head
+        replayed = max(0, self.replay_end - head) + len(jobs)
         if head >= len(jobs):
             self.head = head - len(jobs)
             self.queue[self.head : head] = jobs
         else:
+            # The list grows: shift the marks along (those of the jobs put back are unused).
+            self.marks[:head] = [self.marks[head]] * len(jobs)
             self.queue[:head] = jobs
             self.head = 0
         self.queued += len(jobs)
+        self.replay_end = self.head + replayed
 
     def queued_jobs(self) -> list[Job]:
         """The live jobs in the queue, in order."""
         return [job for job in self.queue[self.head :] if not job.cancelled]
 
-    def send(self, worker: WorkerHandle, batch: list[Job], payloads: list[bytes]) -> None:
+    def send(
+        self, worker: WorkerHandle, batch: list[Job], payloads: list[bytes], replayed: bool = False
+    ) -> None:
         worker.inflight = batch
         worker.pos = 0
+        worker.replayed = replayed
         worker.seq += 1
         worker.head_started = trio.current_time()
         worker.timed = self.timeouts and any(map(_timeout_of, batch))
@@ -460,29 +478,25 @@ class Engine(Outcomes):
             self.on_data(worker, n)
 
     def on_data(self, worker: WorkerHandle, n: int) -> None:
+        frames = worker.frames
         try:
-            messages = worker.frames.commit(n)
+            chunk = frames.take(n)
+            if not chunk:
+                return
+            joined = wire.join_done(chunk)
+            messages = frames.decode(chunk) if joined is None else None
         except wire.ProtocolError as exc:
             self.protocol_violation(worker, str(exc))
             return
         inflight = worker.inflight
         pos = start = worker.pos
         try:
-            count = len(messages)
-            if count > 2 and set(map(type, messages)) == _ONLY_DONE:
-                # In bulk a read holds a run of results, usually for one sink (a map):
-                # deliver them in one call, without a Python step per result.
-                jobs = inflight[pos : pos + count]
-                if len(jobs) < count:
-                    raise IndexError
-                sinks = set(map(_sink_of, jobs))
-                if len(sinks) == 1:
-                    sinks.pop().results(jobs, list(map(_result_of, messages)), worker)
-                else:
-                    for job, m in zip(jobs, messages, strict=True):
-                        job.sink.result(job, m.result, worker)
-                pos += count
+            if joined is not None:
+                # Only answers, as in bulk: deliver them all in one call per sink, without
+                # a Python step per result.
+                pos += self._deliver_run(worker, joined, chunk.count(b"\n"))
             else:
+                assert messages is not None
                 for m in messages:
                     if type(m) is wire.Done:
                         job = inflight[pos]
@@ -494,6 +508,9 @@ class Engine(Outcomes):
         except IndexError:
             worker.pos = pos
             self.protocol_violation(worker, "an answer with no action in flight")
+            return
+        except wire.ProtocolError as exc:
+            self.protocol_violation(worker, str(exc))
             return
         if pos == start:
             return
@@ -518,6 +535,31 @@ class Engine(Outcomes):
             self._worker_free(worker)
         elif worker.timed:
             self.arm(worker)
+
+    def _deliver_run(self, worker: WorkerHandle, joined: bytes, count: int) -> int:
+        """Deliver `count` results, `joined` by `wire.join_done`, to the next jobs in flight."""
+        pos = worker.pos
+        jobs = worker.inflight[pos : pos + count]
+        if len(jobs) < count:
+            raise IndexError
+        sinks = set(map(_sink_of, jobs)) if count > 1 else {jobs[0].sink}
+        sink = sinks.pop() if len(sinks) == 1 else None
+        take_values = getattr(sink, "decoded", None)
+        try:
+            results = decode_json(joined) if take_values else decode_raws(joined)
+        except msgspec.DecodeError as exc:
+            raise wire.ProtocolError(f"undecodable frame: {exc}") from None
+        if len(results) != count + 1:
+            raise wire.ProtocolError(f"{count} frames held {len(results) - 1} results")
+        del results[0]  # the Done tag
+        if take_values:
+            take_values(jobs, results, worker)
+        elif sink is not None:
+            sink.results(jobs, results, worker)
+        else:
+            for job, raw in zip(jobs, results, strict=True):
+                job.sink.result(job, raw, worker)
+        return count
 
     def _on_other(self, worker: WorkerHandle, m: Any, inflight: list[Job], pos: int) -> int:
         kind = type(m)

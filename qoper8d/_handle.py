@@ -72,6 +72,7 @@ class WorkerHandle:
         "proc",
         "reader_task",
         "ready_at",
+        "replayed",
         "reserved",
         "retire",
         "rfd",
@@ -97,6 +98,9 @@ class WorkerHandle:
         #: The batch in flight, and how many of its actions have been answered.
         self.inflight: list[Job] = EMPTY
         self.pos = 0
+        #: The batch in flight holds jobs put back in the queue after a worker died, so one
+        #: sink's jobs in it may be out of their submission order.
+        self.replayed = False
         self.seq = 0
         #: Actions this process has answered.
         self.answered = 0

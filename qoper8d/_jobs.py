@@ -31,7 +31,10 @@ class Sink(Protocol):
         """The action returned; `payload` is the result as raw JSON text."""
 
     def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: _Worker) -> None:
-        """Several actions, all of this sink, returned: `result()` for each, in one call."""
+        """Several actions, all of this sink, returned: `result()` for each, in one call.
+
+        A sink that wants results decoded may also define `decoded(jobs, values, worker)`:
+        the engine then calls that instead, with the run decoded in one go."""
 
     def error(self, job: Job, err: ActionError, worker: _Worker | None) -> None:
         """The action ended with an error outcome (`worker` is None if it never ran)."""

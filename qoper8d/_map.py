@@ -8,7 +8,8 @@ position it waits for arrives — once per batch in bulk, not once per action.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import sys
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from itertools import count, islice, repeat
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,24 @@ class _Failed:
 _tag_of = attrgetter("tag")
 
 
+def _unhooked(agen: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    """`agen`, kept out of the event loop's async generator hooks.
+
+    `_iterate` holds nothing to clean up: no `finally`, and it is only ever suspended at a
+    `yield` when nobody is stepping it. Left behind after a `break`, it can simply be dropped,
+    as CPython does with a generator no hook claims; Trio's hook would instead warn that it
+    was not closed and spawn a task to close it. A generator takes the hooks in force when it
+    is first stepped: creating (and dropping) its first step with none installed settles it.
+    """
+    hooks = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(None, None)
+    try:
+        agen.asend(None).close()  # the step never runs: only the hooks are settled
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+    return agen
+
+
 class MapIterator:
     """The async iterator `Pool.map()` returns; see there."""
 
@@ -64,6 +83,8 @@ class MapIterator:
         self._window = window
         #: Refill when fewer than this many actions are outstanding.
         self._low = (window + 1) // 2
+        #: The most results `async for` takes in one step (the window is topped up between).
+        self._chunk = max(1, window // 8)
         self._return_exceptions = return_exceptions
         self._next = 0  # position of the next result to hand out
         self._issued = 0  # actions submitted so far
@@ -91,9 +112,15 @@ class MapIterator:
     def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: WorkerHandle) -> None:
         # One decode for the whole run of results: they are JSON texts, so joined with
         # commas inside brackets they are one JSON array.
-        values = decode_json(b"[%b]" % b",".join(payloads))
+        self.decoded(jobs, decode_json(b"[%b]" % b",".join(payloads)), worker)
+
+    def decoded(self, jobs: list[Job], values: list[Any], worker: WorkerHandle) -> None:
+        """The results of `jobs`, decoded (the engine's bulk path)."""
         first = jobs[0].tag
-        if jobs[-1].tag - first == len(jobs) - 1:
+        # A worker's batch holds this map's jobs in increasing position, unless some were
+        # put back in the queue after a worker died (`replayed`): then first and last alone
+        # do not prove that the positions are consecutive.
+        if jobs[-1].tag - first == len(jobs) - 1 and not worker.replayed:
             self._runs[first] = values
             ready = first == self._next
         else:
@@ -110,9 +137,6 @@ class MapIterator:
             trio.lowlevel.reschedule(task)
 
     # -- the consumer side ---------------------------------------------------------------
-
-    def __aiter__(self) -> MapIterator:
-        return self
 
     async def _refill(self) -> None:
         engine = self._engine
@@ -151,17 +175,44 @@ class MapIterator:
             map(Job, payloads, repeat(self), count(index), repeat(engine.config.action_timeout))
         )
         self._issued = index + len(jobs)
-        engine.submit_many(jobs)
+        engine.submit_many(jobs, payloads)
+
+    def __aiter__(self) -> AsyncGenerator[Any, None]:
+        return _unhooked(self._iterate())
+
+    async def _iterate(self) -> AsyncGenerator[Any, None]:
+        # `async for` resumes this generator, which hands out a run of ready results per
+        # step: a result costs half of what an `async def __anext__` call would. Positions
+        # advance as results are handed out, so a loop that breaks and a later one that
+        # resumes the iterator lose nothing between them.
+        step = self._step
+        most = self._chunk
+        while True:
+            try:
+                values = await step(most)
+            except StopAsyncIteration:
+                return
+            for value in values:
+                self._next += 1
+                yield value
 
     async def __anext__(self) -> Any:
-        # A ready result is handed out without a checkpoint: the consumer parks (and so
-        # checkpoints) whenever it waits, which in bulk is about once per batch.
+        """The next result (`anext()`); `async for` takes them a run at a time instead."""
+        value = (await self._step(1))[0]
+        self._next += 1
+        return value
+
+    async def _step(self, most: int) -> list[Any]:
+        """The next results in order, from `_next` on: at least one, at most `most`.
+
+        Does not advance `_next`: the caller does, as it hands each one out. A ready result
+        is handed out without a checkpoint: the consumer parks (and so checkpoints) whenever
+        it waits, which in bulk is about once per batch.
+        """
         index = self._next
         if self._issued - index < self._low and not self._exhausted and not self._closed:
             await self._refill()
-        if index < self._run_end:
-            value = self._run[index - self._run_start]
-        else:
+        if index >= self._run_end:
             value = self._take(index)
             while value is _MISSING and self._filling(index):
                 # The result is not in yet: fill the window meanwhile, a slice at a time,
@@ -185,13 +236,17 @@ class MapIterator:
                     self._withdraw()
                     raise
                 value = self._take(index)
-        self._next = index + 1
-        if type(value) is not _Failed:
-            return value
-        if self._return_exceptions:
-            return value.error
-        self._withdraw()
-        raise value.error
+            if index >= self._run_end:
+                # A lone outcome, not the start of a run.
+                if type(value) is not _Failed:
+                    return [value]
+                if self._return_exceptions:
+                    return [value.error]
+                self._next = index + 1
+                self._withdraw()
+                raise value.error
+        first = self._run_start
+        return self._run[index - first : min(self._run_end, index + most) - first]
 
     def _filling(self, index: int) -> bool:
         """Is there room in the window, and a source to fill it from?"""

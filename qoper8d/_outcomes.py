@@ -55,6 +55,8 @@ class Outcomes:
         answers: int
         outcomes: dict[str, int]
         quiet: trio.Event
+        replay_end: int
+        marks: list[int]
 
         def requeue(self, jobs: list[Job]) -> None: ...
 
@@ -242,6 +244,7 @@ class Outcomes:
     def end_queued(self, message: str) -> None:
         jobs = self.queued_jobs()
         self.queue.clear()
-        self.head = self.queued = self.tombstones = 0
+        self.marks = [0]
+        self.head = self.queued = self.tombstones = self.replay_end = 0
         for job in jobs:
             self.end(job, ShuttingDown(message), None)

@@ -79,8 +79,10 @@ class Pool:
 
         At most `window` actions are queued or running at once: the source is read as the
         results are consumed. A failed action raises its `ActionError` at its position and
-        ends the iteration, unless `return_exceptions` yields the error instead. Stopping
-        early (`break`, then `aclose()` or garbage collection) withdraws what is still queued.
+        ends the iteration, unless `return_exceptions` yields the error instead. After a
+        `break`, another `async for` over the same iterator carries on where it stopped;
+        `aclose()` (or `contextlib.aclosing`) withdraws what is still queued, and without it
+        the actions already queued still run, their results unread.
         """
         return MapIterator(self._engine, actions, window, return_exceptions)
 

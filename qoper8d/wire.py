@@ -8,9 +8,12 @@ Lines, not length-prefixed msgpack: JSON text never holds a raw newline, so the 
 last complete frame is one `rfind`, and `msgspec.json.Decoder.decode_lines` decodes every
 complete frame of a read in a single call. Measured on the answer path (200 answers a read):
 0.93 µs an answer with length-prefixed msgpack frames, 0.49 µs with a bulk msgpack decode
-behind a Python scan for the boundaries, 0.22 µs with lines. Actions and results are JSON
-already, so they travel as raw JSON text inside the frames: the daemon passes a client's
-action to the worker and a worker's result to the client without decoding either.
+behind a Python scan for the boundaries, 0.22 µs with lines. A read that holds nothing but
+answers, as in bulk, does better still: `join_done` turns it into one JSON array with two
+C-level byte scans, and one decode yields every result (0.07 µs an answer where decoding
+each frame and then its result cost 0.23 µs). Actions and results are JSON already, so they
+travel as raw JSON text inside the frames: the daemon passes a client's action to the
+worker and a worker's result to the client without decoding either.
 
 The channel is a pair of pipes, one each way. Pipes, not a socketpair: the kernel merges a
 worker's many small answer writes into shared pages, where a Unix socket allocates a buffer
@@ -49,6 +52,7 @@ __all__ = [
     "ZygoteSpec",
     "encode_batch",
     "encode_frame",
+    "join_done",
 ]
 
 #: The longest frame either side accepts; anything longer means the stream is corrupt.
@@ -59,8 +63,9 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid frame: its protocol state is in doubt."""
 
 
-class _Message(msgspec.Struct, array_like=True, tag_field="kind"):
-    """Base of every frame: encoded as `[tag, field, ...]`."""
+class _Message(msgspec.Struct, array_like=True, tag_field="kind", gc=False):
+    """Base of every frame: encoded as `[tag, field, ...]`. Untracked by the GC: a message
+    never refers back to anything that refers to it."""
 
 
 # -- master → worker ---------------------------------------------------------------------------
@@ -201,6 +206,26 @@ def encode_done(result: bytes) -> bytes:
     return b"[12,%b]\n" % result
 
 
+_DONE_START = b"[12,"
+_DONE_SEAM = b"]\n[12,"
+
+
+def join_done(chunk: bytes) -> bytes | None:
+    """If the complete frames in `chunk` are all `Done`: their results as one JSON array,
+    `[12, result, result, ...]`, made without decoding anything; else None.
+
+    A raw newline never occurs inside an encoded frame, so `]\\n[12,` can only be the seam
+    between a frame and a following `Done`: replacing every seam with a comma joins a run of
+    `Done` frames into one array, which a single decode turns into the run's results. In bulk
+    this is what every read holds, at a third of the cost of decoding the frames one by one.
+    The caller checks that the array holds one result per frame (`chunk.count(b"\\n")`).
+    """
+    joined = chunk.replace(_DONE_SEAM, b",")
+    if joined.startswith(_DONE_START) and joined.find(b"\n") == len(joined) - 1:
+        return joined
+    return None
+
+
 class FrameReader:
     """Reassembles frames from a byte stream and decodes them, a whole read at a time.
 
@@ -237,6 +262,12 @@ class FrameReader:
 
     def commit(self, n: int) -> list[Any]:
         """Account for `n` received bytes; decode and return every complete message."""
+        chunk = self.take(n)
+        return self.decode(chunk) if chunk else []
+
+    def take(self, n: int) -> bytes:
+        """Account for `n` received bytes; return every complete frame, undecoded (b"" if
+        there is none yet)."""
         start = self._start
         end = self._end = self._end + n
         buf = self._buf
@@ -245,14 +276,18 @@ class FrameReader:
             self._scanned = end
             if end - start > MAX_FRAME:
                 raise ProtocolError(f"a frame longer than {MAX_FRAME} bytes")
-            return []
-        # Decode from a copy: the messages may keep views of it (raw JSON results), and
-        # this buffer is reused by the next read.
+            return b""
+        # A copy: decoded messages may keep views of it (raw JSON results), and this buffer
+        # is reused by the next read.
         chunk = bytes(buf[start : last + 1])
         if last + 1 == end:
             self._start = self._scanned = self._end = 0
         else:
             self._start = self._scanned = last + 1
+        return chunk
+
+    def decode(self, chunk: bytes) -> list[Any]:
+        """The messages of `chunk`, complete frames from `take()`."""
         try:
             return self._decode_lines(chunk)
         except msgspec.DecodeError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from collections import Counter
@@ -313,6 +314,30 @@ async def test_leaving_a_map_early_withdraws_its_queued_actions() -> None:
             stats = pool.statistics()
             assert stats.queued == 0
             assert stats.submitted == stats.outcomes["result"] + stats.outcomes["cancelled"]
+
+
+async def test_a_map_resumed_after_break_loses_nothing() -> None:
+    with trio.fail_after(20):
+        async with open_pool("handlers.echo:plus_one", size=2) as pool:
+            results = pool.map(({"x": i} for i in range(50_000)), window=1000)
+            got = []
+            async for r in results:
+                got.append(r)
+                if r == 12_345:
+                    break
+            got.extend([r async for r in results])
+            assert got == list(range(1, 50_001))
+
+
+async def test_breaking_out_of_a_map_warns_about_nothing(recwarn: pytest.WarningsRecorder) -> None:
+    with trio.fail_after(20):
+        async with open_pool("handlers.echo:plus_one", size=2) as pool:
+            async for r in pool.map({"x": i} for i in range(1000)):
+                if r == 10:
+                    break
+            gc.collect()
+            await trio.testing.wait_all_tasks_blocked()
+    assert [str(w.message) for w in recwarn] == []
 
 
 async def test_map_fills_its_window_while_waiting_for_a_result() -> None:
