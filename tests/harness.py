@@ -27,6 +27,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 Event = dict[str, Any]
 
+#: The fields of `status --json` and of each `pool.snapshot` log event.
+SNAPSHOT_FIELDS = {
+    "state",
+    "size",
+    "busy",
+    "idle",
+    "queued",
+    "in_flight",
+    "submitted",
+    "outcomes",
+    "restarts",
+    "uptime",
+    "workers",
+    "daemon",
+}
+
 
 def base_config(tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A test configuration: a socket in `tmp`, JSON logs, a small pool; `sections` on top."""

@@ -28,22 +28,8 @@ from qoper8d.cli import (
     format_status,
     status_problems,
 )
-from tests.harness import ROOT, running_daemon
+from tests.harness import ROOT, SNAPSHOT_FIELDS, running_daemon
 
-SNAPSHOT_FIELDS = {
-    "state",
-    "size",
-    "busy",
-    "idle",
-    "queued",
-    "in_flight",
-    "submitted",
-    "outcomes",
-    "restarts",
-    "uptime",
-    "workers",
-    "daemon",
-}
 CTL = "import sys; from qoper8d.cli import ctl_main; sys.exit(ctl_main())"
 NOBODY = 65534
 

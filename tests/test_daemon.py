@@ -17,22 +17,15 @@ import tomli_w
 from qoper8d.cli import EXIT_CONFIG, EXIT_OK, EXIT_SOCKET
 from qoper8d.stats import OUTCOMES
 from tests.conftest import wait_gone
-from tests.harness import ROOT, Connection, Daemon, base_config, running_daemon
+from tests.harness import (
+    ROOT,
+    SNAPSHOT_FIELDS,
+    Connection,
+    Daemon,
+    base_config,
+    running_daemon,
+)
 
-SNAPSHOT_FIELDS = {
-    "state",
-    "size",
-    "busy",
-    "idle",
-    "queued",
-    "in_flight",
-    "submitted",
-    "outcomes",
-    "restarts",
-    "uptime",
-    "workers",
-    "daemon",
-}
 WORKER_FIELDS = {
     "slot",
     "pid",
