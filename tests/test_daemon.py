@@ -39,6 +39,18 @@ WORKER_FIELDS = {
 }
 
 
+def run_qoper8d(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m qoper8d ARGS` to its end, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "qoper8d", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_pipelined_requests_are_answered_out_of_order(short_tmp: Path) -> None:
     with (
         running_daemon(short_tmp, pool={"handler": "handlers.sleep:handle"}) as d,
@@ -189,14 +201,7 @@ def test_a_second_daemon_is_refused(short_tmp: Path) -> None:
     with running_daemon(short_tmp) as d:
         config = short_tmp / "second.toml"
         config.write_text(tomli_w.dumps(d.config))
-        done = subprocess.run(
-            [sys.executable, "-m", "qoper8d", "--config", str(config)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_qoper8d("--config", str(config))
         assert done.returncode == EXIT_SOCKET
         assert "another qoper8d" in done.stderr
         with Connection(d.socket) as c:
@@ -355,14 +360,7 @@ def test_check_config_reports_every_problem(short_tmp: Path) -> None:
     bad.write_text(
         '[pool]\nsize = "four"\nhandler = "nope"\nwidgets = 3\n[monitor]\ninterval = 1\n'
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "qoper8d", "--config", str(bad), "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_qoper8d("--config", str(bad), "--check-config")
     assert done.returncode == EXIT_CONFIG
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 3
@@ -375,41 +373,20 @@ def test_check_config_reports_every_problem(short_tmp: Path) -> None:
 def test_check_config_imports_the_handler(short_tmp: Path) -> None:
     config = short_tmp / "c.toml"
     config.write_text('[pool]\nhandler = "handlers.nonexistent:handle"\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "qoper8d", "--config", str(config), "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_qoper8d("--config", str(config), "--check-config")
     assert done.returncode == EXIT_CONFIG
     assert "no module named 'handlers.nonexistent'" in done.stderr
     good = short_tmp / "g.toml"
     good.write_text('[pool]\nhandler = "handlers.echo:handle"\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "qoper8d", "--config", str(good), "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_qoper8d("--config", str(good), "--check-config")
     assert done.returncode == EXIT_OK, done.stderr
 
 
 def test_print_config_and_flags_override_only_what_they_name(short_tmp: Path) -> None:
     config = short_tmp / "c.toml"
     config.write_text("[pool]\nsize = 7\nmax_queue = 55\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "qoper8d", "--config", str(config), "--size", "3",
-         "--print-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )  # fmt: skip
+    done = run_qoper8d("--config", str(config), "--size", "3", "--print-config")
+    assert done.returncode == EXIT_OK, done.stderr
     import tomllib
 
     printed = tomllib.loads(done.stdout)
