@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 import trio
@@ -17,6 +17,9 @@ import trio.testing
 import qoper8d
 from bench import physical
 from bench._common import Figure, Stopwatch, cpu_seconds, figure, median, percentile, pinned, say
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 TRIVIAL = "handlers.echo:plus_one"
 
@@ -37,8 +40,14 @@ class _Events:
 EVENTS = _Events()
 
 
-def quiet_logs() -> None:
+def run_quietly(fn: Callable[[T], Awaitable[R]], arg: T) -> R:
+    """`trio.run(fn, arg)` with the pool's log events going to `EVENTS` only, not the
+    terminal; structlog's defaults come back afterwards."""
     structlog.configure(processors=[EVENTS.processor])
+    try:
+        return trio.run(fn, arg)
+    finally:
+        structlog.reset_defaults()
 
 
 def _caller_loop_cpu(n: int) -> float:
@@ -242,9 +251,7 @@ DEFAULT_SIZES = {
 
 
 def run(sizes: dict[str, int] | None = None) -> dict[str, Figure]:
-    quiet_logs()
-    out = trio.run(_bench, {**DEFAULT_SIZES, **(sizes or {})})
-    structlog.reset_defaults()
+    out = run_quietly(_bench, {**DEFAULT_SIZES, **(sizes or {})})
     for name, fig in out.items():
         say(f"  {name}: {fig['value']} {fig['unit']}")
     return out

@@ -16,7 +16,6 @@ import os
 import signal
 import time
 
-import structlog
 import trio
 
 import qoper8d
@@ -110,10 +109,6 @@ async def _bench(times: dict[str, float]) -> dict[str, Figure]:
 
 
 def run(quick: bool = False) -> dict[str, Figure]:
-    engine.quiet_logs()
-    try:
-        out = trio.run(_bench, QUICK_TIMES if quick else TIMES)
-    finally:
-        structlog.reset_defaults()
+    out = engine.run_quietly(_bench, QUICK_TIMES if quick else TIMES)
     say_figures(out)
     return out

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import structlog
 import trio
 
 import qoper8d
@@ -127,11 +126,7 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
 
 def measure(quick: bool = False) -> dict[str, Figure]:
     """The suite, in this process."""
-    engine.quiet_logs()
-    try:
-        return trio.run(_bench, QUICK_SIZES if quick else SIZES)
-    finally:
-        structlog.reset_defaults()
+    return engine.run_quietly(_bench, QUICK_SIZES if quick else SIZES)
 
 
 def run(quick: bool = False) -> dict[str, Figure]:

@@ -19,11 +19,27 @@ import pickle
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from bench._common import Figure, Stopwatch, figure, median, percentile, pinned, say_figures
+
+
+def _fork_child(serve: Callable[[int, int, int], None], cpu: int) -> tuple[int, int, int]:
+    """Fork a child running `serve(inbox, outbox, cpu)` on a pipe each way; returns its
+    pid, the write end of its inbox and the read end of its outbox."""
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(to_child_w)
+        os.close(to_parent_r)
+        serve(to_child_r, to_parent_w, cpu)
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    return pid, to_child_w, to_parent_r
 
 
 def _pong(inbox: int, outbox: int, cpu: int) -> None:
@@ -36,15 +52,7 @@ def _pong(inbox: int, outbox: int, cpu: int) -> None:
 
 def pickle_pingpong(parent_cpu: int, child_cpu: int, rounds: int = 20_000) -> list[float]:
     """Round-trip times in seconds, parent pinned to one CPU and child to another."""
-    to_child_r, to_child_w = os.pipe()
-    to_parent_r, to_parent_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(to_child_w)
-        os.close(to_parent_r)
-        _pong(to_child_r, to_parent_w, child_cpu)
-    os.close(to_child_r)
-    os.close(to_parent_w)
+    pid, to_child_w, to_parent_r = _fork_child(_pong, child_cpu)
     samples: list[float] = []
     try:
         with pinned({parent_cpu}):
@@ -124,15 +132,7 @@ def msgpack_stream(
     decode = msgspec.msgpack.Decoder(list[int]).decode
     # Actions per batch: as many as fit in batch_bytes at the stream's typical action size.
     per_batch = max(1, batch_bytes // len(encode([{"x": n // 2}])))
-    to_child_r, to_child_w = os.pipe()
-    to_parent_r, to_parent_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(to_child_w)
-        os.close(to_parent_r)
-        _stream_child(to_child_r, to_parent_w, child_cpu)
-    os.close(to_child_r)
-    os.close(to_parent_w)
+    pid, to_child_w, to_parent_r = _fork_child(_stream_child, child_cpu)
     inbox = os.fdopen(to_parent_r, "rb")
     total = 0
     try:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 
-import structlog
-import trio
-
 import qoper8d
 from bench import engine
 from bench._common import Figure, error_figure, figure, say, say_figures
@@ -67,11 +64,7 @@ async def _bench(times: dict[str, float]) -> dict[str, Figure]:
 
 
 def run(quick: bool = False) -> dict[str, Figure]:
-    engine.quiet_logs()
-    try:
-        out = trio.run(_bench, QUICK_TIMES if quick else TIMES)
-    finally:
-        structlog.reset_defaults()
+    out = engine.run_quietly(_bench, QUICK_TIMES if quick else TIMES)
     for size, rate in PUBLISHED.items():
         out[f"qoper8_published_size_{size}_rate"] = figure(
             rate,

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import time
 
-import structlog
-import trio
-
 import qoper8d
 from bench import baselines, engine
 from bench._common import Figure, Stopwatch, error_figure, figure, median, percentile, say_figures
@@ -66,10 +63,6 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
 
 
 def run(quick: bool = False) -> dict[str, Figure]:
-    engine.quiet_logs()
-    try:
-        out = trio.run(_bench, QUICK_SIZES if quick else SIZES)
-    finally:
-        structlog.reset_defaults()
+    out = engine.run_quietly(_bench, QUICK_SIZES if quick else SIZES)
     say_figures(out)
     return out
