@@ -484,7 +484,7 @@ class Engine(Outcomes):
             if not chunk:
                 return
             joined = wire.join_done(chunk)
-            messages = frames.decode(chunk) if joined is None else None
+            messages = frames.decode(chunk) if joined is None else []
         except wire.ProtocolError as exc:
             self.protocol_violation(worker, str(exc))
             return
@@ -496,7 +496,6 @@ class Engine(Outcomes):
                 # a Python step per result.
                 pos += self._deliver_run(worker, joined, chunk.count(b"\n"))
             else:
-                assert messages is not None
                 for m in messages:
                     if type(m) is wire.Done:
                         job = inflight[pos]
@@ -544,16 +543,16 @@ class Engine(Outcomes):
             raise IndexError
         sinks = set(map(_sink_of, jobs)) if count > 1 else {jobs[0].sink}
         sink = sinks.pop() if len(sinks) == 1 else None
-        take_values = getattr(sink, "decoded", None)
+        decoded = getattr(sink, "decoded", None)
         try:
-            results = decode_json(joined) if take_values else decode_raws(joined)
+            results = decode_json(joined) if decoded else decode_raws(joined)
         except msgspec.DecodeError as exc:
             raise wire.ProtocolError(f"undecodable frame: {exc}") from None
         if len(results) != count + 1:
             raise wire.ProtocolError(f"{count} frames held {len(results) - 1} results")
         del results[0]  # the Done tag
-        if take_values:
-            take_values(jobs, results, worker)
+        if decoded:
+            decoded(jobs, results, worker)
         elif sink is not None:
             sink.results(jobs, results, worker)
         else:
