@@ -20,7 +20,8 @@
 | `{"mode": "memory", "mb": n}`        | allocate and keep n MiB, return the pid            |
 
 Any action may carry `"record": path`: its `"id"` is appended to that file before anything
-else happens, so a test can count how many times each action really ran. "hang", "spin" and
+else happens, so a test can count how many times each action really ran; and `"sleep": s`:
+the handler sleeps s seconds (after recording) before doing what its mode says. "hang", "spin" and
 "ignore_term" print `started <mode>` to stdout first, so a test can wait for that line.
 """
 
@@ -41,6 +42,8 @@ def handle(action: dict[str, Any]) -> Any:
     if "record" in action:
         with open(action["record"], "a") as f:
             f.write(f"{action.get('id')}\n")
+    if "sleep" in action:
+        time.sleep(float(action["sleep"]))
     if mode in ("hang", "spin", "ignore_term"):
         print(f"started {mode}", flush=True)
     if mode == "ok":

@@ -366,7 +366,7 @@ class Supervisor:
         """The process is gone: read what it wrote, give each action its outcome, log it."""
         engine = self.engine
         engine.take_out(worker)
-        engine.drain(worker)
+        engine.collect(worker)
         _close_channel(worker)
         engine.live.discard(worker)
         crashed = worker.doom is None and not engine.stopping

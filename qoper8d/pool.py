@@ -350,6 +350,7 @@ async def open_pool(
     try:
         async with trio.open_nursery() as nursery:
             engine = Engine(cfg, nursery)
+            nursery.start_soon(engine.pace)
             sup = Supervisor(engine, launcher, sup_cfg, spec)
             pool = Pool(engine, sup, launcher)
             clean = False

@@ -3,7 +3,8 @@
 A fake worker is a trio task in the test process that speaks the real wire protocol over
 real pipes, so the pool under test runs its ordinary code; only the process is pretend.
 Each one lives `lifetime` seconds of (virtual) time after its handshake, then "exits" with
-`exit_code`, unless the pool signals it first.
+`exit_code`, unless the pool signals it first. It answers `{"x": n}` with n, after
+`action["seconds"]` of virtual time if the action says so, and notes when it answered.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class FakeWorker:
         os.set_blocking(self.from_worker, False)
         self._worker_fds = (batches_r, answers_w)
         self.output: dict[str, int] = {}
+        #: When (virtual time) it wrote each answer.
+        self.answered_at: list[float] = []
         self._done = trio.Event()
         self._status = ExitStatus()
         self._scope = trio.CancelScope()
@@ -56,7 +59,10 @@ class FakeWorker:
                                 self._status = ExitStatus(exit_code=0)
                                 return
                             for action in message.actions:
+                                if "seconds" in action:
+                                    await trio.sleep(action["seconds"])
                                 await answers.send_all(wire.encode_done(b"%d" % action["x"]))
+                                self.answered_at.append(trio.current_time())
                 self._status = ExitStatus(exit_code=exit_code)
         finally:
             with trio.CancelScope(shield=True):
@@ -72,6 +78,7 @@ class FakeLauncher:
         self._nursery = nursery
         self._plan = plan
         self.launched: list[float] = []
+        self.workers: list[FakeWorker] = []
         self._launch = trio.Event()
 
     async def wait_launched(self, count: int) -> None:
@@ -91,6 +98,7 @@ class FakeLauncher:
         self._launch.set()
         self._launch = trio.Event()
         worker = FakeWorker(FAKE_PID_BASE + n)
+        self.workers.append(worker)
         lifetime, exit_code = self._plan(n)
         self._nursery.start_soon(worker.serve, lifetime, exit_code)
         await trio.lowlevel.checkpoint()

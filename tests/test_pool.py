@@ -191,6 +191,21 @@ async def test_batch_rule_when_a_worker_dies_mid_batch(tmp_path: Path) -> None:
     assert runs == dict.fromkeys(range(10), 1), "nothing lost, nothing run twice"
 
 
+async def test_answers_held_for_the_pacer_survive_the_worker_s_death(tmp_path: Path) -> None:
+    """Answers of slow batched actions wait in the pipe for the pacer's tick; the worker
+    dying right after writing them loses none: they are results, not `worker_lost`."""
+    record = tmp_path / "runs"
+    actions = [{"mode": "ok", "id": i, "sleep": 0.002, "record": str(record)} for i in range(40)]
+    actions[30] = {"mode": "sigkill", "id": 30, "record": str(record)}
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            got = [r async for r in pool.map(actions, return_exceptions=True)]
+    assert [g["id"] for g in got if isinstance(g, dict)] == [i for i in range(40) if i != 30]
+    assert isinstance(got[30], qoper8d.WorkerLost)
+    runs = Counter(int(x) for x in record.read_text().split())
+    assert runs == dict.fromkeys(range(40), 1), "nothing lost, nothing run twice"
+
+
 async def test_queue_full_is_refused_at_once() -> None:
     with trio.fail_after(20):
         async with (
