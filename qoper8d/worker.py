@@ -144,11 +144,12 @@ class _Channel:
         if self.spin:
             # Poll a little before sleeping: a caller sending actions one after another
             # gets the next one to us within microseconds, and waking a sleeping process
-            # on another CPU costs more than that.
+            # on another CPU costs more than that. Politely: a process woken on this CPU
+            # (the caller, reading our answer) runs at once, not after our spin.
             until = time.perf_counter() + self.spin
             poll = self.poll
             while not poll(0) and time.perf_counter() < until:
-                pass
+                os.sched_yield()
         while True:
             n = os.readv(self.rfd, [self.reader.buffer()])
             if not n:

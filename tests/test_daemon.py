@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,27 @@ def test_pipelined_requests_are_answered_out_of_order(short_tmp: Path) -> None:
         order = [r["id"] for r in c.receive_all(21)]
     assert set(order) == {"slow", *range(20)}
     assert order[-1] == "slow", "fast answers are not held behind the slow one"
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_quiet_daemon_and_its_workers_sleep(short_tmp: Path) -> None:
+    """After an answer the daemon polls for the client's next request, and a worker for its
+    next batch, for `pool.idle_spin` only: then they sleep and use no CPU."""
+    with running_daemon(short_tmp) as d, Connection(d.socket) as c:
+        for i in range(50):
+            assert c.request({"id": i, "op": "submit", "action": {"n": i}})["ok"]
+        status = c.request({"id": "s", "op": "status"})["result"]
+        pids = [d.proc.pid, *(w["pid"] for w in status["workers"])]
+        before = [_cpu_seconds(pid) for pid in pids]
+        time.sleep(1.0)  # the window the CPU is measured over, not a wait for an event
+        used = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+    # A spin that never ended would use the whole second; sleeping uses none of it.
+    assert max(used) < 0.3, dict(zip(pids, used, strict=True))
 
 
 def test_every_op(short_tmp: Path) -> None:
