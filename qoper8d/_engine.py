@@ -551,8 +551,9 @@ class Engine(Outcomes):
     def collect(self, worker: WorkerHandle) -> None:
         """Read whatever `worker` has written, without waiting (all of it, after its exit)."""
         while worker.busy and not worker.unsent:
+            room = worker.frames.buffer()
             try:
-                n = os.readv(worker.rfd, [worker.frames.buffer()])
+                n = os.readv(worker.rfd, [room])
             except BlockingIOError:
                 return
             except OSError:
@@ -561,6 +562,8 @@ class Engine(Outcomes):
                 worker.eof = True
                 return
             self.on_data(worker, n)
+            if n < len(room):
+                return  # that was all the pipe held: spare a read that would fail
 
     def on_data(self, worker: WorkerHandle, n: int) -> None:
         frames = worker.frames
