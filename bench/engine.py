@@ -174,6 +174,7 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
         one_shot: list[float] = []
         for _ in range(ROUNDS):
             imap.append(baselines.imap_unordered(sizes["imap"])[0])
+            await map_throughput(pool, sizes["map"] // 10, rounds=1)  # awake again
             maps.append(await map_throughput(pool, sizes["map"], rounds=1))
             callers.append(await concurrent_callers(pool, 256, sizes["callers_each"]))
             one_shot.append(await one_shot_tasks(pool, sizes["one_shot"]))
