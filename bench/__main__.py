@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from bench import (
     report,
     service,
 )
-from bench._common import RESULTS, ROOT, Figure, is_number, machine, say
+from bench._common import RESULTS, ROOT, Figure, error_figure, is_number, machine, say
 
 SUITES: dict[str, Callable[[bool], dict[str, Figure]]] = {
     "physical": lambda quick: physical.run(*((2_000, 500_000) if quick else (20_000, 5_000_000))),
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suites", nargs="*", choices=[*SUITES, []], default=[])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--out", help="where to write the JSON (default bench/results/<date>)")
+    parser.add_argument("--suite-out", help=argparse.SUPPRESS)  # one suite, figures to a file
     parser.add_argument(
         "--report",
         metavar="FILE.json",
@@ -126,12 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         write_report(report.load(args.report), args.report)
         return 0
+    if args.suite_out:
+        (name,) = args.suites
+        Path(args.suite_out).write_text(json.dumps(SUITES[name](args.quick)))
+        return 0
     names = args.suites or list(SUITES)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "suites": {}}
     figures: dict[str, Figure] = {}
     for name in names:
         say(f"{name}:")
-        results["suites"][name] = SUITES[name](args.quick)
+        results["suites"][name] = run_suite(name, args.quick)
         figures.update(results["suites"][name])
     results["targets"] = evaluate(figures)
     results["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -147,6 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     say(f"wrote {out}")
     write_report(results, out)
     return 0
+
+
+def run_suite(name: str, quick: bool) -> dict[str, Figure]:
+    """Run one suite in a fresh interpreter of its own: what an earlier suite left behind
+    (a large heap for the garbage collector to scan, pages shared with forked children)
+    must not skew the next one's figures."""
+    with tempfile.TemporaryDirectory(prefix="q8bench-") as tmp:
+        out = Path(tmp) / "figures.json"
+        argv = [sys.executable, "-m", "bench", name, "--suite-out", str(out)]
+        try:
+            subprocess.run([*argv, *(["--quick"] if quick else [])], cwd=ROOT, check=True)
+            figures: dict[str, Figure] = json.loads(out.read_text())
+        except (subprocess.CalledProcessError, OSError, ValueError) as exc:
+            say(f"  {name}: FAILED {exc!r}")
+            figures = {f"{name}_error": error_figure(exc, f"the {name} suite's process failed")}
+    return figures
 
 
 def write_report(results: dict[str, Any], source: str | Path) -> None:
