@@ -144,8 +144,8 @@ class _Channel:
         if self.spin:
             # Poll a little before sleeping: a caller sending actions one after another
             # gets the next one to us within microseconds, and waking a sleeping process
-            # on another CPU costs more than that. Politely: a process woken on this CPU
-            # (the caller, reading our answer) runs at once, not after our spin.
+            # on another CPU costs more than that. Each poll gives way (sched_yield) to a
+            # process waiting for this CPU, such as the caller about to read our answer.
             until = time.perf_counter() + self.spin
             poll = self.poll
             while not poll(0) and time.perf_counter() < until:
