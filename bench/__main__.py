@@ -1,12 +1,13 @@
-"""Run the benchmarks side by side in one process and write their figures.
+"""Run the benchmarks side by side in one run, each suite in a fresh interpreter, and
+write their figures.
 
     python -m bench                 # every suite
     python -m bench engine          # some suites, by name
-    python -m bench --quick engine  # smaller sizes, for a smoke run
+    python -m bench --quick engine  # smaller sizes, for a smoke run (to bench/results/quick/)
     python -m bench --report bench/results/2026-11-28.json  # only redo report and chart
 
 Figures go to bench/results/<date>.json (suites, the machine, and each target with its
-ratio and whether it was met), then into bench/results/REPORT.md and throughput.png. Nothing
+ratio and whether it was met), then into REPORT.md and throughput.png beside it. Nothing
 here runs in the test suite: machines are shared and noisy, so targets are ratios measured
 in the same run, never timed assertions.
 """
@@ -146,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     for t in results["targets"]:
         mark = "met " if t["met"] else "MISS"
         say(f"  [{mark}] {t['what']}: {t['value']} (target {t['bound']})")
-    out = args.out or RESULTS / f"{datetime.date.today().isoformat()}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    # A smoke run's figures mean little: they never replace a real run's.
+    default_dir = RESULTS / "quick" if args.quick else RESULTS
+    out = Path(args.out or default_dir / f"{datetime.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
         f.write("\n")
@@ -175,7 +178,7 @@ def run_suite(name: str, quick: bool) -> dict[str, Figure]:
 def write_report(results: dict[str, Any], source: str | Path) -> None:
     path = Path(source).resolve()
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    md, png = report.write(results, str(shown))
+    md, png = report.write(results, str(shown), path.parent)
     say(f"wrote {md} and {png}")
 
 
