@@ -31,6 +31,21 @@ def _set_subreaper() -> None:
 _set_subreaper()
 
 
+def stat_fields(pid: int | str) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name, which may hold spaces and
+    parentheses: `[0]` is the state, `[1]` the parent, `[11]` and `[12]` user and system
+    CPU in clock ticks."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used so far."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(root: int | None = None) -> set[int]:
     """Live (non-zombie) descendants of `root` (default: this process)."""
     root = os.getpid() if root is None else root
@@ -39,12 +54,9 @@ def descendants(root: int | None = None) -> set[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
+            fields = stat_fields(entry)
         except OSError:
             continue
-        # The command name may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rindex(b")") + 2 :].split()
         if fields[0] == b"Z":
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
@@ -131,9 +143,7 @@ async def wait_exited(pid: int) -> None:
 
 
 def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    return int(stat_fields(pid)[1])
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import tomli_w
 
 from qoper8d.cli import EXIT_CONFIG, EXIT_OK, EXIT_SOCKET
 from qoper8d.stats import OUTCOMES
-from tests.conftest import wait_gone
+from tests.conftest import cpu_seconds, wait_gone
 from tests.harness import (
     ROOT,
     SNAPSHOT_FIELDS,
@@ -66,12 +66,6 @@ def test_pipelined_requests_are_answered_out_of_order(short_tmp: Path) -> None:
     assert order[-1] == "slow", "fast answers are not held behind the slow one"
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rpartition(b")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_a_quiet_daemon_and_its_workers_sleep(short_tmp: Path) -> None:
     """After an answer the daemon polls for the client's next request, and a worker for its
     next batch, for `pool.idle_spin` only: then they sleep and use no CPU."""
@@ -80,9 +74,9 @@ def test_a_quiet_daemon_and_its_workers_sleep(short_tmp: Path) -> None:
             assert c.request({"id": i, "op": "submit", "action": {"n": i}})["ok"]
         status = c.request({"id": "s", "op": "status"})["result"]
         pids = [d.proc.pid, *(w["pid"] for w in status["workers"])]
-        before = [_cpu_seconds(pid) for pid in pids]
+        before = [cpu_seconds(pid) for pid in pids]
         time.sleep(1.0)  # the window the CPU is measured over, not a wait for an event
-        used = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+        used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
     # A spin that never ended would use the whole second; sleeping uses none of it.
     assert max(used) < 0.3, dict(zip(pids, used, strict=True))
 
