@@ -18,10 +18,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
-from itertools import accumulate
 from operator import attrgetter
 from typing import Any
 
@@ -32,6 +30,7 @@ import trio
 from qoper8d import wire
 from qoper8d._classic import Reservation
 from qoper8d._handle import EMPTY, Discard, WorkerHandle
+from qoper8d._jobqueue import JobQueue, batch_length
 from qoper8d._jobs import Job, Sink, Waiter, decode_json, encode_json
 from qoper8d._outcomes import Outcomes
 from qoper8d.config import PoolConfig
@@ -49,15 +48,10 @@ __all__ = ["Engine", "log_level"]
 
 log = structlog.get_logger("qoper8d.pool")
 
-_payload_of = attrgetter("payload")
 _sink_of = attrgetter("sink")
 _timeout_of = attrgetter("timeout")
 #: Decodes the results of a run of answers (`wire.join_done`) for sinks that pass them on.
 decode_raws: Callable[[bytes], list[msgspec.Raw]] = msgspec.json.Decoder(list[msgspec.Raw]).decode
-#: Compact the queue list once this many taken jobs sit before its head.
-_COMPACT = 4096
-#: About how much work (seconds of actions) one batch should hold at most.
-_BATCH_SECONDS = 0.25
 #: Seconds the idle fast path polls for its answer before it lets other tasks run.
 _QUICK_SPIN = 0.00003
 #: A read at least this long means answers are streaming in: read again before waiting.
@@ -87,22 +81,11 @@ class Engine(Outcomes):
         self.nursery = nursery
         self.size = config.size
         self.configure(config)
-        # The queue is a list read from `head`: a batch is one slice, not a pop per job.
-        self.queue: list[Job] = []
-        self.head = 0
-        #: Live jobs in the queue (it also holds cancelled ones until dispatch skips them).
-        self.queued = 0
-        #: Cancelled jobs still in the queue.
-        self.tombstones = 0
-        #: Where each queued job's payload starts in the stream of queued bytes, and where
-        #: the last one ends: `marks[i]` for `queue[i]`, one more than `queue` holds. A batch
-        #: cut to `max_batch_bytes` is then one bisect, not a length per job.
-        self.marks = [0]
-        #: Jobs before this index were put back (`requeue`): they may be out of order, and
-        #: their marks mean nothing.
-        self.replay_end = 0
-        #: Seconds an action takes, smoothed over recent answers (caps batch lengths).
+        self.queue = JobQueue()
+        #: Seconds an action takes and bytes its answer takes, smoothed over recent answers
+        #: (they cap batch lengths: see `batch_length`).
         self.action_seconds = 0.0
+        self.result_bytes = 0.0
         self.idle: list[WorkerHandle] = []
         self.live: set[WorkerHandle] = set()
         self.discard = Discard()
@@ -143,12 +126,13 @@ class Engine(Outcomes):
         """Raise unless `count` more actions may be queued now. A `follow_up` (queued by
         the callback of an accepted action) is still taken while the pool drains."""
         if not self.accepting and not (follow_up and self.draining and not self.stopping):
-            if self.stopping or self.queued or self.live:
+            if self.stopping or self.queue.live or self.live:
                 raise ShuttingDown("the pool is shutting down and takes no new actions")
             raise PoolClosed("the pool is not running")
-        if self.queued + count > self.config.max_queue:
+        if self.queue.live + count > self.config.max_queue:
             raise QueueFull(
-                f"the queue holds {self.queued} actions (pool.max_queue = {self.config.max_queue})",
+                f"the queue holds {self.queue.live} actions "
+                f"(pool.max_queue = {self.config.max_queue})",
                 max_queue=self.config.max_queue,
             )
 
@@ -177,10 +161,7 @@ class Engine(Outcomes):
 
     def enqueue(self, job: Job) -> None:
         """Put `job` at the tail of the queue."""
-        self.queue.append(job)
-        marks = self.marks
-        marks.append(marks[-1] + len(job.payload))
-        self.queued += 1
+        self.queue.push(job)
 
     def accept(
         self,
@@ -200,15 +181,12 @@ class Engine(Outcomes):
     def submit_many(self, jobs: list[Job], payloads: list[bytes]) -> None:
         """Queue jobs built by a bulk submitter (`map`) for `payloads`, with one dispatch
         for all of them."""
-        self.queue.extend(jobs)
-        marks = self.marks
-        marks.extend(accumulate(map(len, payloads), initial=marks.pop()))
-        self.queued += len(jobs)
+        self.queue.extend(jobs, payloads)
         self.submitted += len(jobs)
         self.dispatch()
 
     async def run(self, action: Any, timeout: float | None) -> Any:
-        if not self.accepting or self.queued >= self.max_queue:
+        if not self.accepting or self.queue.live >= self.max_queue:
             self.check_accepting()
         try:
             payload = encode_json(action)
@@ -238,7 +216,7 @@ class Engine(Outcomes):
         """An idle worker the caller may run one action on itself (see `run_borrowed`), taken
         out of the idle list; None unless the pool is idle and nothing is queued."""
         idle = self.idle
-        if idle and not self.queued and idle[-1].reader_task is not None:
+        if idle and not self.queue.live and idle[-1].reader_task is not None:
             return idle.pop()
         return None
 
@@ -311,92 +289,27 @@ class Engine(Outcomes):
 
     def dispatch(self) -> None:
         idle = self.idle
-        while idle and self.queued:
-            worker = idle.pop()
-            self.send(worker, *self.take_batch(self.allowance(worker)))
+        queue = self.queue
+        while idle and queue.live:
+            batch = self.take_batch(self.allowance(idle[-1]))
+            if not batch[0]:
+                return  # all that waits is held
+            self.send(idle.pop(), *batch)
 
     def allowance(self, worker: WorkerHandle) -> int:
         """How many more actions `worker` may run (`pool.max_actions_per_worker`)."""
         return self.max_actions - worker.answered if self.max_actions else self.max_queue
 
     def take_batch(self, most: int) -> tuple[list[Job], list[bytes], bool]:
-        """Take the next batch, of at most `most` jobs, off the queue (`queued` must be > 0)."""
-        # This worker's share of the queue: a shallow queue spreads one action per worker,
-        # a deep one fills batches up to max_batch_bytes. All per-job work is C-level.
-        want = min(-(-self.queued // self.size), most)
-        if self.action_seconds > _BATCH_SECONDS:
-            want = 1
-        elif self.action_seconds * want > _BATCH_SECONDS:
-            # Slow actions gain nothing from batching and would wait behind each other.
-            want = max(1, int(_BATCH_SECONDS / self.action_seconds))
-        head = self.head
-        if self.tombstones or head < self.replay_end:
-            return self._take_batch_skipping(want)
-        # The longest run from the head, of at most `want` jobs, whose payloads fit in
-        # max_batch_bytes (at least one job, however long).
-        marks = self.marks
-        start = marks[head]
-        end = bisect_right(marks, start + self.config.max_batch_bytes, head + 2, head + want + 1)
-        batch = self.queue[head : end - 1]
-        self.queued -= len(batch)
-        self._advance(end - 1)
-        return batch, list(map(_payload_of, batch)), False
-
-    def _take_batch_skipping(self, want: int) -> tuple[list[Job], list[bytes], bool]:
+        """Take the next batch, of at most `most` jobs, off the queue (empty if all that
+        waits is held)."""
         queue = self.queue
-        head = self.head
-        replayed = head < self.replay_end
-        limit = self.config.max_batch_bytes
-        batch: list[Job] = []
-        total = 0
-        while len(batch) < want and head < len(queue):
-            job = queue[head]
-            if job.cancelled:
-                self.tombstones -= 1
-                head += 1
-                continue
-            size = len(job.payload)
-            if batch and total + size > limit:
-                break
-            batch.append(job)
-            total += size
-            head += 1
-        self.queued -= len(batch)
-        self._advance(head)
-        return batch, list(map(_payload_of, batch)), replayed
-
-    def _advance(self, head: int) -> None:
-        queue = self.queue
-        if head >= len(queue):
-            queue.clear()
-            self.marks = [0]
-            self.head = self.tombstones = self.replay_end = 0
-        elif head > _COMPACT and head * 2 > len(queue):
-            del queue[:head]
-            del self.marks[:head]
-            self.head = 0
-            self.replay_end = max(0, self.replay_end - head)
-        else:
-            self.head = head
+        want = batch_length(queue.live, self.size, most, self.action_seconds, self.result_bytes)
+        return queue.take(want, self.config.max_batch_bytes)
 
     def requeue(self, jobs: list[Job]) -> None:
         """Put jobs back at the head of the queue, in order (they never started)."""
-        head = self.head
-        replayed = max(0, self.replay_end - head) + len(jobs)
-        if head >= len(jobs):
-            self.head = head - len(jobs)
-            self.queue[self.head : head] = jobs
-        else:
-            # The list grows: shift the marks along (those of the jobs put back are unused).
-            self.marks[:head] = [self.marks[head]] * len(jobs)
-            self.queue[:head] = jobs
-            self.head = 0
-        self.queued += len(jobs)
-        self.replay_end = self.head + replayed
-
-    def queued_jobs(self) -> list[Job]:
-        """The live jobs in the queue, in order."""
-        return [job for job in self.queue[self.head :] if not job.cancelled]
+        self.queue.requeue(jobs)
 
     def send(
         self, worker: WorkerHandle, batch: list[Job], payloads: list[bytes], replayed: bool = False
@@ -610,6 +523,7 @@ class Engine(Outcomes):
         # How long an action takes, smoothed: the time since this worker's previous answers
         # (or the send) shared among the answers of this read.
         self.action_seconds += ((now - worker.head_started) / done - self.action_seconds) * 0.1
+        self.result_bytes += (len(chunk) / done - self.result_bytes) * 0.1
         worker.head_started = now
         if self.max_actions and worker.answered >= self.max_actions and worker.retire is None:
             worker.dead = True  # spent: no more work; it leaves when its turn to recycle comes
@@ -693,9 +607,11 @@ class Engine(Outcomes):
         if self.reservations:
             self.reservations.popleft().grant(worker)
             return
-        if self.queued:
-            self.send(worker, *self.take_batch(self.allowance(worker)))
-            return
+        if self.queue.live:
+            batch = self.take_batch(self.allowance(worker))
+            if batch[0]:
+                self.send(worker, *batch)
+                return
         self.idle.append(worker)
         if not self.accepting:
             self.check_quiet()

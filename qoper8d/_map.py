@@ -144,7 +144,7 @@ class MapIterator:
         room = self._window - outstanding
         engine.check_accepting(0)
         # In slices, so that a huge window never holds the event loop for long.
-        room = min(room, engine.config.max_queue - engine.queued, _REFILL)
+        room = min(room, engine.config.max_queue - engine.queue.live, _REFILL)
         if room <= 0:
             if outstanding:
                 return
@@ -253,7 +253,7 @@ class MapIterator:
         if self._exhausted or self._closed or self._issued - index >= self._window:
             return False
         engine = self._engine
-        return engine.queued < engine.config.max_queue
+        return engine.queue.live < engine.config.max_queue
 
     def _take(self, index: int) -> Any:
         """The result at `index` if it has arrived (a run starting there becomes current)."""

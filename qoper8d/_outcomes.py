@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from qoper8d._handle import EMPTY, Discard, WorkerHandle
+from qoper8d._jobqueue import JobQueue
 from qoper8d._jobs import Job, Sink
 from qoper8d._process import ExitStatus
 from qoper8d.errors import (
@@ -43,10 +44,7 @@ class Outcomes:
     if TYPE_CHECKING:
         config: PoolConfig
         nursery: trio.Nursery
-        queue: list[Job]
-        head: int
-        queued: int
-        tombstones: int
+        queue: JobQueue
         live: set[WorkerHandle]
         idle: list[WorkerHandle]
         discard: Discard
@@ -55,12 +53,8 @@ class Outcomes:
         answers: int
         outcomes: dict[str, int]
         quiet: trio.Event
-        replay_end: int
-        marks: list[int]
 
         def requeue(self, jobs: list[Job]) -> None: ...
-
-        def queued_jobs(self) -> list[Job]: ...
 
     def end(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
         if job.sink is not self.discard:
@@ -84,9 +78,7 @@ class Outcomes:
             return
         worker = self.find_running(job)
         if worker is None:
-            job.cancelled = True
-            self.queued -= 1
-            self.tombstones += 1
+            self.queue.cancel(job)
             self.end(job, ActionCancelled("cancelled while queued"), None)
         elif worker.inflight[worker.pos] is job:
             self.end(
@@ -105,15 +97,11 @@ class Outcomes:
 
     def withdraw(self, sink: Sink) -> int:
         """Cancel, silently, every unanswered job of `sink` (a map being closed)."""
-        count = 0
-        for job in self.queue[self.head :]:
-            if job.sink is sink and not job.cancelled:
-                job.cancelled = True
-                job.sink = self.discard
-                self.queued -= 1
-                self.tombstones += 1
-                self.outcomes["cancelled"] += 1
-                count += 1
+        queued = self.queue.withdraw(sink)
+        for job in queued:
+            job.sink = self.discard
+        count = len(queued)
+        self.outcomes["cancelled"] += count
         for worker in self.live:
             for job in worker.inflight[worker.pos :]:
                 if job.sink is sink:
@@ -232,7 +220,7 @@ class Outcomes:
     def check_quiet(self) -> None:
         """Set `quiet` once every accepted action has its outcome: nothing queued, and
         nothing in flight but answers nobody waits for (cancelled, timed out, withdrawn)."""
-        if self.queued:
+        if self.queue.live:
             return
         discard = self.discard
         for worker in self.live:
@@ -242,9 +230,5 @@ class Outcomes:
         self.quiet.set()
 
     def end_queued(self, message: str) -> None:
-        jobs = self.queued_jobs()
-        self.queue.clear()
-        self.marks = [0]
-        self.head = self.queued = self.tombstones = self.replay_end = 0
-        for job in jobs:
+        for job in self.queue.clear():
             self.end(job, ShuttingDown(message), None)

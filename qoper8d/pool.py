@@ -300,7 +300,7 @@ class Pool:
             size=engine.size,
             busy=busy,
             idle=idle,
-            queued=engine.queued,
+            queued=engine.queue.live,
             in_flight=in_flight,
             submitted=engine.submitted,
             outcomes=outcomes,
