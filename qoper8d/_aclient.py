@@ -357,9 +357,10 @@ class AsyncClient:
         result: dict[str, Any] = await self._call("status")
         return result
 
-    async def scale(self, size: int) -> None:
+    async def scale(self, size: int) -> dict[str, Any]:
         """See `Client.scale`."""
-        await self._call("scale", {"size": size})
+        result: dict[str, Any] = await self._call("scale", {"size": size})
+        return result
 
     async def reload(self) -> list[str]:
         """See `Client.reload`."""

@@ -144,6 +144,9 @@ class Session:
     def __init__(self, engine: Engine, worker: WorkerHandle) -> None:
         self._engine = engine
         self._worker = worker
+        # Tasks sharing a session queue for its one worker, in call order: a worker runs
+        # one action at a time, and a second one sent meanwhile would corrupt the first.
+        self._turn = trio.StrictFIFOLock()
 
     @property
     def pid(self) -> int:
@@ -151,18 +154,20 @@ class Session:
         return self._worker.pid
 
     async def run(self, action: Any, *, timeout: float | None = None) -> Any:
-        """Run one action on the session's worker; as `Pool.run`. Once the worker has died,
-        every further call raises `WorkerLost` without running anything."""
+        """Run one action on the session's worker; as `Pool.run`. Calls from several tasks
+        run one at a time, in call order. Once the worker has died, every further call raises
+        `WorkerLost` without running anything."""
         engine, worker = self._engine, self._worker
-        if worker.exited.is_set() or worker.doom is not None:
-            raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)
         payload = engine.encode(action)
-        waiter = Waiter()
-        job = Job(payload, waiter, None, engine.timeout_for(timeout))
-        engine.submitted += 1
-        engine.send(worker, [job], [payload])
-        await waiter.wait(lambda: engine.cancel(job))
-        return waiter.outcome()
+        async with self._turn:
+            if worker.exited.is_set() or worker.doom is not None:
+                raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)
+            waiter = Waiter()
+            job = Job(payload, waiter, None, engine.timeout_for(timeout))
+            engine.submitted += 1
+            engine.send(worker, [job], [payload])
+            await waiter.wait(lambda: engine.cancel(job))
+            return waiter.outcome()
 
 
 class Reservation:

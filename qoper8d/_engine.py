@@ -61,6 +61,10 @@ _PACE = 0.005
 #: Actions this slow or slower (and faster than `_PACE`) are paced.
 _PACE_MIN_ACTION = 0.0001
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+#: Keys of a log event that a worker's fields must not overwrite.
+_OWN_KEYS = frozenset({"event", "level", "slot", "pid", "timestamp", "exc_info"})
+#: Stands for a frame nested too deeply to decode here (see `on_data`).
+_TOO_DEEP = wire.Unencodable("it is nested too deeply for the master to decode")
 
 
 def _next_tick(now: float) -> float:
@@ -71,6 +75,13 @@ def _next_tick(now: float) -> float:
 
 def log_level(name: str) -> int:
     return _LEVELS.get(name, 20)
+
+
+def log_worker_event(slot: int, pid: int, m: wire.Log) -> None:
+    """Log a worker's own event, tagged with its slot and pid (fields that would overwrite
+    an event's own keys are renamed: a worker's frames are never trusted)."""
+    fields = {(f"field_{k}" if k in _OWN_KEYS else k): v for k, v in m.fields.items()}
+    log.log(log_level(m.level), m.event, slot=slot, pid=pid, **fields)
 
 
 class Engine(Outcomes):
@@ -121,19 +132,28 @@ class Engine(Outcomes):
             return encode_json(action)
         except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"the action is not JSON-compatible: {exc}") from None
+        except RecursionError:
+            raise BadRequest("the action is nested too deeply to encode") from None
 
-    def check_accepting(self, count: int = 1, *, follow_up: bool = False) -> None:
-        """Raise unless `count` more actions may be queued now. A `follow_up` (queued by
-        the callback of an accepted action) is still taken while the pool drains."""
+    def check_accepting(self, count: int = 1, *, follow_up: bool = False, size: int = 0) -> None:
+        """Raise unless `count` more actions (of `size` bytes in all) may be queued now. A
+        `follow_up` (queued by the callback of an accepted action) is still taken while the
+        pool drains."""
         if not self.accepting and not (follow_up and self.draining and not self.stopping):
             if self.stopping or self.queue.live or self.live:
                 raise ShuttingDown("the pool is shutting down and takes no new actions")
             raise PoolClosed("the pool is not running")
-        if self.queue.live + count > self.config.max_queue:
+        cfg = self.config
+        if self.queue.live + count > cfg.max_queue:
             raise QueueFull(
-                f"the queue holds {self.queue.live} actions "
-                f"(pool.max_queue = {self.config.max_queue})",
-                max_queue=self.config.max_queue,
+                f"the queue holds {self.queue.live} actions (pool.max_queue = {cfg.max_queue})",
+                max_queue=cfg.max_queue,
+            )
+        if self.queue.bytes + size > cfg.max_queue_bytes:
+            raise QueueFull(
+                f"the queue holds {self.queue.bytes} bytes of actions and this one has {size} "
+                f"(pool.max_queue_bytes = {cfg.max_queue_bytes})",
+                max_queue_bytes=cfg.max_queue_bytes,
             )
 
     def timeout_for(self, timeout: float | None) -> float:
@@ -173,7 +193,7 @@ class Engine(Outcomes):
         follow_up: bool = False,
     ) -> Job:
         """A job for an action, counted as submitted; the caller queues or runs it."""
-        self.check_accepting(follow_up=follow_up)
+        self.check_accepting(follow_up=follow_up, size=len(payload))
         job = Job(payload, sink, tag, self.timeout_for(timeout))
         self.submitted += 1
         return job
@@ -186,12 +206,17 @@ class Engine(Outcomes):
         self.dispatch()
 
     async def run(self, action: Any, timeout: float | None) -> Any:
-        if not self.accepting or self.queue.live >= self.max_queue:
-            self.check_accepting()
         try:
             payload = encode_json(action)
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError, OverflowError, RecursionError):
             payload = self.encode(action)  # raises BadRequest, with the reason
+        queue = self.queue
+        if (
+            not self.accepting
+            or queue.live >= self.max_queue
+            or queue.bytes + len(payload) > self.config.max_queue_bytes
+        ):
+            self.check_accepting(size=len(payload))
         waiter = Waiter()
         job = Job(
             payload,
@@ -211,6 +236,14 @@ class Engine(Outcomes):
         self.dispatch()
         await waiter.wait(lambda: self.cancel(job))
         return waiter.outcome()
+
+    def hold(self, sink: Sink) -> None:
+        """Dispatch none of `sink`'s queued actions until `release(sink)`; others go past."""
+        self.queue.hold(sink)
+
+    def release(self, sink: Sink) -> None:
+        self.queue.release(sink)
+        self.dispatch()
 
     def borrowable(self) -> WorkerHandle | None:
         """An idle worker the caller may run one action on itself (see `run_borrowed`), taken
@@ -480,36 +513,39 @@ class Engine(Outcomes):
 
     def on_data(self, worker: WorkerHandle, n: int) -> None:
         frames = worker.frames
+        inflight = worker.inflight
+        pos = start = worker.pos
         try:
             chunk = frames.take(n)
             if not chunk:
                 return
             joined = wire.join_done(chunk)
-            messages = frames.decode(chunk) if joined is None else []
-        except wire.ProtocolError as exc:
-            self.protocol_violation(worker, str(exc))
-            return
-        inflight = worker.inflight
-        pos = start = worker.pos
-        try:
-            if joined is not None:
-                # Only answers, as in bulk: deliver them all in one call per sink, without
-                # a Python step per result.
-                pos += self._deliver_run(worker, joined, chunk.count(b"\n"))
-            else:
-                for m in messages:
-                    if type(m) is wire.Done:
-                        job = inflight[pos]
-                        pos += 1
-                        job.sink.result(job, m.result, worker)
-                    else:
-                        pos = self._on_other(worker, m, inflight, pos)
-                        inflight = worker.inflight  # a Retire cuts the batch short
+            try:
+                if joined is not None:
+                    # Only answers, as in bulk: deliver them all in one call per sink,
+                    # without a Python step per result.
+                    pos += self._deliver_run(worker, joined, chunk.count(b"\n"))
+                    messages: list[Any] = []
+                else:
+                    messages = frames.decode(chunk)
+            except RecursionError:
+                # A result nested deeper than this process can decode (the worker's stack
+                # was shallower): it ends bad_result, frame by frame; nothing was delivered.
+                messages = frames.decode_each(chunk, _TOO_DEEP)
+            for m in messages:
+                if type(m) is wire.Done:
+                    job = inflight[pos]
+                    pos += 1
+                    job.sink.result(job, m.result, worker)
+                else:
+                    pos = self._on_other(worker, m, inflight, pos)
+                    inflight = worker.inflight  # a Retire or a Cut ends the batch here
         except IndexError:
             worker.pos = pos
             self.protocol_violation(worker, "an answer with no action in flight")
             return
         except wire.ProtocolError as exc:
+            worker.pos = pos
             self.protocol_violation(worker, str(exc))
             return
         if pos == start:
@@ -523,7 +559,10 @@ class Engine(Outcomes):
         # How long an action takes, smoothed: the time since this worker's previous answers
         # (or the send) shared among the answers of this read.
         self.action_seconds += ((now - worker.head_started) / done - self.action_seconds) * 0.1
-        self.result_bytes += (len(chunk) / done - self.result_bytes) * 0.1
+        # Answers' size, smoothed, but quick to rise: a client slow to read large results
+        # must not find a batch's worth of them piled up in the master (`batch_length`).
+        size = len(chunk) / done
+        self.result_bytes = max(size, self.result_bytes + (size - self.result_bytes) * 0.1)
         worker.head_started = now
         if self.max_actions and worker.answered >= self.max_actions and worker.retire is None:
             worker.dead = True  # spent: no more work; it leaves when its turn to recycle comes
@@ -572,12 +611,19 @@ class Engine(Outcomes):
         if kind is wire.Unencodable:
             self.end(
                 inflight[pos],
-                BadResult(f"the handler's result is not JSON-compatible: {m.message}"),
+                BadResult(f"the handler's result cannot be sent: {m.message}"),
                 worker,
             )
             return pos + 1
-        if kind is wire.Log:
-            log.log(log_level(m.level), m.event, slot=worker.slot.index, pid=worker.pid, **m.fields)
+        if kind is wire.Cut:
+            # The worker stopped the batch here (its results passed the batch's budget): the
+            # rest never started and goes back to the head of the queue.
+            rest = [job for job in inflight[pos:] if job.sink is not self.discard]
+            worker.inflight = inflight[:pos]
+            if rest:
+                self.requeue(rest)
+        elif kind is wire.Log:
+            log_worker_event(worker.slot.index, worker.pid, m)
         elif kind is wire.Retire:
             # The worker stops here: the rest of its batch never started and goes back to
             # the head of the queue; it takes no more work and is replaced.

@@ -16,15 +16,23 @@ import trio
 from qoper8d import wire
 from qoper8d._jobs import Job
 from qoper8d._process import WorkerProcess
+from qoper8d.config import PoolConfig
 from qoper8d.errors import ActionError
 
 if TYPE_CHECKING:
     from qoper8d._supervise import Slot
 
-__all__ = ["EMPTY", "Discard", "WorkerHandle"]
+__all__ = ["EMPTY", "Discard", "WorkerHandle", "frame_limit"]
 
 #: The batch of a worker with nothing in flight (shared, never mutated).
 EMPTY: list[Job] = []
+
+
+def frame_limit(config: PoolConfig) -> int:
+    """The longest frame an honest worker sends: a result of `pool.max_result_bytes`, or an
+    exception's text (bounded by the worker), with room to spare. A longer one is a protocol
+    error, so a worker can never make the master buffer more than this."""
+    return config.max_result_bytes + (1 << 20)
 
 
 class Discard:
@@ -84,7 +92,7 @@ class WorkerHandle:
         "wfd",
     )
 
-    def __init__(self, proc: WorkerProcess, slot: Slot) -> None:
+    def __init__(self, proc: WorkerProcess, slot: Slot, max_frame: int = wire.MAX_FRAME) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.wfd = proc.to_worker
@@ -94,7 +102,7 @@ class WorkerHandle:
         #: `poll(0)`: is an answer (or end-of-file) waiting? No exception, one syscall.
         self.poll = poller.poll
         self.slot = slot
-        self.frames = wire.FrameReader(wire.FromWorker)
+        self.frames = wire.FrameReader(wire.FromWorker, max_frame=max_frame)
         #: The batch in flight, and how many of its actions have been answered.
         self.inflight: list[Job] = EMPTY
         self.pos = 0

@@ -226,7 +226,8 @@ class JobQueue:
         self._settle()
 
     def withdraw(self, sink: object) -> list[Job]:
-        """Take every waiting job of `sink` out; they are returned, in order."""
+        """Take every waiting job of `sink` out (it is gone: a hold on it ends too); they
+        are returned, in order."""
         out = [job for job in self._jobs[self._head :] if job.sink is sink and not job.cancelled]
         for job in out:
             job.cancelled = True
@@ -240,7 +241,7 @@ class JobQueue:
                 self.bytes -= len(job.payload)
                 job.payload = b""
             out = aside + out
-            self._held[sink] = []
+        self._held.pop(sink, None)  # it is gone: nothing of it will come to hold
         self.live -= len(out)
         self._settle()
         return out

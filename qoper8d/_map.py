@@ -145,6 +145,8 @@ class MapIterator:
         engine.check_accepting(0)
         # In slices, so that a huge window never holds the event loop for long.
         room = min(room, engine.config.max_queue - engine.queue.live, _REFILL)
+        if engine.queue.bytes >= engine.config.max_queue_bytes:
+            room = 0
         if room <= 0:
             if outstanding:
                 return
@@ -252,8 +254,9 @@ class MapIterator:
         """Is there room in the window, and a source to fill it from?"""
         if self._exhausted or self._closed or self._issued - index >= self._window:
             return False
-        engine = self._engine
-        return engine.queue.live < engine.config.max_queue
+        queue = self._engine.queue
+        cfg = self._engine.config
+        return queue.live < cfg.max_queue and queue.bytes < cfg.max_queue_bytes
 
     def _take(self, index: int) -> Any:
         """The result at `index` if it has arrived (a run starting there becomes current)."""

@@ -26,8 +26,8 @@ import structlog
 import trio
 
 from qoper8d import wire
-from qoper8d._engine import Engine, log_level
-from qoper8d._handle import WorkerHandle
+from qoper8d._engine import Engine, log_level, log_worker_event
+from qoper8d._handle import WorkerHandle, frame_limit
 from qoper8d._output import pump_output
 from qoper8d._policy import Backoff, RestartIntensity
 from qoper8d._process import ExitStatus, Launcher
@@ -147,6 +147,10 @@ class Supervisor:
                             worker = None
                         else:
                             worker = await self._recycle(worker, nursery)
+                if first:
+                    # Left before its first worker served (the pool is stopping): a slot that
+                    # starts nothing has still started, for whoever waits for it.
+                    task_status.started()
         finally:
             slot.state = "stopped"
             slot.worker = None
@@ -228,9 +232,27 @@ class Supervisor:
         live = [slot for slot in self.slots if not slot.retired]
         engine.size = size
         if size > len(live):
+            failures: list[WorkerStartError] = []
+
+            async def grow() -> None:
+                slot = self.new_slot()
+                try:
+                    await nursery.start(self.serve_slot, slot)
+                except WorkerStartError as exc:
+                    failures.append(exc)
+                    if slot in self.slots:
+                        self.slots.remove(slot)
+
             async with trio.open_nursery() as starting:
                 for _ in range(size - len(live)):
-                    starting.start_soon(nursery.start, self.serve_slot, self.new_slot())
+                    starting.start_soon(grow)
+            if failures:
+                engine.size = len([slot for slot in self.slots if not slot.retired])
+                raise WorkerStartError(
+                    f"{len(failures)} of {size - len(live)} new workers could not start; the "
+                    f"pool has {engine.size}: {failures[0].message}",
+                    **failures[0].details,
+                )
         elif size < len(live):
 
             def busy_last(slot: Slot) -> tuple[bool, int]:
@@ -294,7 +316,7 @@ class Supervisor:
             slot.worker = None
         launched = trio.current_time()
         proc = await self.launcher.launch(self.spec)
-        worker = WorkerHandle(proc, slot)
+        worker = WorkerHandle(proc, slot, frame_limit(self.engine.config))
         cfg = self.engine.config
         for stream, fd in proc.output.items():
             self.engine.nursery.start_soon(
@@ -352,13 +374,7 @@ class Supervisor:
                         traceback=m.traceback,
                     )
                 if isinstance(m, wire.Log):
-                    log.log(
-                        log_level(m.level),
-                        m.event,
-                        slot=worker.slot.index,
-                        pid=worker.pid,
-                        **m.fields,
-                    )
+                    log_worker_event(worker.slot.index, worker.pid, m)
                 else:
                     raise wire.ProtocolError(f"unexpected {type(m).__name__} before Ready")
 

@@ -372,9 +372,12 @@ class Client:
         result: dict[str, Any] = self._call("status")
         return result
 
-    def scale(self, size: int) -> None:
-        """Change the number of workers; returns once the pool has `size` of them."""
-        self._call("scale", {"size": size})
+    def scale(self, size: int) -> dict[str, Any]:
+        """Change the number of workers; returns once the pool has `size` of them:
+        `{"size": n}`, or `{"size": n, "superseded": True}` when a later resize overtook
+        this one (n is then the size the pool had)."""
+        result: dict[str, Any] = self._call("scale", {"size": size})
+        return result
 
     def reload(self) -> list[str]:
         """Re-read the daemon's configuration file; the changed keys, one line each."""

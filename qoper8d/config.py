@@ -79,6 +79,12 @@ class PoolConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True
     preload: bool = False  # import the handlers in the fork server, before forking
     max_batch_bytes: Annotated[int, msgspec.Meta(ge=64, le=64 << 20)] = 8192
     max_queue: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    # Bound of the pending queue's action bytes (with max_queue: whichever is reached first).
+    max_queue_bytes: Annotated[int, msgspec.Meta(ge=1024, extra={"unit": "bytes"})] = 256 << 20
+    # The longest result (as JSON) a worker may send back; a longer one ends bad_result.
+    max_result_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30, extra={"unit": "bytes"})] = (
+        16 << 20
+    )
     action_timeout: Seconds = 0.0  # 0: no limit
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1  # runs after worker_lost
     poison_threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
@@ -112,6 +118,9 @@ class ServerConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576  # one request line
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
     read_timeout: PositiveSeconds = 30.0  # for a partial request line to complete
+    # Answers waiting for one client to read them before its queued work and reading pause.
+    max_unsent_bytes: Annotated[int, msgspec.Meta(ge=65536, extra={"unit": "bytes"})] = 16 << 20
+    write_timeout: PositiveSeconds = 60.0  # a client reading nothing this long is disconnected
     allowed_uids: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # besides ours and root
     socket_group: str = ""  # a group given access to the socket's directory and the socket
 

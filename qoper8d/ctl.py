@@ -474,8 +474,11 @@ def _regular_file_size(stream: Any) -> int | None:
 
 
 def _ctl_scale(client: Client, args: argparse.Namespace) -> int:
-    client.scale(args.size)
-    print(f"scaled to {args.size} workers")
+    reached = client.scale(args.size)
+    if reached.get("superseded"):
+        print(f"superseded by a later resize: the pool has {reached.get('size')} workers")
+    else:
+        print(f"scaled to {reached.get('size')} workers")
     return CTL_OK
 
 

@@ -88,18 +88,23 @@ class Daemon:
             "config": str(self.config_path) if self.config_path else None,
             # Leak indicators an operator (and the fault tests) can watch over time.
             "connections": len(self._control.connections) if self._control else 0,
+            "unsent_bytes": self._control.unsent_bytes() if self._control else 0,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
             "open_fds": len(os.listdir("/proc/self/fd")),
         }
         return snapshot
 
-    async def scale(self, size: int) -> None:
+    async def scale(self, size: int) -> dict[str, Any]:
         assert self._pool is not None
-        await self._pool.scale(size)
+        reached = await self._pool.scale(size)
+        if reached.superseded:
+            log.info("daemon.scale_superseded", size=size, reached=reached.size)
+            return {"size": reached.size, "superseded": True}
         # The running size, so a reload compares the file with what runs, not with the start.
-        pool = msgspec.structs.replace(self.config.pool, size=size)
+        pool = msgspec.structs.replace(self.config.pool, size=reached.size)
         self.config = msgspec.structs.replace(self.config, pool=pool)
-        log.info("daemon.scaled", size=size)
+        log.info("daemon.scaled", size=reached.size)
+        return {"size": reached.size}
 
     async def reload(self) -> list[str]:
         """Re-read the configuration file and apply it; the changes, one line each.

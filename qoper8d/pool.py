@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import trio
@@ -22,6 +22,7 @@ import trio
 from qoper8d import wire
 from qoper8d._classic import Callbacks, OnResponse, Session, open_session
 from qoper8d._engine import Engine
+from qoper8d._jobqueue import BATCH_RESULT_BYTES
 from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
 from qoper8d._supervise import Supervisor
@@ -29,9 +30,18 @@ from qoper8d.config import PoolConfig, SupervisorConfig
 from qoper8d.errors import BadRequest, single_error
 from qoper8d.stats import PoolStatistics, WorkerStatistics
 
-__all__ = ["MapIterator", "Pool", "Session", "open_pool"]
+__all__ = ["MapIterator", "Pool", "Resized", "Session", "open_pool"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Resized(NamedTuple):
+    """What `Pool.scale()` reached."""
+
+    #: The number of workers the pool has now.
+    size: int
+    #: A later resize was asked for before this one could start: it was skipped.
+    superseded: bool = False
 
 
 class Pool:
@@ -45,6 +55,10 @@ class Pool:
         self._state = "starting"
         self._started_at = trio.current_time()
         self._stopped: trio.Event | None = None
+        #: Resizes and reconfigurations, one at a time, in call order.
+        self._resizing = trio.StrictFIFOLock()
+        #: Resizes asked for so far: a waiting resize that is not the last is superseded.
+        self._resizes = 0
 
     @property
     def config(self) -> PoolConfig:
@@ -88,29 +102,31 @@ class Pool:
 
     def submit_nowait(
         self,
-        payload: bytes,
+        action: Any,
         sink: Any,
         tag: Any = None,
         *,
         timeout: float | None = None,
         max_attempts: int | None = None,
     ) -> Any:
-        """Queue an action already encoded as JSON text; its outcome goes to `sink`.
+        """Queue `action`; its outcome goes to `sink`, not to an awaiting caller.
 
-        For front ends that receive JSON (the control socket): the text is passed through to
-        the worker undecoded, and the result comes back as raw JSON text: `sink.result(job,
-        raw, worker)`, `sink.results(jobs, raws, worker)` or `sink.error(job, err, worker)`,
-        called synchronously, once per job. `max_attempts` overrides `pool.max_attempts`.
-        Returns a handle for `cancel()`. Raises `QueueFull` or `ShuttingDown` at once.
+        For front ends (the control socket) that pass results on as they came: the result
+        arrives as raw JSON text, `sink.result(job, raw, worker)`, `sink.results(jobs, raws,
+        worker)` or `sink.error(job, err, worker)`, called synchronously, once per job. The
+        action is encoded here, so a worker can always decode it. `max_attempts` overrides
+        `pool.max_attempts`. Returns a handle for `cancel()`. Raises `QueueFull`,
+        `ShuttingDown` or `BadRequest` at once.
         """
-        job = self._engine.submit(payload, sink, tag, timeout)
+        engine = self._engine
+        job = engine.submit(engine.encode(action), sink, tag, timeout)
         if max_attempts is not None:
             job.max_attempts = max_attempts
         return job
 
     async def submit_direct(
         self,
-        payload: bytes,
+        action: Any,
         sink: Any,
         tag: Any = None,
         *,
@@ -122,11 +138,13 @@ class Pool:
         front end's lone request — or until `pool.idle_spin` has passed, when the pool's
         reader takes over. Otherwise it queues the action and returns at once."""
         engine = self._engine
+        payload = engine.encode(action)
         worker = engine.borrowable()
         if worker is None:
-            return self.submit_nowait(
-                payload, sink, tag, timeout=timeout, max_attempts=max_attempts
-            )
+            job = engine.submit(payload, sink, tag, timeout)
+            if max_attempts is not None:
+                job.max_attempts = max_attempts
+            return job
         try:
             job = engine.accept(payload, sink, tag, timeout)
         except BaseException:
@@ -142,6 +160,16 @@ class Pool:
             hand_over=True,
         )
         return job
+
+    def hold(self, sink: Any) -> None:
+        """Dispatch none of `sink`'s queued actions, now or as they come, until
+        `release(sink)`; other sinks' actions go past them (a client not reading its
+        answers). They still count as queued."""
+        self._engine.hold(sink)
+
+    def release(self, sink: Any) -> None:
+        """Dispatch `sink`'s actions again, those held first."""
+        self._engine.release(sink)
 
     def withdraw(self, sink: Any) -> int:
         """Quietly give up every unanswered action of `sink` (its submitter is gone): queued
@@ -170,20 +198,37 @@ class Pool:
         block ends, however it ends."""
         return open_session(self._engine)
 
-    async def scale(self, size: int) -> None:
-        """Change the number of workers. Growing returns once the new workers serve, without
-        touching the others; shrinking retires idle workers first, busy ones only after
-        their batch — no action is killed or lost — and returns at once."""
+    async def scale(self, size: int) -> Resized:
+        """Change the number of workers; returns once the pool has `size` of them.
+
+        Growing returns once the new workers serve, without touching the others; shrinking
+        retires idle workers first and busy ones only after their batch (no action is
+        killed or lost), and returns once they have left. Resizes (and reconfigurations) run
+        one at a time, in call order; a resize still waiting when a later one is asked for
+        is skipped: it returns at once with `superseded` set and the size the pool has.
+        A new worker that cannot start raises `WorkerStartError`; the pool keeps the
+        workers that did start.
+        """
         if not 1 <= size <= 1024:
             raise BadRequest(f"size must be from 1 to 1024, not {size!r}")
         self._engine.check_accepting(0)
-        await self._supervisor.scale(size, self._engine.nursery)
+        self._resizes += 1
+        ticket = self._resizes
+        async with self._resizing:
+            if ticket != self._resizes:
+                return Resized(self.size, superseded=True)
+            await self._supervisor.scale(size, self._engine.nursery)
+        return Resized(self.size)
 
     async def reconfigure(self, config: PoolConfig, supervisor: SupervisorConfig) -> None:
         """Apply new settings. Queueing, batching, limits and supervision apply at once;
         a new size scales; anything a worker is started with (the handler, routes, paths,
         the async backend, the memory limit, the start method) applies by replacing every
         worker, one at a time, each replacement ready before its predecessor leaves."""
+        async with self._resizing:
+            await self._reconfigure(config, supervisor)
+
+    async def _reconfigure(self, config: PoolConfig, supervisor: SupervisorConfig) -> None:
         engine, sup = self._engine, self._supervisor
         old_launcher = self._launcher
         relaunch = _launcher_settings(config) != _launcher_settings(engine.config)
@@ -301,6 +346,7 @@ class Pool:
             busy=busy,
             idle=idle,
             queued=engine.queue.live,
+            queued_bytes=engine.queue.bytes,
             in_flight=in_flight,
             submitted=engine.submitted,
             outcomes=outcomes,
@@ -383,6 +429,8 @@ def worker_spec(config: PoolConfig) -> wire.WorkerSpec:
         async_backend=config.async_backend,
         max_rss_bytes=config.max_worker_rss_mb << 20,
         idle_spin=config.idle_spin,
+        max_result_bytes=config.max_result_bytes,
+        batch_result_bytes=BATCH_RESULT_BYTES,
     )
 
 

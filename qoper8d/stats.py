@@ -57,6 +57,8 @@ class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     idle: int
     #: Actions accepted and waiting for a worker.
     queued: int
+    #: Bytes of the queued actions (as JSON), bounded by `pool.max_queue_bytes`.
+    queued_bytes: int
     #: Actions sent to workers and not yet answered.
     in_flight: int
     #: Actions accepted since the pool started.

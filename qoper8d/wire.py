@@ -23,7 +23,8 @@ Master → worker: `Batch` (actions to run in order, one at a time), `Stop` (gra
 Worker → master: `Ready` (the handshake, after `setup()`), `StartFailed`, then exactly one of
 `Done` / `Raised` / `Unencodable` per action of a batch, in batch order, each written before
 the next action starts (so a dead worker's first unanswered action is the one that may have
-run), plus `Log` (the worker's own structured events) and `Retire` (asks to be recycled).
+run), plus `Log` (the worker's own structured events), `Retire` (asks to be recycled) and
+`Cut` (the rest of this batch did not start: its results so far passed the batch's budget).
 Handler output on stdout/stderr never touches the channel: it has descriptors of its own.
 """
 
@@ -36,6 +37,7 @@ import msgspec
 __all__ = [
     "MAX_FRAME",
     "Batch",
+    "Cut",
     "Done",
     "FrameReader",
     "FromMaster",
@@ -133,6 +135,11 @@ class Retire(_Message, tag=16):
     reason: str
 
 
+class Cut(_Message, tag=17):
+    """The worker stops this batch here: the results it wrote passed `batch_result_bytes`.
+    The rest of the batch never started; the worker takes the next batch as usual."""
+
+
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker process needs to start, handed to it by the master."""
 
@@ -148,6 +155,11 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_rss_bytes: int = 0
     #: Seconds to poll for the next batch before blocking (see `pool.idle_spin`).
     idle_spin: float = 0.0
+    #: The longest result (encoded) it may send (`pool.max_result_bytes`): longer is bad_result.
+    max_result_bytes: int = 1 << 30
+    #: Stop a batch (`Cut`) once its results pass this many bytes, so that a batch of
+    #: actions with unexpectedly large results never piles up in the master.
+    batch_result_bytes: int = 1 << 20
 
 
 # -- master <-> fork server ----------------------------------------------------------------------
@@ -184,7 +196,7 @@ class ZygoteSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 FromMaster = Batch | Stop
-FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Log | Retire
+FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Log | Retire | Cut
 ToZygote = Fork | Stop
 FromZygote = Ready | Forked | Exited | Log
 
@@ -233,10 +245,12 @@ class FrameReader:
     accounts for the `n` bytes received into it and returns every message now complete.
     """
 
-    __slots__ = ("_buf", "_decode_lines", "_end", "_scanned", "_start")
+    __slots__ = ("_buf", "_decode", "_decode_lines", "_end", "_max_frame", "_scanned", "_start")
 
-    def __init__(self, message_type: Any, size: int = 65536) -> None:
+    def __init__(self, message_type: Any, size: int = 65536, max_frame: int = MAX_FRAME) -> None:
         self._decode_lines = msgspec.json.Decoder(message_type).decode_lines
+        self._decode = msgspec.json.Decoder(message_type).decode
+        self._max_frame = max_frame
         self._buf = bytearray(size)
         self._start = 0  # first byte not yet decoded
         self._scanned = 0  # no newline before this offset since _start
@@ -274,8 +288,8 @@ class FrameReader:
         last = buf.rfind(b"\n", self._scanned, end)
         if last < 0:
             self._scanned = end
-            if end - start > MAX_FRAME:
-                raise ProtocolError(f"a frame longer than {MAX_FRAME} bytes")
+            if end - start > self._max_frame:
+                raise ProtocolError(f"a frame longer than {self._max_frame} bytes")
             return b""
         # A copy: decoded messages may keep views of it (raw JSON results), and this buffer
         # is reused by the next read.
@@ -287,11 +301,25 @@ class FrameReader:
         return chunk
 
     def decode(self, chunk: bytes) -> list[Any]:
-        """The messages of `chunk`, complete frames from `take()`."""
+        """The messages of `chunk`, complete frames from `take()`. A frame nested too
+        deeply to decode here raises `RecursionError` (see `decode_each`)."""
         try:
             return self._decode_lines(chunk)
         except msgspec.DecodeError as exc:
             raise ProtocolError(f"undecodable frame: {exc}") from None
+
+    def decode_each(self, chunk: bytes, too_deep: Any) -> list[Any]:
+        """`decode`, a frame at a time, with `too_deep` in place of each frame nested too
+        deeply to decode here (a result can be deeper than this process's stack allows)."""
+        out: list[Any] = []
+        for line in chunk.splitlines():
+            try:
+                out.append(self._decode(line))
+            except msgspec.DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            except RecursionError:
+                out.append(too_deep)
+        return out
 
     def pending(self) -> int:
         """Bytes received but not yet part of a complete frame."""

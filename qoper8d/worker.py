@@ -184,12 +184,36 @@ def arm_lifeline(fd: int) -> None:
         _exit_lost_master()
 
 
+#: The most characters of an exception's message, and of its traceback, sent to the master.
+MAX_TEXT = 1 << 16
+
+
 def _describe(exc: BaseException) -> tuple[str, str, str]:
-    return (
-        type(exc).__qualname__,
-        str(exc),
-        "".join(traceback.format_exception(exc)),
-    )
+    """An exception as type, message and traceback text: bounded, and never raising (a
+    handler's exception may have a `__str__` that raises, or be nested deeply)."""
+    kind = type(exc).__qualname__
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{kind} whose str() raised>"
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:
+        text = f"<the traceback of {kind} could not be formatted>"
+    return _cut(kind), _cut(message), _cut(text)
+
+
+def _cut(text: str) -> str:
+    """`text`, at most about `MAX_TEXT` characters of it, and only what UTF-8 can carry (a
+    lone surrogate is shown as an escape instead of failing the frame's encoding)."""
+    if len(text) > MAX_TEXT:
+        half = MAX_TEXT // 2
+        text = f"{text[:half]}\n[... {len(text) - MAX_TEXT} characters ...]\n{text[-half:]}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _rss_bytes() -> int:
@@ -204,6 +228,8 @@ class _Runner:
         self.handlers = handlers
         self.channel = channel
         self.max_rss = spec.max_rss_bytes
+        self.max_result = spec.max_result_bytes
+        self.batch_budget = spec.batch_result_bytes
         self.encode = msgspec.json.Encoder().encode
         #: Called after each action while a memory limit applies and was not yet reported.
         self.check_rss: Callable[[], bool] | None = self._check_rss if self.max_rss else None
@@ -227,9 +253,20 @@ class _Runner:
 
     def answer(self, result: Any) -> bytes:
         try:
-            return wire.encode_done(self.encode(result))
+            encoded = self.encode(result)
         except (TypeError, ValueError, OverflowError) as exc:
-            return wire.encode_frame(wire.Unencodable(f"{type(exc).__name__}: {exc}"))
+            return self._unencodable(f"not JSON-compatible: {type(exc).__name__}: {exc}")
+        except RecursionError:
+            return self._unencodable("it is nested too deeply to encode")
+        if len(encoded) > self.max_result:
+            return self._unencodable(
+                f"it is {len(encoded)} bytes as JSON, over pool.max_result_bytes "
+                f"({self.max_result})"
+            )
+        return wire.encode_done(encoded)
+
+    def _unencodable(self, why: str) -> bytes:
+        return wire.encode_frame(wire.Unencodable(_cut(why)))
 
     def after_batch(self) -> None:
         # Line buffering already sent whole lines; this pushes out a trailing partial line.
@@ -243,14 +280,21 @@ class _Runner:
         write = self.channel.write
         answer = self.answer
         pick = self.handlers.pick
-        for action in batch.actions:
+        actions = batch.actions
+        budget = self.batch_budget
+        for index, action in enumerate(actions, 1):
             try:
                 result = pick(action)(action)
             except Exception as exc:  # the handler's failure is the action's outcome
-                write(wire.encode_frame(wire.Raised(*_describe(exc))))
+                frame = wire.encode_frame(wire.Raised(*_describe(exc)))
             else:
-                write(answer(result))
+                frame = answer(result)
+            write(frame)
+            budget -= len(frame)
             if self.check_rss is not None and self.check_rss():
+                break
+            if budget < 0 and index < len(actions):
+                self.channel.send(wire.Cut())
                 break
         self.after_batch()
 
@@ -258,16 +302,23 @@ class _Runner:
         if self.retired:
             return
         write = self.channel.write
-        for action in batch.actions:
+        actions = batch.actions
+        budget = self.batch_budget
+        for index, action in enumerate(actions, 1):
             try:
                 result = self.handlers.pick(action)(action)
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as exc:  # the handler's failure is the action's outcome
-                write(wire.encode_frame(wire.Raised(*_describe(exc))))
+                frame = wire.encode_frame(wire.Raised(*_describe(exc)))
             else:
-                write(self.answer(result))
+                frame = self.answer(result)
+            write(frame)
+            budget -= len(frame)
             if self.check_rss is not None and self.check_rss():
+                break
+            if budget < 0 and index < len(actions):
+                self.channel.send(wire.Cut())
                 break
         self.after_batch()
 

@@ -34,6 +34,7 @@ SNAPSHOT_FIELDS = {
     "busy",
     "idle",
     "queued",
+    "queued_bytes",
     "in_flight",
     "submitted",
     "outcomes",

@@ -146,8 +146,7 @@ class QueueMachine(RuleBasedStateMachine):
         expected = self.held.get(sink, []) + [job for job in self.model if job.sink is sink]
         assert sorted(job.tag for job in gone) == sorted(job.tag for job in expected)
         self.model = [job for job in self.model if job.sink is not sink]
-        if sink in self.held:
-            self.held[sink] = []
+        self.held.pop(sink, None)
 
     @rule(sink=st.sampled_from(SINKS))
     def hold(self, sink: Sink) -> None:
