@@ -18,6 +18,11 @@
 | `{"mode": "unencodable"}`            | return an object JSON cannot hold                  |
 | `{"mode": "fork"}`                   | fork a grandchild that sleeps for ever; its pid    |
 | `{"mode": "memory", "mb": n}`        | allocate and keep n MiB, return the pid            |
+| `{"mode": "big", "bytes": n}`        | return a string of n bytes                         |
+| `{"mode": "nested", "depth": n}`     | return a list nested n deep                        |
+| `{"mode": "wait_for", "path": p}`    | wait until file p exists, then return the pid      |
+| `{"mode": "raise_unprintable"}`      | raise an exception whose `str()` raises            |
+| `{"mode": "raise_surrogate"}`        | raise with a message UTF-8 cannot encode           |
 
 Any action may carry `"record": path`: its `"id"` is appended to that file before anything
 else happens, so a test can count how many times each action really ran; and `"sleep": s`:
@@ -101,4 +106,24 @@ def handle(action: dict[str, Any]) -> Any:
     if mode == "memory":
         _hoard.append(bytearray(int(action.get("mb", 100)) << 20))
         return os.getpid()
+    if mode == "big":
+        return "x" * int(action.get("bytes", 1 << 20))
+    if mode == "nested":
+        value: list[Any] = []
+        for _ in range(int(action.get("depth", 1000)) - 1):
+            value = [value]
+        return value
+    if mode == "wait_for":
+        while not os.path.exists(action["path"]):
+            time.sleep(0.005)
+        return os.getpid()
+    if mode == "raise_unprintable":
+        raise _Unprintable
+    if mode == "raise_surrogate":
+        raise ValueError("lone \ud800 surrogate")
     raise ValueError(f"unknown mode {mode!r}")
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")

@@ -46,6 +46,8 @@ log = structlog.get_logger("qoper8d.control")
 
 #: A read at least this long means requests are streaming in: let others run before reading on.
 _BUSY_READ = 4096
+#: Most seconds a connection being closed waits for its client to take its last answers.
+FINAL_FLUSH = 5.0
 #: Buffers handed to one writev(2), under Linux's IOV_MAX of 1024.
 _MAX_IOV = 512
 _TOO_DEEP = "the request is nested too deeply"
@@ -243,7 +245,9 @@ class Connection:
     async def flush(self) -> None:
         """Write what is still owed, even while the daemon is torn down: runs after the
         writer task has ended, so it is the only sender. A client that stops reading is
-        given up on after `server.write_timeout`."""
+        given up on after `server.write_timeout`, or `FINAL_FLUSH` seconds if shorter: a
+        stopping daemon does not wait long for a client that reads nothing."""
+        self.progress_at = trio.current_time()
         with trio.CancelScope(shield=True):
             while self.open and self.out:
                 try:
@@ -256,8 +260,8 @@ class Connection:
                 if sent:
                     self._sent(sent)
                     continue
-                deadline = self.progress_at + self.config.write_timeout
-                with trio.move_on_at(deadline) as waiting:
+                wait = min(self.config.write_timeout, FINAL_FLUSH)
+                with trio.move_on_at(self.progress_at + wait) as waiting:
                     await trio.lowlevel.wait_writable(self.fd)
                 if waiting.cancelled_caught:
                     self.gone()

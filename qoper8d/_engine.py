@@ -549,6 +549,8 @@ class Engine(Outcomes):
             self.protocol_violation(worker, str(exc))
             return
         if pos == start:
+            if pos == len(inflight):
+                self._worker_free(worker)  # a Retire or a Cut alone ended the batch
             return
         worker.pos = pos
         done = pos - start

@@ -37,6 +37,7 @@ __all__ = [
     "PoolConfig",
     "ServerConfig",
     "SupervisorConfig",
+    "changes",
     "check_handlers",
     "config_from_mapping",
     "default_socket_path",
@@ -369,6 +370,16 @@ def _toml_key(key: str) -> str:
 
 
 # -- output and checks -------------------------------------------------------------------------
+
+
+def changes(old: msgspec.Struct, new: msgspec.Struct, section: str) -> list[str]:
+    """Every key of a section whose value differs, as `section.key: old -> new`."""
+    before = msgspec.to_builtins(old)
+    return [
+        f"{section}.{key}: {before[key]!r} -> {value!r}"
+        for key, value in msgspec.to_builtins(new).items()
+        if before[key] != value
+    ]
 
 
 def dump_config(config: Config) -> str:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,7 +51,9 @@ class ControlHooks(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    async def scale(self, size: int) -> dict[str, Any]: ...
+    async def scale(self, size: int) -> int: ...
+
+    def size(self) -> int: ...
 
     async def reload(self) -> list[str]: ...
 
@@ -69,11 +73,26 @@ class ControlServer:
         self.connections: set[Connection] = set()
         #: Where connections and operations outliving their connection run.
         self.nursery: trio.Nursery
+        #: Resizes and reloads not yet done, in the order they came: one task runs them.
+        self.changes: deque[tuple[Connection, Request, bytes]] = deque()
+        self._changer: trio.lowlevel.Task | None = None
 
     async def flushed(self) -> None:
         """Return once every response owed to a connected client has been written."""
         for conn in list(self.connections):
             await conn.flushed()
+
+    def _counted(self) -> int:
+        """Connections that count toward `server.max_connections`: at the limit, those whose
+        client has hung up already no longer do (their tasks have yet to notice), so a
+        client that closes and connects again is never refused by its own old connection."""
+        count = len(self.connections)
+        if count < self.config.max_connections:
+            return count
+        poller = select.poll()
+        for conn in self.connections:
+            poller.register(conn.fd, select.POLLHUP)
+        return count - len(poller.poll(0))
 
     def unsent_bytes(self) -> int:
         """Bytes of answers waiting for clients to read them."""
@@ -136,7 +155,7 @@ class ControlServer:
         if uid not in self.allowed:
             log.warning("control.forbidden", uid=uid, pid=pid)
             return ("forbidden", f"uid {uid} may not use this socket (server.allowed_uids)")
-        if len(self.connections) >= self.config.max_connections:
+        if self._counted() >= self.config.max_connections:
             log.warning("control.too_many_connections", limit=self.config.max_connections)
             return (
                 "too_many_connections",
@@ -185,24 +204,49 @@ class ControlServer:
     def withdraw(self, conn: Connection) -> None:
         self.pool.withdraw(conn)
 
-    async def slow_op(self, conn: Connection, request: Request, id_json: bytes) -> None:
-        """scale, reload, drain: in the server's nursery, so that the operation completes
-        even if its client goes away meanwhile (its answer is then dropped)."""
-        hooks = self.hooks
-        try:
-            if request.op == "scale":
-                size = request.size
-                if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 1024:
-                    raise BadRequest("scale needs size: an integer from 1 to 1024")
-                conn.send(result_line(id_json, await hooks.scale(size)))
-            elif request.op == "reload":
-                conn.send(result_line(id_json, {"changed": await hooks.reload()}))
+    async def serve_changes(self) -> None:
+        """Run resizes and reloads one at a time, in the order they came (whichever client
+        sent them). A resize with a later one waiting behind it is skipped: it answers
+        `superseded`, with the size the pool has. Each completes even if its client goes
+        away meanwhile (its answer is then dropped)."""
+        changes = self.changes
+        while True:
+            if not changes:
+                self._changer = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+                continue
+            conn, request, id_json = changes.popleft()
+            try:
+                if request.op == "reload":
+                    result: Any = {"changed": await self.hooks.reload()}
+                elif any(later.op == "scale" for _, later, _ in changes):
+                    result = {"size": self.hooks.size(), "superseded": True}
+                else:
+                    result = {"size": await self.hooks.scale(_size_of(request))}
+            except Qoper8Error as exc:
+                conn.send(error_line(id_json, exc.to_wire()))
             else:
-                await hooks.drain()
-                conn.send(result_line(id_json, {"drained": True}))
-                hooks.shutdown(None)  # the daemon writes every owed answer before it exits
+                conn.send(result_line(id_json, result))
+
+    def _abort_wait(self, _: Any) -> trio.lowlevel.Abort:
+        self._changer = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def change(self, conn: Connection, request: Request, id_json: bytes) -> None:
+        self.changes.append((conn, request, id_json))
+        task, self._changer = self._changer, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def drain(self, conn: Connection, id_json: bytes) -> None:
+        """In the server's nursery: it completes even if its client goes away meanwhile."""
+        try:
+            await self.hooks.drain()
         except Qoper8Error as exc:
             conn.send(error_line(id_json, exc.to_wire()))
+            return
+        conn.send(result_line(id_json, {"drained": True}))
+        self.hooks.shutdown(None)  # the daemon writes every owed answer before it exits
 
 
 # -- the ops ----------------------------------------------------------------------------------
@@ -246,8 +290,21 @@ def _cancel(server: ControlServer, conn: Connection, request: Request, id_json: 
     conn.send(result_line(id_json, {"cancelled": job is not None}))
 
 
-def _slow(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
-    server.nursery.start_soon(server.slow_op, conn, request, id_json)
+def _size_of(request: Request) -> int:
+    size = request.size
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 1024:
+        raise BadRequest("scale needs size: an integer from 1 to 1024")
+    return size
+
+
+def _change(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
+    if request.op == "scale":
+        _size_of(request)  # a bad size is refused now, not in its turn
+    server.change(conn, request, id_json)
+
+
+def _drain(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
+    server.nursery.start_soon(server.drain, conn, id_json)
 
 
 def _shutdown(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
@@ -264,9 +321,9 @@ _OPS: dict[str, _Op] = {
     "submit": _submit,
     "cancel": _cancel,
     "status": _status,
-    "scale": _slow,
-    "reload": _slow,
-    "drain": _slow,
+    "scale": _change,
+    "reload": _change,
+    "drain": _drain,
     "shutdown": _shutdown,
 }
 OPS = tuple(_OPS)
@@ -290,6 +347,7 @@ async def serve_control(
     try:
         async with trio.open_nursery() as nursery:
             server.nursery = nursery
+            nursery.start_soon(server.serve_changes)
             first = True
             while True:
                 listener = trio.socket.from_stdlib_socket(bind(path, group))

@@ -24,7 +24,7 @@ import structlog
 import trio
 
 from qoper8d import __version__
-from qoper8d.config import Config, load_config
+from qoper8d.config import Config, changes, load_config
 from qoper8d.control import ControlServer, serve_control
 from qoper8d.errors import ConfigError, single_error
 from qoper8d.monitor import LogWriter, serve_snapshots
@@ -37,14 +37,11 @@ log = structlog.get_logger("qoper8d.daemon")
 
 def config_changes(old: Config, new: Config) -> list[str]:
     """Every key whose value differs, as `section.key: old -> new`."""
-    changes = []
-    before = msgspec.to_builtins(old)
-    after = msgspec.to_builtins(new)
-    for section, values in after.items():
-        for key, value in values.items():
-            if before[section][key] != value:
-                changes.append(f"{section}.{key}: {before[section][key]!r} -> {value!r}")
-    return changes
+    return [line for name in Config.__struct_fields__ for line in _section_changes(old, new, name)]
+
+
+def _section_changes(old: Config, new: Config, name: str) -> list[str]:
+    return changes(getattr(old, name), getattr(new, name), name)
 
 
 def _sd_notify(message: str) -> None:
@@ -94,41 +91,40 @@ class Daemon:
         }
         return snapshot
 
-    async def scale(self, size: int) -> dict[str, Any]:
+    async def scale(self, size: int) -> int:
         assert self._pool is not None
         reached = await self._pool.scale(size)
-        if reached.superseded:
-            log.info("daemon.scale_superseded", size=size, reached=reached.size)
-            return {"size": reached.size, "superseded": True}
-        # The running size, so a reload compares the file with what runs, not with the start.
-        pool = msgspec.structs.replace(self.config.pool, size=reached.size)
-        self.config = msgspec.structs.replace(self.config, pool=pool)
-        log.info("daemon.scaled", size=reached.size)
-        return {"size": reached.size}
+        log.info("daemon.scaled", size=reached)
+        return reached
+
+    def size(self) -> int:
+        assert self._pool is not None
+        return self._pool.size
 
     async def reload(self) -> list[str]:
         """Re-read the configuration file and apply it; the changes, one line each.
 
-        Pool settings apply by replacing workers one at a time; `server.*` needs a restart.
-        An invalid file raises `ConfigError` and changes nothing.
+        The pool compares the file with what it runs (a `scale` since the start included)
+        and applies the difference by replacing workers one at a time, its turn taken among
+        resizes; `server.*` needs a restart. An invalid file raises `ConfigError` and
+        changes nothing.
         """
         assert self._pool is not None
         if self.config_path is None:
             return []
         async with self._reloading:
             new = load_config(self.config_path)
-            changes = config_changes(self.config, new)
-            if not changes:
-                return []
-            notes = [
+            applied = await self._pool.reconfigure(new.pool, new.supervisor)
+            later = [
                 f"{change} (takes effect after a restart)"
-                if change.startswith("server.")
-                else change
-                for change in changes
+                for change in _section_changes(self.config, new, "server")
             ]
-            self.config = msgspec.structs.replace(new, server=self.config.server)
-            await self._pool.reconfigure(new.pool, new.supervisor)
-            log.info("daemon.reloaded", changes=notes)
+            notes = applied + later + _section_changes(self.config, new, "monitor")
+            self.config = msgspec.structs.replace(
+                new, server=self.config.server, pool=self._pool.config
+            )
+            if notes:
+                log.info("daemon.reloaded", changes=notes)
             return notes
 
     async def drain(self) -> None:

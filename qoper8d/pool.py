@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 import trio
@@ -26,22 +26,13 @@ from qoper8d._jobqueue import BATCH_RESULT_BYTES
 from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
 from qoper8d._supervise import Supervisor
-from qoper8d.config import PoolConfig, SupervisorConfig
+from qoper8d.config import PoolConfig, SupervisorConfig, changes
 from qoper8d.errors import BadRequest, single_error
 from qoper8d.stats import PoolStatistics, WorkerStatistics
 
-__all__ = ["MapIterator", "Pool", "Resized", "Session", "open_pool"]
+__all__ = ["MapIterator", "Pool", "Session", "open_pool"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-class Resized(NamedTuple):
-    """What `Pool.scale()` reached."""
-
-    #: The number of workers the pool has now.
-    size: int
-    #: A later resize was asked for before this one could start: it was skipped.
-    superseded: bool = False
 
 
 class Pool:
@@ -55,10 +46,8 @@ class Pool:
         self._state = "starting"
         self._started_at = trio.current_time()
         self._stopped: trio.Event | None = None
-        #: Resizes and reconfigurations, one at a time, in call order.
+        #: Resizes and reconfigurations, one at a time, in the order they come.
         self._resizing = trio.StrictFIFOLock()
-        #: Resizes asked for so far: a waiting resize that is not the last is superseded.
-        self._resizes = 0
 
     @property
     def config(self) -> PoolConfig:
@@ -198,35 +187,38 @@ class Pool:
         block ends, however it ends."""
         return open_session(self._engine)
 
-    async def scale(self, size: int) -> Resized:
-        """Change the number of workers; returns once the pool has `size` of them.
+    async def scale(self, size: int) -> int:
+        """Change the number of workers; returns the size reached, once the pool has it.
 
         Growing returns once the new workers serve, without touching the others; shrinking
         retires idle workers first and busy ones only after their batch (no action is
-        killed or lost), and returns once they have left. Resizes (and reconfigurations) run
-        one at a time, in call order; a resize still waiting when a later one is asked for
-        is skipped: it returns at once with `superseded` set and the size the pool has.
-        A new worker that cannot start raises `WorkerStartError`; the pool keeps the
-        workers that did start.
+        killed or lost), and returns once they have left. Resizes and reconfigurations run
+        one at a time, in the order they reach the pool. A new worker that cannot start
+        raises `WorkerStartError`; the pool keeps those that did start.
         """
         if not 1 <= size <= 1024:
             raise BadRequest(f"size must be from 1 to 1024, not {size!r}")
         self._engine.check_accepting(0)
-        self._resizes += 1
-        ticket = self._resizes
         async with self._resizing:
-            if ticket != self._resizes:
-                return Resized(self.size, superseded=True)
-            await self._supervisor.scale(size, self._engine.nursery)
-        return Resized(self.size)
+            try:
+                await self._supervisor.scale(size, self._engine.nursery)
+            finally:
+                self._engine.config = msgspec.structs.replace(self.config, size=self.size)
+        return self.size
 
-    async def reconfigure(self, config: PoolConfig, supervisor: SupervisorConfig) -> None:
+    async def reconfigure(self, config: PoolConfig, supervisor: SupervisorConfig) -> list[str]:
         """Apply new settings. Queueing, batching, limits and supervision apply at once;
         a new size scales; anything a worker is started with (the handler, routes, paths,
         the async backend, the memory limit, the start method) applies by replacing every
-        worker, one at a time, each replacement ready before its predecessor leaves."""
+        worker, one at a time, each replacement ready before its predecessor leaves. Runs
+        in its turn among resizes, and compares with what runs (a `scale` included);
+        returns what changed, as `section.key: old -> new` lines."""
         async with self._resizing:
-            await self._reconfigure(config, supervisor)
+            done = changes(self.config, config, "pool")
+            done += changes(self._supervisor.config, supervisor, "supervisor")
+            if done:
+                await self._reconfigure(config, supervisor)
+            return done
 
     async def _reconfigure(self, config: PoolConfig, supervisor: SupervisorConfig) -> None:
         engine, sup = self._engine, self._supervisor

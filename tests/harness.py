@@ -137,6 +137,20 @@ class Daemon:
                     )
                 self._changed.wait(left)
 
+    def wait_count(self, name: str, count: int, timeout: float = 20) -> list[Event]:
+        """Once `count` log events called `name` have been logged: all of them."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(found := [e for e in self.events if e.get("event") == name]) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"{len(found)} of {count} {name} events; last lines:\n"
+                        + "\n".join(self.lines[-15:])
+                    )
+                self._changed.wait(left)
+            return found
+
     def of(self, name: str) -> list[Event]:
         with self._changed:
             return [e for e in self.events if e.get("event") == name]

@@ -370,3 +370,39 @@ async def test_map_fills_its_window_while_waiting_for_a_result() -> None:
             # The first result will never come; the window is full all the same.
             assert stats.queued + stats.in_flight == 40_000
             nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_of_large_results_is_cut_and_nothing_is_lost() -> None:
+    """A worker stops a batch once its results pass about a MiB (`Cut`): the rest goes back
+    to the queue and every result still arrives, in order."""
+    with trio.fail_after(30):
+        async with qoper8d.open_pool("handlers.crash:handle", size=1) as pool:
+            actions = [{"mode": "big", "bytes": 300_000, "i": i} for i in range(40)]
+            # Small results first, so the pool's estimate of a result's size is small and
+            # the big actions go out in large batches the worker has to cut.
+            assert [r async for r in pool.map([{"i": i} for i in range(2000)])][-1] == {"i": 1999}
+            results = [r async for r in pool.map(actions)]
+    assert [len(r) for r in results] == [300_000] * 40
+
+
+async def test_tasks_sharing_a_session_take_turns_in_call_order() -> None:
+    """Four tasks `run` on one session at once: each gets its own result, on the session's
+    one worker, one at a time in the order they called (it was once killed by SIGTERM)."""
+    order: list[int] = []
+    with trio.fail_after(20):
+        async with qoper8d.open_pool("handlers.crash:handle", size=2) as pool:
+            async with pool.session() as worker, trio.open_nursery() as nursery:
+
+                async def run(i: int) -> None:
+                    result = await worker.run({"mode": "pid", "sleep": 0.05, "i": i})
+                    assert result == worker.pid
+                    order.append(i)
+
+                for i in range(4):
+                    nursery.start_soon(run, i)
+                    await trio.testing.wait_all_tasks_blocked()
+            stats = pool.statistics()
+    assert sorted(order) == [0, 1, 2, 3]
+    assert order == [0, 1, 2, 3], "in call order"
+    assert stats.outcomes["result"] == 4
+    assert stats.restarts == 0
