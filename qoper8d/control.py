@@ -31,7 +31,15 @@ from qoper8d import __version__
 from qoper8d._connection import Connection, Request, error_line, result_line
 from qoper8d._socketfile import SocketInUse, bind, group_id, lock, removed, secure_directory, watch
 from qoper8d.config import ServerConfig
-from qoper8d.errors import ActionError, BadRequest, Qoper8Error, RequestError, UnknownOp
+from qoper8d.errors import (
+    ActionError,
+    BadRequest,
+    Qoper8Error,
+    QueueFull,
+    RequestError,
+    ShuttingDown,
+    UnknownOp,
+)
 from qoper8d.pool import Pool
 
 __all__ = ["OPS", "PROTOCOL", "ControlHooks", "ControlServer", "SocketInUse", "serve_control"]
@@ -41,9 +49,15 @@ log = structlog.get_logger("qoper8d.control")
 PROTOCOL = 1
 #: accept() errors that mean "not now", not "never": wait a little and accept again.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: Resizes, reloads and drains that may wait for their turn at once; more get queue_full.
+MAX_CHANGES = 256
 #: Stands in `pending` for a job whose answer this connection's reader is reading itself.
 _ANSWERING: Any = object()
 _encode = msgspec.json.Encoder().encode
+
+
+def _stopping() -> ShuttingDown:
+    return ShuttingDown("the daemon is stopping: no more resizes, reloads or drains")
 
 
 class ControlHooks(Protocol):
@@ -73,9 +87,11 @@ class ControlServer:
         self.connections: set[Connection] = set()
         #: Where connections and operations outliving their connection run.
         self.nursery: trio.Nursery
-        #: Resizes and reloads not yet done, in the order they came: one task runs them.
+        #: Resizes, reloads and drains not yet done, in the order they came: one task runs
+        #: them (`serve_changes`).
         self.changes: deque[tuple[Connection, Request, bytes]] = deque()
         self._changer: trio.lowlevel.Task | None = None
+        self._stopping = False
 
     async def flushed(self) -> None:
         """Return once every response owed to a connected client has been written."""
@@ -205,10 +221,10 @@ class ControlServer:
         self.pool.withdraw(conn)
 
     async def serve_changes(self) -> None:
-        """Run resizes and reloads one at a time, in the order they came (whichever client
-        sent them). A resize with a later one waiting behind it is skipped: it answers
-        `superseded`, with the size the pool has. Each completes even if its client goes
-        away meanwhile (its answer is then dropped)."""
+        """Run resizes, reloads and drains one at a time, in the order they came (whichever
+        client sent them; at most `MAX_CHANGES` wait). A resize with a later one waiting
+        behind it is skipped: it answers `superseded`, with the size the pool has. Each
+        completes even if its client goes away meanwhile (its answer is then dropped)."""
         changes = self.changes
         while True:
             if not changes:
@@ -219,34 +235,44 @@ class ControlServer:
             try:
                 if request.op == "reload":
                     result: Any = {"changed": await self.hooks.reload()}
+                elif request.op == "drain":
+                    await self.hooks.drain()
+                    result = {"drained": True}
                 elif any(later.op == "scale" for _, later, _ in changes):
                     result = {"size": self.hooks.size(), "superseded": True}
                 else:
                     result = {"size": await self.hooks.scale(_size_of(request))}
             except Qoper8Error as exc:
                 conn.send(error_line(id_json, exc.to_wire()))
-            else:
-                conn.send(result_line(id_json, result))
+                continue
+            conn.send(result_line(id_json, result))
+            if request.op == "drain":
+                self.hooks.shutdown(None)  # the daemon writes every owed answer before it exits
 
     def _abort_wait(self, _: Any) -> trio.lowlevel.Abort:
         self._changer = None
         return trio.lowlevel.Abort.SUCCEEDED
 
+    def refuse_changes(self) -> None:
+        """The daemon is stopping: every resize, reload and drain still waiting, and any
+        asked for from now on, ends `shutting_down`."""
+        self._stopping = True
+        while self.changes:
+            conn, _, id_json = self.changes.popleft()
+            conn.send(error_line(id_json, _stopping().to_wire()))
+
     def change(self, conn: Connection, request: Request, id_json: bytes) -> None:
+        if self._stopping:
+            raise _stopping()
+        if len(self.changes) >= MAX_CHANGES:
+            raise QueueFull(
+                f"{len(self.changes)} resizes, reloads and drains are waiting already",
+                max_changes=MAX_CHANGES,
+            )
         self.changes.append((conn, request, id_json))
         task, self._changer = self._changer, None
         if task is not None:
             trio.lowlevel.reschedule(task)
-
-    async def drain(self, conn: Connection, id_json: bytes) -> None:
-        """In the server's nursery: it completes even if its client goes away meanwhile."""
-        try:
-            await self.hooks.drain()
-        except Qoper8Error as exc:
-            conn.send(error_line(id_json, exc.to_wire()))
-            return
-        conn.send(result_line(id_json, {"drained": True}))
-        self.hooks.shutdown(None)  # the daemon writes every owed answer before it exits
 
 
 # -- the ops ----------------------------------------------------------------------------------
@@ -303,10 +329,6 @@ def _change(server: ControlServer, conn: Connection, request: Request, id_json: 
     server.change(conn, request, id_json)
 
 
-def _drain(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
-    server.nursery.start_soon(server.drain, conn, id_json)
-
-
 def _shutdown(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
     grace = request.grace
     if grace is not None and not (isinstance(grace, float) and grace >= 0):
@@ -323,7 +345,7 @@ _OPS: dict[str, _Op] = {
     "status": _status,
     "scale": _change,
     "reload": _change,
-    "drain": _drain,
+    "drain": _change,
     "shutdown": _shutdown,
 }
 OPS = tuple(_OPS)

@@ -179,6 +179,8 @@ class Daemon:
     async def _stop_gracefully(self, pool: Pool) -> None:
         grace = self.config.pool.grace_period if self._grace is None else self._grace
         log.info("daemon.stopping", grace_period=grace)
+        if self._control is not None:
+            self._control.refuse_changes()
         with trio.move_on_after(grace) as self._graceful:
             await pool.drain()
         await pool.stop(0)

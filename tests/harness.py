@@ -45,6 +45,15 @@ SNAPSHOT_FIELDS = {
 }
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident memory, in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def base_config(tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A test configuration: a socket in `tmp`, JSON logs, a small pool; `sections` on top."""
     config: dict[str, Any] = {

@@ -9,6 +9,7 @@ happen instead, and checks that the daemon and its other clients were not hurt.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -17,17 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Connection, Daemon, running_daemon
+from tests.harness import Connection, Daemon, base_config, rss_mib, running_daemon
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def status(d: Daemon) -> dict[str, Any]:
@@ -338,3 +331,78 @@ def test_deep_but_balanced_json_is_refused_and_the_connection_carries_on(short_t
         assert answer["error"]["code"] == "bad_request"
         assert c.request({"id": 2, "op": "hello"})["ok"] is True
         del d
+
+
+# -- control ops against each other, under load -----------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_control_ops_racing_each_other_under_load_are_each_answered_once(
+    short_tmp: Path, seed: int
+) -> None:
+    """Load on one connection; on three others a shuffled mix of scale, reload, status,
+    submit and cancel; then a drain racing a shutdown. Every request gets exactly one
+    answer, on its own connection, with an outcome its op allows, and the daemon exits 0."""
+    rng = random.Random(seed)
+    d = Daemon(short_tmp, base_config(short_tmp, pool={"size": 2}))
+    try:
+        conns = [Connection(d.socket, timeout=60) for _ in range(4)]
+        sent: list[dict[Any, str]] = [{} for _ in conns]
+        load = [{"id": i, "op": "submit", "action": {"sleep": 0.001, "i": i}} for i in range(1500)]
+        conns[0].send(*load)
+        sent[0].update(dict.fromkeys(range(1500), "submit"))
+        for c in (1, 2, 3):
+            requests: list[dict[str, Any]] = []
+            for n in range(12):
+                op = rng.choice(["scale", "scale", "reload", "status", "submit", "cancel"])
+                request: dict[str, Any] = {"id": n, "op": op}
+                if op == "scale":
+                    request["size"] = rng.randint(1, 4)
+                elif op == "submit":
+                    request["action"] = {"sleep": rng.choice([0.0, 0.05])}
+                elif op == "cancel":
+                    request["target"] = rng.randrange(n) if n else 0
+                requests.append(request)
+                sent[c][n] = op
+            conns[c].send(*requests)
+        # A barrier: once a connection's hello is answered, everything before it was read
+        # (a stopping daemon answers what it has read; nothing it never read).
+        answers: list[list[dict[str, Any]]] = [[] for _ in conns]
+        for c, conn in enumerate(conns):
+            conn.send({"id": "barrier", "op": "hello"})
+            while (answer := conn.receive()) is not None and answer["id"] != "barrier":
+                answers[c].append(answer)
+        # From now on read every connection to its end, as a client would.
+        readers = [
+            threading.Thread(target=lambda c=c: answers[c].extend(read_until_closed(conns[c])))
+            for c in range(len(conns))
+        ]
+        for reader in readers:
+            reader.start()
+        stop = rng.choice(["drain", "shutdown"])
+        conns[1].send({"id": "end", "op": stop})
+        conns[2].send({"id": "end", "op": "drain" if stop == "shutdown" else "shutdown"})
+        sent[1]["end"] = stop
+        sent[2]["end"] = "drain" if stop == "shutdown" else "shutdown"
+        assert d.wait(60) == 0, "\n".join(d.lines[-20:])
+        allowed = {
+            "submit": {"result", "cancelled", "shutting_down"},
+            "scale": {"result", "shutting_down"},
+            "reload": {"result", "shutting_down"},
+            "drain": {"result", "shutting_down"},
+            "status": {"result"},
+            "cancel": {"result"},
+            "shutdown": {"result"},
+        }
+        for reader in readers:
+            reader.join(30)
+        for c, conn in enumerate(conns):
+            conn.close()
+            ids = [a["id"] for a in answers[c]]
+            assert sorted(map(str, ids)) == sorted(map(str, sent[c])), (c, answers[c])
+            for answer in answers[c]:
+                op = sent[c][answer["id"]]
+                outcome = "result" if answer["ok"] else answer["error"]["code"]
+                assert outcome in allowed[op], (op, answer)
+    finally:
+        d.close()

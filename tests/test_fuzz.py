@@ -41,7 +41,7 @@ from qoper8d.config import Config, config_from_mapping, load_config
 from qoper8d.control import OPS
 from qoper8d.errors import ConfigError
 from tests.accounting import ALL_CODES
-from tests.harness import Connection, Daemon, running_daemon
+from tests.harness import Connection, Daemon, rss_mib, running_daemon
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,13 +207,14 @@ def drop(daemon: Daemon, payloads: list[bytes]) -> None:
 
 def leak_indicators(status: dict[str, Any]) -> dict[str, int]:
     daemon = status["daemon"]
-    return {k: daemon[k] for k in ("connections", "tasks", "open_fds")}
+    return {k: daemon[k] for k in ("connections", "tasks", "open_fds", "unsent_bytes")}
 
 
 class ProtocolFuzz(RuleBasedStateMachine):
     daemon: ClassVar[Daemon]
     watch: ClassVar[Connection]
     steps: ClassVar[list[int]]
+    baseline: ClassVar[dict[str, int]]
 
     # -- garbage -------------------------------------------------------------------------
 
@@ -334,6 +335,108 @@ class ProtocolFuzz(RuleBasedStateMachine):
         lines = [encode({"id": n, "op": "submit", "action": a}) for n, a in enumerate(actions)]
         drop(self.daemon, [b"".join(lines)])
 
+    # -- well-formed, split and interleaved -------------------------------------------------
+
+    @rule(
+        actions=st.lists(json_values, min_size=1, max_size=30),
+        cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=12),
+        half_close=st.booleans(),
+    )
+    def fragments(self, actions: list[Any], cuts: list[int], half_close: bool) -> None:
+        """Requests cut at arbitrary bytes across writes (and perhaps a half-close after
+        them): each submit is answered exactly once, with its action; then, after a
+        half-close, end-of-file."""
+        data = b"".join(
+            encode({"id": n, "op": "submit", "action": a}) for n, a in enumerate(actions)
+        )
+        with PatientConnection(self.daemon.socket) as conn:
+            start = 0
+            for cut in sorted({min(c, len(data)) for c in cuts}):
+                conn.sock.sendall(data[start:cut])
+                start = cut
+            conn.sock.sendall(data[start:])
+            if half_close:
+                conn.sock.shutdown(socket.SHUT_WR)
+            answers = [conn.receive() for _ in actions]
+            if half_close:
+                assert conn.receive() is None, "end-of-file once every answer is written"
+        assert sorted(a["id"] for a in answers if a) == list(range(len(actions)))
+        for answer in answers:
+            assert answer is not None
+            assert answer == {"id": answer["id"], "ok": True, "result": actions[answer["id"]]}
+
+    @rule(
+        plans=st.lists(
+            st.lists(st.tuples(json_values, st.booleans()), min_size=1, max_size=10),
+            min_size=2,
+            max_size=5,
+        ),
+        order=st.randoms(use_true_random=False),
+    )
+    def interleaved(self, plans: list[list[tuple[Any, bool]]], order: Any) -> None:
+        """Several connections at once, their submits (some cancelled at once) sent in a
+        shuffled interleaving: every submit gets exactly one answer on its own connection, a
+        result or `cancelled`, and every cancel one answer too."""
+        conns = [PatientConnection(self.daemon.socket) for _ in plans]
+        try:
+            sends = []
+            for c, plan in enumerate(plans):
+                for n, (action, cancel) in enumerate(plan):
+                    sends.append((c, encode({"id": n, "op": "submit", "action": action})))
+                    if cancel:
+                        sends.append((c, encode({"id": f"c{n}", "op": "cancel", "target": n})))
+            # Shuffle across connections; each connection keeps its own order.
+            slots = [c for c, _ in sends]
+            order.shuffle(slots)
+            queues: list[list[bytes]] = [
+                [line for c2, line in sends if c2 == c] for c in range(len(plans))
+            ]
+            for c in slots:
+                conns[c].sock.sendall(queues[c].pop(0))
+            for c, plan in enumerate(plans):
+                expected = len(plan) + sum(cancel for _, cancel in plan)
+                got = conns[c].receive_all(expected)
+                by_id: dict[Any, list[dict[str, Any]]] = {}
+                for answer in got:
+                    by_id.setdefault(answer["id"], []).append(answer)
+                assert all(len(v) == 1 for v in by_id.values()), got
+                for n, (action, cancel) in enumerate(plan):
+                    (answer,) = by_id[n]
+                    if answer["ok"]:
+                        assert answer["result"] == action
+                    else:
+                        assert cancel, answer
+                        assert answer["error"]["code"] == "cancelled", answer
+                    if cancel:
+                        assert by_id[f"c{n}"][0]["ok"] is True
+        finally:
+            for conn in conns:
+                conn.close()
+
+    @rule(
+        value=st.sampled_from([b"1e400", b"-1e999", b"[1, 2e308]", b"1" * 4400, b'{"a": 1e400}']),
+        id_=st.integers(0, 10),
+    )
+    def unholdable(self, value: bytes, id_: int) -> None:
+        """JSON a worker could not hold: refused as a bad request; the connection carries on."""
+        line = b'{"id": %d, "op": "submit", "action": %b}\n' % (id_, value)
+        exchange = Exchange(self.daemon, line, expect=1)
+        assert not exchange.closed, exchange.responses
+        (answer,) = exchange.answers()
+        assert answer["error"]["code"] == "bad_request", answer
+
+    @rule(data=st.binary(min_size=1, max_size=50), where=st.sampled_from(["action", "id", "op"]))
+    def not_utf8(self, data: bytes, where: str) -> None:
+        """Invalid UTF-8 anywhere is not JSON: one error line and the connection closes."""
+        bad = b"\xff" + data.replace(b'"', b"").replace(b"\\", b"").replace(b"\n", b"")
+        fields = {
+            "action": b'{"id": 1, "op": "submit", "action": "%b"}',
+            "id": b'{"id": "%b", "op": "hello"}',
+            "op": b'{"id": 1, "op": "%b"}',
+        }
+        exchange = Exchange(self.daemon, fields[where] % bad + b"\n")
+        assert exchange.fatal() == "bad_request"
+
     @invariant()
     def status_answers(self) -> None:
         self.steps.append(1)
@@ -341,6 +444,18 @@ class ProtocolFuzz(RuleBasedStateMachine):
         assert status["ok"] is True, status
         assert status["result"]["state"] == "running"
         assert self.daemon.proc.poll() is None
+
+    @invariant()
+    def nothing_held(self) -> None:
+        """Once a step's connections are closed, what they made the daemon hold is gone:
+        connections, tasks, descriptors, queued and unsent bytes back at the baseline."""
+        deadline = time.monotonic() + 15
+        while True:
+            status = self.watch.request({"id": "held", "op": "status"})["result"]
+            now = {**leak_indicators(status), "queued_bytes": status["queued_bytes"]}
+            if now == self.baseline:
+                return
+            assert time.monotonic() < deadline, f"held: {self.baseline} -> {now}"
 
 
 @pytest.mark.slow
@@ -353,23 +468,33 @@ def test_the_daemon_survives_whatever_clients_send(short_tmp: Path) -> None:
         ) as d,
         Connection(d.socket) as watch,
     ):
-        baseline = leak_indicators(watch.request({"id": 0, "op": "status"})["result"])
+        first = watch.request({"id": 0, "op": "status"})["result"]
+        baseline = leak_indicators(first)
 
         class Machine(ProtocolFuzz):
             daemon = d
             steps: ClassVar[list[int]] = []
 
         Machine.watch = watch
+        Machine.baseline = {**baseline, "queued_bytes": first["queued_bytes"]}
         started = time.monotonic()
-        run_state_machine_as_test(
-            Machine,
-            settings=settings(
-                max_examples=120,
-                stateful_step_count=20,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-            ),
-        )
+        # In rounds, so that the daemon's memory can be compared from round to round.
+        rss = []
+        for _ in range(3):
+            run_state_machine_as_test(
+                Machine,
+                settings=settings(
+                    max_examples=40,
+                    stateful_step_count=20,
+                    deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                    database=None,
+                ),
+            )
+            rss.append(rss_mib(d.proc.pid))
+        # glibc keeps freed memory for reuse, so RSS need not fall back; it must not grow
+        # round after round.
+        assert rss[2] - rss[1] < 16, f"daemon RSS by round: {rss} MiB"
         # Thousands of connections opened and dropped mid-line, on top.
         for _ in range(8):
             drop(d, [b'{"id": 1, "op": "sta'] * 250)
@@ -383,7 +508,10 @@ def test_the_daemon_survives_whatever_clients_send(short_tmp: Path) -> None:
         status = watch.request({"id": 2, "op": "status"})["result"]
         assert status["state"] == "running"
         assert all(w["pid"] is not None for w in status["workers"])
-        print(f"\nfuzz: {len(Machine.steps)} steps in {time.monotonic() - started:.1f} s, {now}")
+        print(
+            f"\nfuzz: {len(Machine.steps)} steps in {time.monotonic() - started:.1f} s, {now}, "
+            f"RSS by round {rss} MiB"
+        )
     assert d.proc.returncode == 0
 
 
