@@ -1,8 +1,11 @@
 """The qoper8d service: a pool, its control socket, snapshots and signals, in one trio run.
 
 Start-up order is the contract: logging, then every worker ready, then the socket bound —
-so a client that can connect can be served. Then `daemon.started` (the banner, unless
-`monitor.silent_start`) and, under systemd (`NOTIFY_SOCKET`), READY=1.
+so a client that can connect can be served. The socket path is checked before the first
+worker starts, though (its length, its directory, what is in the way, the lock), so a path
+that cannot work fails the start at once, not after every worker was started for nothing.
+Then `daemon.started` (the banner, unless `monitor.silent_start`) and, under systemd
+(`NOTIFY_SOCKET`), READY=1.
 
 Stopping: SIGTERM, SIGINT, the `shutdown` op or the end of a `drain` closes intake (new
 submissions end `shutting_down`), lets running and queued work finish for
@@ -24,6 +27,7 @@ import structlog
 import trio
 
 from qoper8d import __version__
+from qoper8d._socketfile import group_id, preflight
 from qoper8d.config import Config, load_config
 from qoper8d.control import ControlServer, serve_control
 from qoper8d.errors import ConfigError, single_error
@@ -160,6 +164,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         cfg = self.config
+        preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
         async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
             self._pool = pool
             async with trio.open_nursery() as nursery:
