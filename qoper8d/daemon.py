@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from qoper8d import __version__
+from qoper8d._fds import open_fd_count
 from qoper8d._socketfile import group_id, preflight
 from qoper8d.config import Config, load_config
 from qoper8d.control import ControlServer, serve_control
@@ -93,7 +94,7 @@ class Daemon:
             # Leak indicators an operator (and the fault tests) can watch over time.
             "connections": len(self._control.connections) if self._control else 0,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
-            "open_fds": len(os.listdir("/proc/self/fd")),
+            "open_fds": open_fd_count(),  # even with none left to count them with
         }
         return snapshot
 

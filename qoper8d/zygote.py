@@ -8,9 +8,11 @@ modules imported too). Each forked worker runs `worker.serve()` exactly as a spa
 It talks to the master over a SOCK_SEQPACKET socket (fd 3), one message per packet:
 `Fork` arrives with the worker's five descriptors attached; `Forked` goes back with a pidfd
 for the new worker, opened before the child can possibly be reaped, so the master never
-signals a recycled pid. SIGCHLD wakes the loop (set_wakeup_fd); each exited child is first
-inspected with WNOWAIT, its process group killed while its pid is still reserved, and only
-then reaped and reported as `Exited`. Like a worker, it dies with the master (lifeline, fd 4).
+signals a recycled pid. Every `Fork` gets its `Forked`: one without a pidfd when the worker
+could not be forked (its descriptors lost to a full table, fork() or pidfd_open() failing),
+which fails that start only. SIGCHLD wakes the loop (set_wakeup_fd); each exited child is
+first inspected with WNOWAIT, its process group killed while its pid is still reserved, and
+only then reaped and reported as `Exited`. Like a worker, it dies with the master (lifeline, fd 4).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def _fork_worker(spec: wire.WorkerSpec, fds: list[int]) -> int:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        # Park the descriptors high first, so no dup2 below overwrites one not yet copied.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+        # Park the descriptors above the child's range first, so no dup2 below overwrites one
+        # not yet copied; just above it, so that a low RLIMIT_NOFILE still has room.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, _WORKER_FDS + 1) for fd in fds]
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         for target, source in enumerate(high, start=1):
@@ -76,6 +79,32 @@ def _fork_worker(spec: wire.WorkerSpec, fds: list[int]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _fork(sock: socket.socket, spec: wire.WorkerSpec, fds: list[int]) -> None:
+    """Fork a worker and reply `Forked` with its pidfd, or without one if that failed."""
+    if len(fds) != _WORKER_FDS:
+        # Lost on the way: our descriptor table was full when the message came (the kernel
+        # drops what does not fit). The master hears of it; we carry on.
+        print(f"qoper8d fork server: a Fork came with {len(fds)} descriptors", file=sys.stderr)
+        _send(sock, wire.Forked(0))
+        return
+    try:
+        pid = _fork_worker(spec, fds)
+    except OSError as exc:  # EAGAIN: out of processes or memory
+        print(f"qoper8d fork server: cannot fork a worker: {exc}", file=sys.stderr)
+        _send(sock, wire.Forked(0))
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:  # EMFILE
+        # Not reaped yet, so the pid is still this child's.
+        os.kill(pid, signal.SIGKILL)
+        print(f"qoper8d fork server: no pidfd for a worker: {exc}", file=sys.stderr)
+        _send(sock, wire.Forked(0))
+        return
+    _send(sock, wire.Forked(pid), [pidfd])
+    os.close(pidfd)
 
 
 def _reap(sock: socket.socket) -> None:
@@ -124,11 +153,8 @@ def serve(spec: wire.ZygoteSpec) -> int:
             if not data:
                 return 0  # the master closed the channel: we are done
             for message in reader.feed(data):
-                if isinstance(message, wire.Fork) and len(fds) == _WORKER_FDS:
-                    pid = _fork_worker(message.spec, fds)
-                    pidfd = os.pidfd_open(pid)
-                    _send(sock, wire.Forked(pid), [pidfd])
-                    os.close(pidfd)
+                if isinstance(message, wire.Fork):
+                    _fork(sock, message.spec, fds)
                 elif isinstance(message, wire.Stop):
                     return 0
                 else:
