@@ -163,7 +163,7 @@ def _posix_spawn(argv: list[str], child_fds: list[int], env: Mapping[str, str]) 
     above = len(child_fds) + 1
     try:
         for fd in [devnull, *child_fds]:
-            sources.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above))  # noqa: PERF401 - as in _pipes
+            sources.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above))  # noqa: PERF401 - see _pipes
     except BaseException:
         for fd in sources:
             os.close(fd)
