@@ -59,11 +59,11 @@ def _sd_notify(message: str) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
+    try:  # the socket too: out of descriptors, systemd goes without news, not the daemon down
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(message.encode(), address)
-        except OSError as exc:
-            log.warning("daemon.notify_failed", error=str(exc))
+    except OSError as exc:
+        log.warning("daemon.notify_failed", error=str(exc))
 
 
 class Daemon:

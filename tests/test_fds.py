@@ -212,3 +212,14 @@ async def test_the_first_start_without_descriptors_is_a_start_error(start_method
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert open_fds() <= before, "nothing leaked"
+
+
+def test_a_daemon_out_of_descriptors_still_stops_cleanly(short_tmp: Path) -> None:
+    with running_daemon(short_tmp) as d, Connection(d.socket) as c:
+        assert c.request({"id": 1, "op": "hello"})["ok"]
+        pid = d.proc.pid
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
+        # Telling systemd STOPPING=1 takes a socket: it goes without, the stop goes on.
+        assert d.stop() == 0, "\n".join(d.lines[-10:])
+        d.wait_event("daemon.notify_failed")
