@@ -17,6 +17,9 @@
 | `{"mode": "flood_raw", "bytes": n}`  | write n bytes of invalid UTF-8 to fd 1 and fd 2    |
 | `{"mode": "unencodable"}`            | return an object JSON cannot hold                  |
 | `{"mode": "fork"}`                   | fork a grandchild that sleeps for ever; its pid    |
+| `{"mode": "fork_setsid"}`            | fork a grandchild that leaves the worker's session |
+|                                      | (setsid) and forks a child of its own into another |
+|                                      | process group; both sleep for ever; `[pid, pid]`   |
 | `{"mode": "memory", "mb": n}`        | allocate and keep n MiB, return the pid            |
 | `{"mode": "big", "bytes": n}`        | return a string of n bytes                         |
 | `{"mode": "nested", "depth": n}`     | return a list nested n deep                        |
@@ -103,6 +106,8 @@ def handle(action: dict[str, Any]) -> Any:
             while True:
                 time.sleep(3600)
         return child
+    if mode == "fork_setsid":
+        return _fork_setsid()
     if mode == "memory":
         _hoard.append(bytearray(int(action.get("mb", 100)) << 20))
         return os.getpid()
@@ -127,3 +132,29 @@ def handle(action: dict[str, Any]) -> Any:
 class _Unprintable(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no str for you")
+
+
+def _fork_setsid() -> list[int]:
+    """An escapee: out of the worker's process group (killpg misses it), with a child that
+    is out of the escapee's own group too (killing the escapee's group misses that one)."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() == 0:
+                os.setpgid(0, 0)
+                # Written once it is out of the escapee's group, so the worker returns then.
+                os.write(w, f"{os.getpid()}\n".encode())
+                os.close(w)
+                while True:
+                    time.sleep(3600)
+            os.close(w)
+            while True:
+                time.sleep(3600)
+        finally:
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        return [child, int(pipe.readline())]

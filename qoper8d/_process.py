@@ -115,19 +115,15 @@ class _Fds:
     """The descriptors of one new worker: its ends (fds 1-5 in the child) and ours."""
 
     def __init__(self) -> None:
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        batches_r, batches_w = os.pipe()
-        answers_r, answers_w = os.pipe()
-        lifeline_r, lifeline_w = os.pipe()
+        out, err, batches, answers, lifeline = _pipes(5)
         #: The child's stdout, stderr, batches, answers and lifeline, in that order.
-        self.child = [out_w, err_w, batches_r, answers_w, lifeline_r]
-        self.to_worker = batches_w
-        self.from_worker = answers_r
-        self.lifeline = lifeline_w
-        self.output = {"stdout": out_r, "stderr": err_r}
-        os.set_blocking(batches_w, False)
-        os.set_blocking(answers_r, False)
+        self.child = [out[1], err[1], batches[0], answers[1], lifeline[0]]
+        self.to_worker = batches[1]
+        self.from_worker = answers[0]
+        self.lifeline = lifeline[1]
+        self.output = {"stdout": out[0], "stderr": err[0]}
+        os.set_blocking(batches[1], False)
+        os.set_blocking(answers[0], False)
 
     def close_child_ends(self) -> None:
         for fd in self.child:
@@ -140,13 +136,40 @@ class _Fds:
             os.close(fd)
 
 
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _pipes(count: int) -> list[tuple[int, int]]:
+    """`count` pipes, or none: out of descriptors half-way, those made are closed again."""
+    made: list[tuple[int, int]] = []
+    try:
+        for _ in range(count):
+            made.append(os.pipe())  # noqa: PERF401 - one at a time: to close if one fails
+    except BaseException:
+        for pipe in made:
+            for fd in pipe:
+                os.close(fd)
+        raise
+    return made
+
+
 def _posix_spawn(argv: list[str], child_fds: list[int], env: Mapping[str, str]) -> int:
     """Start `argv` in a new session with /dev/null as fd 0 and `child_fds` as fds 1, 2, ..."""
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     # Park every source above the child's range first, so that no dup2 action overwrites a
     # source before it is copied.
-    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in [devnull, *child_fds]]
-    os.close(devnull)
+    sources: list[int] = []
+    above = len(child_fds) + 1
+    try:
+        for fd in [devnull, *child_fds]:
+            sources.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above))  # noqa: PERF401 - see _pipes
+    except BaseException:
+        for fd in sources:
+            os.close(fd)
+        raise
+    finally:
+        os.close(devnull)
     actions = [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in enumerate(sources)]
     try:
         return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
@@ -225,7 +248,15 @@ class SpawnLauncher:
             fds.close_all()
             raise
         fds.close_child_ends()
-        return _ChildWorker(pid, fds)
+        try:
+            return _ChildWorker(pid, fds)
+        except BaseException:  # no pidfd (EMFILE): it must not run on unwatched
+            # Our child and not reaped yet, so its pid (and group) is still its own.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # noqa: ASYNC222 - killed: it is gone at once
+            fds.close_all()
+            raise
 
     async def aclose(self) -> None:
         pass
@@ -346,21 +377,42 @@ class ForkServerLauncher:
 
     async def _start_zygote(self) -> _Zygote:
         assert self._nursery is not None, "start() first"
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        lifeline_r, lifeline_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         argv = [sys.executable, "-m", "qoper8d.zygote", msgspec.json.encode(self._spec).decode()]
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            raise WorkerStartError(f"cannot start the fork server: {_why(exc)}") from None
+        try:
+            (lifeline_r, lifeline_w), (out_r, out_w), (err_r, err_w) = _pipes(3)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            raise WorkerStartError(f"cannot start the fork server: {_why(exc)}") from None
         try:
             pid = await trio.to_thread.run_sync(
                 _posix_spawn, argv, [out_w, err_w, theirs.fileno(), lifeline_r], self._env
             )
+        except BaseException as exc:
+            ours.close()
+            for fd in (lifeline_w, out_r, err_r):
+                os.close(fd)
+            if isinstance(exc, OSError):
+                raise WorkerStartError(f"cannot start the fork server: {_why(exc)}") from None
+            raise
         finally:
             theirs.close()
             for fd in (lifeline_r, out_w, err_w):
                 os.close(fd)
         ours.setblocking(False)
-        zygote = _Zygote(pid, ours, lifeline_w)
+        try:
+            zygote = _Zygote(pid, ours, lifeline_w)
+        except OSError as exc:  # no pidfd for it (EMFILE): it must not run on unwatched
+            os.kill(pid, signal.SIGKILL)  # our child, not reaped: the pid is still its own
+            os.waitpid(pid, 0)  # noqa: ASYNC222 - killed: it is gone at once
+            ours.close()
+            for fd in (lifeline_w, out_r, err_r):
+                os.close(fd)
+            raise WorkerStartError(f"cannot start the fork server: {_why(exc)}") from None
         for stream, fd in (("stdout", out_r), ("stderr", err_r)):
             self._nursery.start_soon(pump_output, fd, stream, -1, pid, 0.0)
         try:
@@ -404,6 +456,8 @@ class ForkServerLauncher:
                         if fds:
                             zygote.reply((message.pid, fds.pop()))
                         else:
+                            # It could not fork the worker (its log says why), or the pidfd
+                            # it sent did not fit in our descriptor table.
                             zygote.reply(WorkerStartError("the fork server sent no pidfd"))
                     elif isinstance(message, wire.Exited):
                         zygote.exited(message)

@@ -8,11 +8,18 @@ daemon's life makes a second daemon refuse to start whatever the race; a socket 
 by a dead daemon (nothing listening) is reclaimed; anything else at the path — a symlink
 planted there above all — is refused, never followed. inotify tells us if the socket is
 deleted while we run, so that it can be bound again.
+
+Whatever makes the path unusable is a `SocketInUse` with one line saying what, never a bare
+OSError. `preflight` checks what can be checked before any worker starts (the path's length,
+the directory, what is in the way, the lock), so a bad path fails fast; binding checks it all
+again, for whatever changed in between.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import fcntl
 import grp
 import os
@@ -26,7 +33,17 @@ import trio
 
 from qoper8d.errors import Qoper8Error
 
-__all__ = ["SocketInUse", "bind", "group_id", "lock", "removed", "secure_directory", "watch"]
+__all__ = [
+    "MAX_PATH_BYTES",
+    "SocketInUse",
+    "bind",
+    "group_id",
+    "lock",
+    "preflight",
+    "removed",
+    "secure_directory",
+    "watch",
+]
 
 log = structlog.get_logger("qoper8d.control")
 
@@ -37,6 +54,44 @@ class SocketInUse(Qoper8Error):
     code = "socket_in_use"
 
 
+#: Bytes a Unix socket path can have: `sun_path` holds 108, the last a NUL.
+MAX_PATH_BYTES = 107
+
+
+def _check_length(path: Path) -> None:
+    size = len(os.fsencode(path))
+    if size > MAX_PATH_BYTES:
+        raise SocketInUse(
+            f"{path} is {size} bytes long, and a Unix socket path holds at most "
+            f"{MAX_PATH_BYTES}: choose a shorter server.socket"
+        )
+
+
+def preflight(path: Path, group: int | None) -> None:
+    """Check the socket path before anything is started: its length; its directory (created
+    if need be); no symlink, nor anything but a socket and our lock file, in the way; and no
+    other daemon holding the lock. `bind` and `lock` check again when the time comes."""
+    _check_length(path)
+    secure_directory(path.parent, group)
+    lock_path = Path(f"{path}.lock")
+    for name, kind, is_kind in (
+        (path, "a socket", stat.S_ISSOCK),
+        (lock_path, "a regular file", stat.S_ISREG),
+    ):
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise SocketInUse(f"cannot look at {name}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise SocketInUse(f"{name} is a symlink; refusing to follow or replace it")
+        if not is_kind(info.st_mode):
+            raise SocketInUse(f"{name} exists and is not {kind}; refusing to replace it")
+    # Released at once: `serve_control` takes it for good once the workers are ready.
+    os.close(lock(path))
+
+
 def secure_directory(directory: Path, group: int | None) -> None:
     """Create the socket's directory (0700, or 0710 with a group) or check an existing one."""
     mode = 0o710 if group is not None else 0o700
@@ -44,12 +99,24 @@ def secure_directory(directory: Path, group: int | None) -> None:
         os.mkdir(directory, mode)
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        raise SocketInUse(f"cannot create {directory}: {directory.parent} does not exist") from None
+    except OSError as exc:
+        raise SocketInUse(f"cannot create {directory}: {exc.strerror}") from None
     else:
-        os.chmod(directory, mode)  # whatever the umask
-        if group is not None:
-            os.chown(directory, -1, group)
+        try:
+            os.chmod(directory, mode)  # whatever the umask
+            if group is not None:
+                os.chown(directory, -1, group)
+        except OSError as exc:
+            raise SocketInUse(
+                f"cannot set the mode or group of {directory}: {exc.strerror}"
+            ) from None
         return
-    info = os.lstat(directory)
+    try:
+        info = os.lstat(directory)
+    except OSError as exc:  # gone again, or a component we may not search
+        raise SocketInUse(f"cannot look at {directory}: {exc.strerror}") from None
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise SocketInUse(f"{directory} is not a directory (a symlink is never followed)")
     if info.st_uid != os.getuid():
@@ -90,24 +157,43 @@ def _reclaim(path: Path) -> None:
 
 def lock(path: Path) -> int:
     """Hold `<socket>.lock` for our whole life: the one daemon for this socket."""
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    name = f"{path}.lock"
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # what O_NOFOLLOW says of a symlink
+            raise SocketInUse(f"{name} is a symlink; refusing to follow it") from None
+        raise SocketInUse(f"cannot open {name}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise SocketInUse(f"another qoper8d is running for {path}") from None
+    except OSError as exc:
+        os.close(fd)
+        raise SocketInUse(f"cannot lock {name}: {exc.strerror}") from None
     return fd
 
 
 def bind(path: Path, group: int | None) -> socket.socket:
+    _check_length(path)
+    try:
+        return _bind(path, group)
+    except OSError as exc:
+        raise SocketInUse(f"cannot bind {path}: {exc.strerror or exc}") from None
+
+
+def _bind(path: Path, group: int | None) -> socket.socket:
     _reclaim(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         # Bind under a private umask so the socket is never, even for an instant, open to
         # others; then set its mode explicitly.
         old = os.umask(0o177)
         try:
             sock.bind(str(path))
+            bound = True
         finally:
             os.umask(old)
         if group is not None:
@@ -118,6 +204,9 @@ def bind(path: Path, group: int | None) -> socket.socket:
         sock.listen(512)
     except BaseException:
         sock.close()
+        if bound:  # ours, but not as it should be: leave nothing behind
+            with contextlib.suppress(OSError):
+                path.unlink()
         raise
     return sock
 

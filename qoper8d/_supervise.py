@@ -315,7 +315,14 @@ class Supervisor:
             slot.state = "starting"
             slot.worker = None
         launched = trio.current_time()
-        proc = await self.launcher.launch(self.spec)
+        try:
+            proc = await self.launcher.launch(self.spec)
+        except OSError as exc:
+            # Out of descriptors (EMFILE) or processes (EAGAIN), most likely: a start that
+            # failed, retried with backoff like any other — never the end of the daemon.
+            raise WorkerStartError(
+                f"the worker in slot {slot.index} could not be started: {exc.strerror or exc}"
+            ) from None
         worker = WorkerHandle(proc, slot, frame_limit(self.engine.config))
         cfg = self.engine.config
         for stream, fd in proc.output.items():

@@ -17,6 +17,7 @@ import msgspec
 import trio
 
 from qoper8d import __version__
+from qoper8d._fds import ensure_fd_limit, fd_limit_problem
 from qoper8d.config import (
     Config,
     check_handlers,
@@ -152,6 +153,9 @@ def daemon_main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.check_config:
         problems = check_handlers(config)
+        fd_problem = fd_limit_problem(config.pool.size, config.server.max_connections)
+        if fd_problem is not None:
+            problems.append(fd_problem)
         for line in problems:
             where = args.config or "<defaults>"
             print(f"{where}: {line}", file=sys.stderr)
@@ -171,8 +175,17 @@ def _run_daemon(config: Config, path: Path | None) -> int:
     from qoper8d.daemon import Daemon
     from qoper8d.monitor import configure_logging
 
+    # Descriptors for every worker and every client the configuration allows, or no start:
+    # running out of them half-way costs connections and workers, at the worst moment.
+    try:
+        was, soft = ensure_fd_limit(config.pool.size, config.server.max_connections)
+    except ConfigError as exc:
+        print(f"{path or '<defaults>'}: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
     logs = configure_logging(config.monitor.log_format, config.monitor.log_level)
     log = structlog.get_logger("qoper8d.daemon")
+    if soft != was:
+        log.info("daemon.fd_limit_raised", soft=soft, was=was)
     try:
         trio.run(Daemon(config, path, logs).run)
     except WorkerStartError as exc:

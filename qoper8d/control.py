@@ -29,6 +29,7 @@ import trio
 
 from qoper8d import __version__
 from qoper8d._connection import Connection, Request, error_line, result_line
+from qoper8d._fds import SPARE, connection_room, short_of_fds
 from qoper8d._socketfile import SocketInUse, bind, group_id, lock, removed, secure_directory, watch
 from qoper8d.config import ServerConfig
 from qoper8d.errors import (
@@ -125,6 +126,15 @@ class ControlServer:
         }
 
     async def accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        failed = 0  # accept() failures in a row: logged when they start and when they end
+        short = 0  # connections turned away in a row to keep descriptors for the workers
+        turned_away = error_line(
+            b"null",
+            {
+                "code": "too_many_connections",
+                "message": "the daemon is short of file descriptors (RLIMIT_NOFILE)",
+            },
+        )
         while True:
             try:
                 sock, _ = await listener.accept()
@@ -132,9 +142,28 @@ class ControlServer:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
                 # Out of descriptors or memory: the connections we have will free some.
-                log.error("control.accept_failed", error=os.strerror(exc.errno or 0))
+                # The client waits in the backlog meanwhile; it is not lost.
+                if not failed:
+                    log.error("control.accept_failed", error=os.strerror(exc.errno or 0))
+                failed += 1
                 await trio.sleep(0.1)
                 continue
+            if failed:
+                log.info("control.accepting", failed_accepts=failed)
+                failed = 0
+            if short_of_fds(sock.fileno()):
+                # Keeping it would leave too few descriptors to replace a worker: turn it away
+                # here and now, so that a flood of clients cannot take them either.
+                if not short:
+                    log.warning("control.short_of_descriptors", keeping=SPARE)
+                short += 1
+                with contextlib.suppress(OSError):
+                    os.write(sock.fileno(), turned_away)
+                sock.close()
+                continue
+            if short:
+                log.info("control.accepting", turned_away=short)
+                short = 0
             nursery.start_soon(self.serve_connection, sock)
 
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
@@ -176,6 +205,16 @@ class ControlServer:
             return (
                 "too_many_connections",
                 f"{self.config.max_connections} connections are open (server.max_connections)",
+            )
+        # The descriptors the workers need come first (a pool scaled up past what the limit
+        # was raised for at start, or a limit lowered since): clients get what is left.
+        room = connection_room(self.pool.size)
+        if len(self.connections) >= room:
+            log.warning("control.too_many_connections", limit=max(room, 0), by="RLIMIT_NOFILE")
+            return (
+                "too_many_connections",
+                f"{len(self.connections)} connections are open, and the file descriptor "
+                "limit (RLIMIT_NOFILE) keeps the rest for the workers",
             )
         return None
 

@@ -1,8 +1,11 @@
 """The qoper8d service: a pool, its control socket, snapshots and signals, in one trio run.
 
 Start-up order is the contract: logging, then every worker ready, then the socket bound —
-so a client that can connect can be served. Then `daemon.started` (the banner, unless
-`monitor.silent_start`) and, under systemd (`NOTIFY_SOCKET`), READY=1.
+so a client that can connect can be served. The socket path is checked before the first
+worker starts, though (its length, its directory, what is in the way, the lock), so a path
+that cannot work fails the start at once, not after every worker was started for nothing.
+Then `daemon.started` (the banner, unless `monitor.silent_start`) and, under systemd
+(`NOTIFY_SOCKET`), READY=1.
 
 Stopping: SIGTERM, SIGINT, the `shutdown` op or the end of a `drain` closes intake (new
 submissions end `shutting_down`), lets running and queued work finish for
@@ -24,6 +27,8 @@ import structlog
 import trio
 
 from qoper8d import __version__
+from qoper8d._fds import ensure_fd_limit, open_fd_count
+from qoper8d._socketfile import group_id, preflight
 from qoper8d.config import Config, changes, load_config
 from qoper8d.control import ControlServer, serve_control
 from qoper8d.errors import ConfigError, single_error
@@ -51,11 +56,11 @@ def _sd_notify(message: str) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
+    try:  # the socket too: out of descriptors, systemd goes without news, not the daemon down
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(message.encode(), address)
-        except OSError as exc:
-            log.warning("daemon.notify_failed", error=str(exc))
+    except OSError as exc:
+        log.warning("daemon.notify_failed", error=str(exc))
 
 
 class Daemon:
@@ -87,12 +92,14 @@ class Daemon:
             "connections": len(self._control.connections) if self._control else 0,
             "unsent_bytes": self._control.unsent_bytes() if self._control else 0,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
-            "open_fds": len(os.listdir("/proc/self/fd")),
+            "open_fds": open_fd_count(),  # even with none left to count them with
         }
         return snapshot
 
     async def scale(self, size: int) -> int:
         assert self._pool is not None
+        # The descriptors the new workers need, or a refusal naming the limit (ConfigError).
+        ensure_fd_limit(size, self.config.server.max_connections)
         reached = await self._pool.scale(size)
         log.info("daemon.scaled", size=reached)
         return reached
@@ -114,6 +121,7 @@ class Daemon:
             return []
         async with self._reloading:
             new = load_config(self.config_path)
+            ensure_fd_limit(new.pool.size, self.config.server.max_connections)
             applied = await self._pool.reconfigure(new.pool, new.supervisor)
             later = [
                 f"{change} (takes effect after a restart)"
@@ -161,6 +169,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         cfg = self.config
+        preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
         async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
             self._pool = pool
             async with trio.open_nursery() as nursery:

@@ -299,7 +299,10 @@ def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
     """The one real error in an exception group (a nursery's), as callers expect to catch it.
 
     Cancellations are set aside, and several copies of one error (every slot failing to
-    import the same handler) count as one. With several different errors, the group stays.
+    import the same handler) count as one. So do several `PoolError`s of one class whose
+    messages differ (every slot's `setup()` timing out, each naming its slot): the first,
+    which is the one that stopped the rest — a nursery lists its errors in the order they
+    came. With several different errors, the group stays.
     """
     leaves: list[BaseException] = []
 
@@ -314,7 +317,7 @@ def single_error(group: BaseExceptionGroup[Any]) -> BaseException:
     import trio  # this module is imported by workers, which lack trio
 
     errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if len({(type(e), str(e)) for e in errors}) == 1:
+    if len({type(e) if isinstance(e, PoolError) else (type(e), str(e)) for e in errors}) == 1:
         return errors[0]
     if not errors and leaves:
         return leaves[0]

@@ -27,7 +27,7 @@ from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
 from qoper8d._supervise import Supervisor
 from qoper8d.config import PoolConfig, SupervisorConfig, changes
-from qoper8d.errors import BadRequest, single_error
+from qoper8d.errors import BadRequest, WorkerStartError, single_error
 from qoper8d.stats import PoolStatistics, WorkerStatistics
 
 __all__ = ["MapIterator", "Pool", "Session", "open_pool"]
@@ -393,7 +393,10 @@ async def open_pool(
             pool = Pool(engine, sup, launcher)
             clean = False
             try:
-                await launcher.start(nursery)
+                try:
+                    await launcher.start(nursery)
+                except OSError as exc:  # out of descriptors, say, for a launcher of one's own
+                    raise WorkerStartError(f"cannot get ready to start workers: {exc}") from None
                 async with trio.open_nursery() as starting:
                     for _ in range(cfg.size):
                         starting.start_soon(nursery.start, sup.serve_slot, sup.new_slot())

@@ -68,7 +68,17 @@ def base_config(tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, config: dict[str, Any], *, ready: bool = True) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict[str, Any],
+        *,
+        ready: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        """Start the daemon (`args` after `--config`); `preexec_fn` runs in the child before
+        it starts Python, to lower a resource limit, say."""
         self.tmp = tmp
         self.config = config
         self.config_path = tmp / "qoper8.toml"
@@ -83,9 +93,10 @@ class Daemon:
         self._notify.bind(str(notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qoper8d", "--config", str(self.config_path)],
+            [sys.executable, "-m", "qoper8d", "--config", str(self.config_path), *args],
             cwd=ROOT,
             env=env,
+            preexec_fn=preexec_fn,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import socket
 import threading
 import time
@@ -404,5 +405,28 @@ def test_control_ops_racing_each_other_under_load_are_each_answered_once(
                 op = sent[c][answer["id"]]
                 outcome = "result" if answer["ok"] else answer["error"]["code"]
                 assert outcome in allowed[op], (op, answer)
+    finally:
+        d.close()
+
+
+def test_a_resize_the_descriptor_limit_cannot_carry_is_refused(short_tmp: Path) -> None:
+    """Under a hard RLIMIT_NOFILE of 400, 2 workers and 256 connections fit; 50 workers do
+    not: the scale is refused with the limit named, and the pool carries on as it was."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    d = Daemon(short_tmp, base_config(short_tmp), preexec_fn=limit)
+    try:
+        with Connection(d.socket) as c:
+            answer = c.request({"id": 1, "op": "scale", "size": 50})
+            assert answer["error"]["code"] == "config_error", answer
+            assert "RLIMIT_NOFILE" in answer["error"]["message"]
+            assert c.request({"id": 2, "op": "scale", "size": 3}) == {
+                "id": 2,
+                "ok": True,
+                "result": {"size": 3},
+            }
+        assert d.stop() == 0
     finally:
         d.close()
