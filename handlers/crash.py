@@ -24,6 +24,8 @@
 | `{"mode": "big", "bytes": n}`        | return a string of n bytes                         |
 | `{"mode": "nested", "depth": n}`     | return a list nested n deep                        |
 | `{"mode": "wait_for", "path": p}`    | wait until file p exists, then return the pid      |
+| `{"mode": "limit_memory", "mb": n}`  | cap RLIMIT_AS n MiB above use (0: lift), then `"then"` |
+| `{"mode": "channel", "data": s}`     | write s (latin-1, `"repeat"` times) to the answers pipe |
 | `{"mode": "raise_unprintable"}`      | raise an exception whose `str()` raises            |
 | `{"mode": "raise_surrogate"}`        | raise with a message UTF-8 cannot encode           |
 
@@ -122,11 +124,32 @@ def handle(action: dict[str, Any]) -> Any:
         while not os.path.exists(action["path"]):
             time.sleep(0.005)
         return os.getpid()
+    if mode == "limit_memory":
+        _limit_memory(int(action.get("mb", 0)))
+        return handle({**action, "mode": action.get("then", "pid")})
+    if mode == "channel":  # forge frames on the worker's own channel to the master
+        data = str(action["data"]).encode("latin-1") * int(action.get("repeat", 1))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(4, view) :]
+        return "written"
     if mode == "raise_unprintable":
         raise _Unprintable
     if mode == "raise_surrogate":
         raise ValueError("lone \ud800 surrogate")
     raise ValueError(f"unknown mode {mode!r}")
+
+
+def _limit_memory(mb: int) -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if not mb:
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+        return
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) << 10
+    resource.setrlimit(resource.RLIMIT_AS, (size + (mb << 20), hard))
 
 
 class _Unprintable(Exception):

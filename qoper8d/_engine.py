@@ -617,6 +617,19 @@ class Engine(Outcomes):
                 worker,
             )
             return pos + 1
+        if kind is wire.Refused:
+            # The worker could not decode this action: our bug, not the handler's nor the
+            # worker's (the pool encodes every action it sends). It ends that action alone.
+            job = inflight[pos]
+            log.error(
+                "worker.undecodable_action",
+                slot=worker.slot.index,
+                pid=worker.pid,
+                error=m.message,
+                action=job.payload[:200].decode("utf-8", "replace"),
+            )
+            self.end(job, HandlerError(m.message, type="qoper8d.ProtocolError"), worker)
+            return pos + 1
         if kind is wire.Cut:
             # The worker stopped the batch here (its results passed the batch's budget): the
             # rest never started and goes back to the head of the queue.

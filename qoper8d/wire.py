@@ -45,7 +45,9 @@ __all__ = [
     "Log",
     "ProtocolError",
     "Raised",
+    "RawBatch",
     "Ready",
+    "Refused",
     "Retire",
     "StartFailed",
     "Stop",
@@ -78,6 +80,14 @@ class Batch(_Message, tag=1):
 
     seq: int
     actions: list[Any]
+
+
+class RawBatch(_Message, tag=1):
+    """A `Batch` whose actions are left undecoded: how a worker reads a batch that would not
+    decode whole, to tell the one action it cannot decode from the others."""
+
+    seq: int
+    actions: list[msgspec.Raw]
 
 
 class Stop(_Message, tag=2):
@@ -117,6 +127,14 @@ class Raised(_Message, tag=13):
 
 class Unencodable(_Message, tag=14):
     """The next action of the batch returned something that is not JSON-compatible."""
+
+    message: str
+
+
+class Refused(_Message, tag=18):
+    """The next action of the batch could not be decoded here, so it never ran. The master
+    never sends such an action (it encodes every action itself): this is a master's bug,
+    reported for that one action; the worker carries on with the rest."""
 
     message: str
 
@@ -196,7 +214,7 @@ class ZygoteSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 FromMaster = Batch | Stop
-FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Log | Retire | Cut
+FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Refused | Log | Retire | Cut
 ToZygote = Fork | Stop
 FromZygote = Ready | Forked | Exited | Log
 

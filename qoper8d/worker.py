@@ -139,7 +139,7 @@ class _Channel:
             while view:
                 view = view[os.write(self.wfd, view) :]
 
-    def receive(self) -> list[wire.FromMaster]:
+    def receive(self) -> list[wire.FromMaster | _PartialBatch]:
         """Block for the next message(s); exit the process when the master is gone."""
         if self.spin:
             # Poll a little before sleeping: a caller sending actions one after another
@@ -154,9 +154,56 @@ class _Channel:
             n = os.readv(self.rfd, [self.reader.buffer()])
             if not n:
                 _exit_lost_master()
-            messages = self.reader.commit(n)
-            if messages:
-                return messages
+            chunk = self.reader.take(n)
+            if chunk:
+                try:
+                    return self.reader.decode(chunk)
+                except (wire.ProtocolError, RecursionError):
+                    return [_decode_frame(line) for line in chunk.splitlines()]
+
+
+class _Undecodable:
+    """An action of a batch this worker could not decode: it is refused, not run."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _PartialBatch:
+    """A batch some of whose actions could not be decoded (see `_decode_frame`)."""
+
+    __slots__ = ("actions",)
+
+    def __init__(self, actions: list[Any]) -> None:
+        self.actions = actions
+
+
+_decode_master = msgspec.json.Decoder(wire.FromMaster).decode
+_decode_raw_batch = msgspec.json.Decoder(wire.RawBatch).decode
+_decode_value = msgspec.json.Decoder().decode
+
+
+def _decode_frame(line: bytes) -> wire.FromMaster | _PartialBatch:
+    """One frame of a read that did not decode whole: a batch is decoded an action at a
+    time, each action that cannot be decoded standing as `_Undecodable`. A frame that does
+    not even split into actions leaves the channel in doubt: the worker exits."""
+    try:
+        return _decode_master(line)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    try:
+        raw = _decode_raw_batch(line)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise wire.ProtocolError(f"undecodable frame: {exc}") from None
+    actions: list[Any] = []
+    for item in raw.actions:
+        try:
+            actions.append(_decode_value(item))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            actions.append(_Undecodable(f"the worker could not decode the action: {exc}"))
+    return _PartialBatch(actions)
 
 
 def set_process_name(name: str) -> None:
@@ -258,6 +305,8 @@ class _Runner:
             return self._unencodable(f"not JSON-compatible: {type(exc).__name__}: {exc}")
         except RecursionError:
             return self._unencodable("it is nested too deeply to encode")
+        except MemoryError:
+            return self._unencodable("MemoryError: the worker ran out of memory encoding it")
         if len(encoded) > self.max_result:
             return self._unencodable(
                 f"it is {len(encoded)} bytes as JSON, over pool.max_result_bytes "
@@ -267,6 +316,26 @@ class _Runner:
 
     def _unencodable(self, why: str) -> bytes:
         return wire.encode_frame(wire.Unencodable(_cut(why)))
+
+    def run_partial(self, batch: _PartialBatch) -> None:
+        """A batch with actions that could not be decoded: each of those is refused, the
+        others run as a batch of their own would, in order."""
+        for action in batch.actions:
+            if self.retired:
+                return
+            if type(action) is _Undecodable:
+                self.channel.send(wire.Refused(action.message))
+            else:
+                self.run_sync(wire.Batch(0, [action]))
+
+    async def run_partial_async(self, batch: _PartialBatch) -> None:
+        for action in batch.actions:
+            if self.retired:
+                return
+            if type(action) is _Undecodable:
+                self.channel.send(wire.Refused(action.message))
+            else:
+                await self.run_async(wire.Batch(0, [action]))
 
     def after_batch(self) -> None:
         # Line buffering already sent whole lines; this pushes out a trailing partial line.
@@ -334,6 +403,8 @@ def _serve_sync(runner: _Runner, handlers: _Handlers) -> int:
         for message in runner.channel.receive():
             if isinstance(message, wire.Batch):
                 runner.run_sync(message)
+            elif isinstance(message, _PartialBatch):
+                runner.run_partial(message)
             else:
                 for hook in handlers.hooks("teardown"):
                     hook()
@@ -357,6 +428,8 @@ async def _serve_async(runner: _Runner, handlers: _Handlers, backend: str) -> in
         for message in runner.channel.receive():
             if isinstance(message, wire.Batch):
                 await runner.run_async(message)
+            elif isinstance(message, _PartialBatch):
+                await runner.run_partial_async(message)
             else:
                 for hook in handlers.hooks("teardown"):
                     if inspect.isawaitable(done := hook()):

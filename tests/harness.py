@@ -45,13 +45,13 @@ SNAPSHOT_FIELDS = {
 }
 
 
-def rss_mib(pid: int) -> float:
-    """A process's resident memory, in MiB."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory in MiB (`field="VmHWM"`: the most it ever had)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no {field} for {pid}")
 
 
 def base_config(tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ happen instead, and checks that the daemon and its other clients were not hurt.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import socket
@@ -430,3 +431,96 @@ def test_a_resize_the_descriptor_limit_cannot_carry_is_refused(short_tmp: Path) 
         assert d.stop() == 0
     finally:
         d.close()
+
+
+# -- resource exhaustion ---------------------------------------------------------------------------
+
+
+def test_a_worker_out_of_memory_costs_only_its_action(short_tmp: Path) -> None:
+    """Under an address-space limit (RLIMIT_AS), a handler that cannot allocate ends
+    handler_error (MemoryError) and a result the worker has no memory to encode ends
+    bad_result; the worker carries on, the daemon never notices."""
+    config = {"pool": {"size": 1, "max_result_bytes": 256 << 20}}
+    with running_daemon(short_tmp, **config) as d, Connection(d.socket) as c:
+        pid = c.request({"id": 0, "op": "submit", "action": {"mode": "pid"}})["result"]
+        big = {"mode": "limit_memory", "mb": 32, "then": "big", "bytes": 64 << 20}
+        answer = c.request({"id": 1, "op": "submit", "action": big})
+        assert answer["error"]["code"] == "handler_error", answer
+        assert answer["error"]["type"] == "MemoryError"
+        lift = {"mode": "limit_memory", "mb": 0}
+        assert c.request({"id": 2, "op": "submit", "action": lift})["result"] == pid
+        # Too little left to encode the result: bad_result if msgspec gets a MemoryError;
+        # but the interpreter itself may die for want of a page (SIGSEGV). Either way one
+        # explicit outcome, one worker at most, and the daemon serves on.
+        encode = {"mode": "limit_memory", "mb": 32, "then": "big", "bytes": 20 << 20}
+        answer = c.request({"id": 3, "op": "submit", "action": encode})
+        assert answer["error"]["code"] in ("bad_result", "worker_lost"), answer
+        assert c.request({"id": 4, "op": "submit", "action": lift})["ok"] is True
+        assert status(d)["workers"][0]["state"] in ("idle", "busy")
+        assert len(d.of("worker.exit")) <= 1
+
+
+def test_the_daemon_writes_no_file_but_its_socket_and_lock(short_tmp: Path) -> None:
+    """Whatever its clients and handlers do (errors, crashes, reloads, floods of output),
+    the daemon and its fork server hold no file open for writing but the lock, and the
+    socket's directory holds the socket and the lock alone."""
+    with running_daemon(short_tmp) as d, Connection(d.socket) as c:
+        c.send(
+            {"id": 1, "op": "submit", "action": {"mode": "raise"}},
+            {"id": 2, "op": "submit", "action": {"mode": "exit", "code": 3}},
+            {"id": 3, "op": "submit", "action": {"mode": "flood", "lines": 2000}},
+            {"id": 4, "op": "reload"},
+        )
+        assert len(c.receive_all(4)) == 4
+        pids = [
+            d.proc.pid,
+            *(
+                int(child)
+                for children in Path(f"/proc/{d.proc.pid}/task").glob("*/children")
+                for child in children.read_text().split()
+            ),
+        ]
+        for pid in pids:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if not target.startswith("/"):
+                    continue  # pipes, sockets, anonymous inodes
+                info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+                flags = int(info.split("flags:")[1].split()[0], 8)
+                if flags & (os.O_WRONLY | os.O_RDWR):
+                    assert target in (f"{d.socket}.lock", "/dev/null"), (pid, target)
+        assert sorted(p.name for p in d.socket.parent.iterdir() if p.name.startswith("q.sock")) == [
+            "q.sock",
+            "q.sock.lock",
+        ]
+
+
+@pytest.mark.parametrize(
+    ("data", "repeat"),
+    [
+        ("x", 64 << 20),  # an endless frame: far past pool.max_result_bytes + 1 MiB
+        ("not a frame\n", 1),
+        ('[15,"error","forged",{"slot":99,"event":"x","pid":1,"level":"boom"}]\n', 1),
+        ("[12,1]\n[12,2]\n[12,3]\n", 1),  # answers to actions never sent
+        ("[10,1]\n", 1),  # a second handshake
+    ],
+    ids=["endless", "garbage", "log_collision", "extra_answers", "ready_again"],
+)
+def test_a_handler_forging_frames_costs_only_its_worker(
+    short_tmp: Path, data: str, repeat: int
+) -> None:
+    """A handler that writes to its worker's channel itself can lie to the master: the
+    master never trusts a frame, never buffers more than a frame's bound, and at worst
+    replaces that worker; the daemon and its other clients carry on."""
+    config = {"pool": {"size": 2, "max_result_bytes": 1 << 20}}
+    with running_daemon(short_tmp, **config) as d, Connection(d.socket) as c:
+        start = rss_mib(d.proc.pid)
+        action = {"mode": "channel", "data": data, "repeat": repeat}
+        answer = c.request({"id": 1, "op": "submit", "action": action})
+        assert answer["id"] == 1
+        if not answer["ok"]:
+            assert answer["error"]["code"] in ("worker_lost", "bad_result"), answer
+        results = [c.request({"id": n, "op": "submit", "action": {"n": n}}) for n in range(2, 40)]
+        assert all(r["ok"] for r in results), results
+        assert rss_mib(d.proc.pid, "VmHWM") - start < 32, "the master never held it all"
+        assert d.proc.poll() is None

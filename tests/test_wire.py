@@ -1,6 +1,12 @@
-"""The channel's framing, sans-IO: what one side encodes the other decodes, in any chunking."""
+"""The channel's framing, sans-IO: what one side encodes the other decodes, in any chunking;
+and what a real worker makes of a frame it cannot wholly decode."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
 
 import msgspec
 import pytest
@@ -84,3 +90,55 @@ def test_a_corrupt_frame_is_a_protocol_error(garbage: bytes) -> None:
 def test_a_batch_frame_is_never_mistaken_for_an_answer() -> None:
     with pytest.raises(wire.ProtocolError):
         wire.FrameReader(wire.FromWorker).feed(wire.encode_batch(1, [b"1"]))
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_refuses_only_the_action_it_cannot_decode() -> None:
+    """Defence in depth: the pool never sends an action a worker cannot decode, but if it
+    did, the worker refuses that one action (`Refused`) and runs the rest of its batch; it
+    neither dies nor blames the actions around it."""
+    batches_r, batches_w = os.pipe()
+    answers_r, answers_w = os.pipe()
+    lifeline_r, lifeline_w = os.pipe()
+    spec = wire.WorkerSpec(
+        from_master_fd=batches_r,
+        to_master_fd=answers_w,
+        lifeline_fd=lifeline_r,
+        handler="handlers.echo:handle",
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "qoper8d.worker", msgspec.json.encode(spec).decode()],
+        pass_fds=(batches_r, answers_w, lifeline_r),
+        stdin=subprocess.DEVNULL,
+    )
+    for fd in (batches_r, answers_w, lifeline_r):
+        os.close(fd)
+    reader = wire.FrameReader(wire.FromWorker)
+    answers = os.fdopen(answers_r, "rb", buffering=0)
+
+    def next_messages(count: int) -> list[Any]:
+        got: list[Any] = []
+        while len(got) < count:
+            data = answers.read(65536)
+            assert data, f"the worker hung up after {got}"
+            got += reader.feed(data)
+        return got
+
+    try:
+        assert isinstance(next_messages(1)[0], wire.Ready)
+        os.write(batches_w, b'[1,1,[{"a":1},"\xff",1e400,[2]]]\n' + wire.encode_batch(2, [b"3"]))
+        done, refused, too_big, last, after = next_messages(5)
+        assert done == wire.Done(msgspec.Raw(b'{"a":1}'))
+        assert isinstance(refused, wire.Refused)
+        assert "decode" in refused.message
+        assert isinstance(too_big, wire.Refused)
+        assert last == wire.Done(msgspec.Raw(b"[2]"))
+        assert after == wire.Done(msgspec.Raw(b"3")), "the next batch runs as usual"
+        os.write(batches_w, wire.encode_frame(wire.Stop()))
+        assert worker.wait(10) == 0
+    finally:
+        worker.kill()
+        worker.wait()
+        for fd in (batches_w, lifeline_w):
+            os.close(fd)
+        answers.close()
