@@ -100,6 +100,10 @@ class Front(Protocol):
     async def submit_direct(self, conn: Connection, request: Request) -> None:
         """A lone submit: on an idle pool this task runs it and answers it."""
 
+    def submit_all(self, conn: Connection, requests: list[Request]) -> bool:
+        """If `requests` are all plain submits that can all be accepted: accept them in one
+        go and return True; else nothing happens (each is then handled on its own)."""
+
     def hold(self, conn: Connection) -> None: ...
 
     def release(self, conn: Connection) -> None: ...
@@ -171,7 +175,8 @@ class Connection:
                     self.gone()
                     return
                 if sent == len(data):
-                    self._poke()
+                    if self._changed is not None:
+                        self._poke()
                     return
                 data = data[sent:]
             self.progress_at = trio.current_time()
@@ -403,11 +408,15 @@ class Connection:
             if len(requests) == 1 and requests[0].op == "submit":
                 await self.front.submit_direct(self, requests[0])
                 return True
+            if self.unsent < self.max_unsent and self.front.submit_all(self, requests):
+                return True  # all plain submits, as a pipelining client sends: in one go
+            handle = self.front.handle
             for request in requests:
-                await self._room()
-                if not self.open:
-                    return False
-                self.front.handle(self, request)
+                if self.unsent >= self.max_unsent:
+                    await self._room()
+                    if not self.open:
+                        return False
+                handle(self, request)
             return True
         # Something in the chunk is wrong: go line by line to answer each as it deserves.
         for line in chunk.split(b"\n")[:-1]:

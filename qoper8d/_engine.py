@@ -193,17 +193,39 @@ class Engine(Outcomes):
         follow_up: bool = False,
     ) -> Job:
         """A job for an action, counted as submitted; the caller queues or runs it."""
-        self.check_accepting(follow_up=follow_up, size=len(payload))
+        queue, cfg = self.queue, self.config
+        if (
+            not self.accepting
+            or queue.live >= cfg.max_queue
+            or queue.bytes + len(payload) > cfg.max_queue_bytes
+        ):
+            self.check_accepting(follow_up=follow_up, size=len(payload))
         job = Job(payload, sink, tag, self.timeout_for(timeout))
         self.submitted += 1
         return job
 
     def submit_many(self, jobs: list[Job], payloads: list[bytes]) -> None:
-        """Queue jobs built by a bulk submitter (`map`) for `payloads`, with one dispatch
-        for all of them."""
-        self.queue.extend(jobs, payloads)
+        """Queue jobs built by a bulk submitter (`map`, a client's pipelined submits) for
+        `payloads`, with one dispatch for all of them.
+
+        As if they had come one at a time: while the queue is empty, each idle worker takes
+        one of them first, and only the rest are queued and batched. A first action that
+        turns out slow then holds up no others behind it in its worker's batch (the pool
+        knows nothing yet of how long actions take).
+        """
         self.submitted += len(jobs)
-        self.dispatch()
+        idle = self.idle
+        queue = self.queue
+        first = 0
+        if idle and not queue.live and not queue.held(jobs[0].sink):
+            while idle and first < len(jobs):
+                self.send(idle.pop(), [jobs[first]], [payloads[first]])
+                first += 1
+            if first:
+                jobs, payloads = jobs[first:], payloads[first:]
+        if jobs:
+            queue.extend(jobs, payloads)
+            self.dispatch()
 
     async def run(self, action: Any, timeout: float | None) -> Any:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ from qoper8d import wire
 from qoper8d._classic import Callbacks, OnResponse, Session, open_session
 from qoper8d._engine import Engine
 from qoper8d._jobqueue import BATCH_RESULT_BYTES
+from qoper8d._jobs import Job, encode_json
 from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
 from qoper8d._supervise import Supervisor
@@ -112,6 +114,20 @@ class Pool:
         if max_attempts is not None:
             job.max_attempts = max_attempts
         return job
+
+    def submit_batch(self, actions: list[Any], sink: Any, tags: list[Any]) -> list[Any]:
+        """`submit_nowait` for many actions at once, all with the pool's time limit and
+        attempts: encoded, accepted and queued together, with one dispatch. All or none:
+        raises `QueueFull`, `ShuttingDown` or `BadRequest` without queueing any."""
+        engine = self._engine
+        try:
+            payloads = list(map(encode_json, actions))
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            payloads = list(map(engine.encode, actions))  # raises BadRequest, with the reason
+        engine.check_accepting(len(payloads), size=sum(map(len, payloads)))
+        jobs = list(map(Job, payloads, repeat(sink), tags, repeat(engine.config.action_timeout)))
+        engine.submit_many(jobs, payloads)
+        return jobs
 
     async def submit_direct(
         self,

@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import msgspec
@@ -231,6 +231,10 @@ def arm_lifeline(fd: int) -> None:
         _exit_lost_master()
 
 
+_DONE = b"[12,"
+#: Bytes a `Done` frame adds to its result: `[12,` and `]\n`.
+_DONE_OVERHEAD = 6
+_END: Any = object()
 #: The most characters of an exception's message, and of its traceback, sent to the master.
 MAX_TEXT = 1 << 16
 
@@ -276,7 +280,9 @@ class _Runner:
         self.channel = channel
         self.max_rss = spec.max_rss_bytes
         self.max_result = spec.max_result_bytes
-        self.batch_budget = spec.batch_result_bytes
+        #: Bytes of answers a batch may write before it is cut (`Cut`); never more than
+        #: `max_result`, so that one result too long to send always takes it past.
+        self.batch_budget = min(spec.batch_result_bytes, spec.max_result_bytes)
         self.encode = msgspec.json.Encoder().encode
         #: Called after each action while a memory limit applies and was not yet reported.
         self.check_rss: Callable[[], bool] | None = self._check_rss if self.max_rss else None
@@ -300,19 +306,24 @@ class _Runner:
 
     def answer(self, result: Any) -> bytes:
         try:
-            encoded = self.encode(result)
+            return wire.encode_done(self.encode(result))
         except (TypeError, ValueError, OverflowError) as exc:
             return self._unencodable(f"not JSON-compatible: {type(exc).__name__}: {exc}")
         except RecursionError:
             return self._unencodable("it is nested too deeply to encode")
         except MemoryError:
             return self._unencodable("MemoryError: the worker ran out of memory encoding it")
-        if len(encoded) > self.max_result:
+
+    def over_budget(self, frame: bytes) -> bytes:
+        """`frame`, the one that took the batch past its budget: a result too long to send
+        becomes `Unencodable` here (the budget never exceeds `max_result_bytes`, so any
+        such result lands here)."""
+        if len(frame) - _DONE_OVERHEAD > self.max_result and frame.startswith(_DONE):
             return self._unencodable(
-                f"it is {len(encoded)} bytes as JSON, over pool.max_result_bytes "
-                f"({self.max_result})"
+                f"it is {len(frame) - _DONE_OVERHEAD} bytes as JSON, over "
+                f"pool.max_result_bytes ({self.max_result})"
             )
-        return wire.encode_done(encoded)
+        return frame
 
     def _unencodable(self, why: str) -> bytes:
         return wire.encode_frame(wire.Unencodable(_cut(why)))
@@ -349,21 +360,24 @@ class _Runner:
         write = self.channel.write
         answer = self.answer
         pick = self.handlers.pick
-        actions = batch.actions
+        check_rss = self.check_rss
         budget = self.batch_budget
-        for index, action in enumerate(actions, 1):
+        actions = iter(batch.actions)
+        for action in actions:
             try:
                 result = pick(action)(action)
             except Exception as exc:  # the handler's failure is the action's outcome
                 frame = wire.encode_frame(wire.Raised(*_describe(exc)))
             else:
                 frame = answer(result)
-            write(frame)
             budget -= len(frame)
-            if self.check_rss is not None and self.check_rss():
+            if budget < 0:
+                write(self.over_budget(frame))
+                if check_rss is None or not check_rss():
+                    self.cut(actions)
                 break
-            if budget < 0 and index < len(actions):
-                self.channel.send(wire.Cut())
+            write(frame)
+            if check_rss is not None and check_rss():
                 break
         self.after_batch()
 
@@ -371,9 +385,10 @@ class _Runner:
         if self.retired:
             return
         write = self.channel.write
-        actions = batch.actions
+        check_rss = self.check_rss
         budget = self.batch_budget
-        for index, action in enumerate(actions, 1):
+        actions = iter(batch.actions)
+        for action in actions:
             try:
                 result = self.handlers.pick(action)(action)
                 if inspect.isawaitable(result):
@@ -382,14 +397,22 @@ class _Runner:
                 frame = wire.encode_frame(wire.Raised(*_describe(exc)))
             else:
                 frame = self.answer(result)
-            write(frame)
             budget -= len(frame)
-            if self.check_rss is not None and self.check_rss():
+            if budget < 0:
+                write(self.over_budget(frame))
+                if check_rss is None or not check_rss():
+                    self.cut(actions)
                 break
-            if budget < 0 and index < len(actions):
-                self.channel.send(wire.Cut())
+            write(frame)
+            if check_rss is not None and check_rss():
                 break
         self.after_batch()
+
+    def cut(self, rest: Iterator[Any]) -> None:
+        """The batch's results passed its budget: if any of its actions are left, they do
+        not start here (`Cut`: the master puts them back in the queue)."""
+        if next(rest, _END) is not _END:
+            self.channel.send(wire.Cut())
 
 
 def _serve_sync(runner: _Runner, handlers: _Handlers) -> int:
