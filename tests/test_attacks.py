@@ -13,6 +13,8 @@ import os
 import random
 import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,6 +87,30 @@ def test_pipelined_scales_under_load_each_get_an_answer(short_tmp: Path) -> None
         # Resizes were serialised: none was lost, the pool ends at the last size.
         assert [r["ok"] for r in load.receive_all(200)] == [True] * 200
         assert status(d)["size"] == sizes[-1]
+
+
+def test_qoper8ctl_scales_racing_each_other_both_exit_0(short_tmp: Path) -> None:
+    with running_daemon(short_tmp) as d:
+        runs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from qoper8d.cli import ctl_main; sys.exit(ctl_main())",
+                    "--socket",
+                    str(d.socket),
+                    "scale",
+                    str(n),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for n in (6, 1, 3)
+        ]
+        outputs = [run.communicate(timeout=60)[0] for run in runs]
+        assert [run.returncode for run in runs] == [0, 0, 0], outputs
+        assert all("workers" in out for out in outputs), outputs
+        assert status(d)["size"] in (6, 1, 3)
 
 
 def test_a_scale_racing_a_reload(short_tmp: Path) -> None:
@@ -202,7 +228,10 @@ def test_a_client_that_never_reads_is_disconnected_and_its_slot_freed(short_tmp:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(str(d.socket))
             sock.sendall(
-                b"".join(submit_line(i, {"mode": "big", "bytes": 100_000}) for i in range(50))
+                b"".join(
+                    submit_line(i, {"mode": "big", "bytes": 100_000, "sleep": 0.05})
+                    for i in range(50)
+                )
             )
             stuck.append(sock)
         d.wait_count("control.client_not_reading", 4)
@@ -213,6 +242,8 @@ def test_a_client_that_never_reads_is_disconnected_and_its_slot_freed(short_tmp:
             sock.close()
         after = settles(d, "open_fds", baseline["open_fds"])
         assert after["daemon"]["unsent_bytes"] == 0
+        assert after["queued"] == 0
+        assert after["outcomes"]["cancelled"] > 0, "their queued actions were cancelled"
 
 
 # -- 6. memory a non-reading client can make the daemon hold --------------------------------------
