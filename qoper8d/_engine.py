@@ -42,9 +42,10 @@ from qoper8d.errors import (
     QueueFull,
     ShuttingDown,
 )
+from qoper8d.monitor import relay
 from qoper8d.stats import OUTCOMES
 
-__all__ = ["Engine", "log_level"]
+__all__ = ["Engine"]
 
 log = structlog.get_logger("qoper8d.pool")
 
@@ -60,9 +61,6 @@ _BUSY_READ = 1024
 _PACE = 0.005
 #: Actions this slow or slower (and faster than `_PACE`) are paced.
 _PACE_MIN_ACTION = 0.0001
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-#: Keys of a log event that a worker's fields must not overwrite.
-_OWN_KEYS = frozenset({"event", "level", "slot", "pid", "timestamp", "exc_info"})
 #: Stands for a frame nested too deeply to decode here (see `on_data`).
 _TOO_DEEP = wire.Unencodable("it is nested too deeply for the master to decode")
 
@@ -71,17 +69,6 @@ def _next_tick(now: float) -> float:
     """The first multiple of `_PACE` after `now`: the instants are shared by all readers."""
     tick = (now // _PACE + 1) * _PACE
     return tick if tick > now else tick + _PACE  # 0.015 // 0.005 is 2.0 in floats
-
-
-def log_level(name: str) -> int:
-    return _LEVELS.get(name, 20)
-
-
-def log_worker_event(slot: int, pid: int, m: wire.Log) -> None:
-    """Log a worker's own event, tagged with its slot and pid (fields that would overwrite
-    an event's own keys are renamed: a worker's frames are never trusted)."""
-    fields = {(f"field_{k}" if k in _OWN_KEYS else k): v for k, v in m.fields.items()}
-    log.log(log_level(m.level), m.event, slot=slot, pid=pid, **fields)
 
 
 class Engine(Outcomes):
@@ -660,7 +647,7 @@ class Engine(Outcomes):
             if rest:
                 self.requeue(rest)
         elif kind is wire.Log:
-            log_worker_event(worker.slot.index, worker.pid, m)
+            relay(log, m.level, m.event, m.fields, slot=worker.slot.index, pid=worker.pid)
         elif kind is wire.Retire:
             # The worker stops here: the rest of its batch never started and goes back to
             # the head of the queue; it takes no more work and is replaced.

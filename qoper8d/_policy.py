@@ -57,6 +57,3 @@ class RestartIntensity:
         while times and times[0] < horizon:
             times.popleft()
         return len(times) > self.config.max_restarts
-
-    def recent(self) -> int:
-        return len(self._times)

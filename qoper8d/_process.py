@@ -37,6 +37,7 @@ import trio
 from qoper8d import wire
 from qoper8d._output import pump_output
 from qoper8d.errors import WorkerStartError
+from qoper8d.monitor import relay
 
 __all__ = [
     "ExitStatus",
@@ -462,7 +463,9 @@ class ForkServerLauncher:
                     elif isinstance(message, wire.Exited):
                         zygote.exited(message)
                     elif isinstance(message, wire.Log):
-                        log.log(20, message.event, **message.fields)
+                        relay(
+                            log, message.level, message.event, message.fields, forkserver=zygote.pid
+                        )
                 for fd in fds:
                     os.close(fd)
         except trio.Cancelled:

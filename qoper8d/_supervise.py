@@ -26,13 +26,14 @@ import structlog
 import trio
 
 from qoper8d import wire
-from qoper8d._engine import Engine, log_level, log_worker_event
+from qoper8d._engine import Engine
 from qoper8d._handle import WorkerHandle, frame_limit
 from qoper8d._output import pump_output
 from qoper8d._policy import Backoff, RestartIntensity
 from qoper8d._process import ExitStatus, Launcher
 from qoper8d.config import SupervisorConfig
 from qoper8d.errors import RestartIntensityExceeded, ShuttingDown, WorkerStartError
+from qoper8d.monitor import relay
 
 __all__ = ["Slot", "Supervisor"]
 
@@ -381,7 +382,7 @@ class Supervisor:
                         traceback=m.traceback,
                     )
                 if isinstance(m, wire.Log):
-                    log_worker_event(worker.slot.index, worker.pid, m)
+                    relay(log, m.level, m.event, m.fields, slot=worker.slot.index, pid=worker.pid)
                 else:
                     raise wire.ProtocolError(f"unexpected {type(m).__name__} before Ready")
 
@@ -399,8 +400,7 @@ class Supervisor:
         worker.attention.set()
         if worker.changed is not None:
             worker.changed.set()
-        log.log(
-            log_level("error" if crashed else "info"),
+        (log.error if crashed else log.info)(
             "worker.exit",
             slot=worker.slot.index,
             pid=worker.pid,

@@ -11,7 +11,7 @@ import argparse
 import sys
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import trio
@@ -20,7 +20,6 @@ from qoper8d import __version__
 from qoper8d._fds import ensure_fd_limit, fd_limit_problem
 from qoper8d.config import (
     Config,
-    check_handlers,
     config_from_mapping,
     dump_config,
     load_config,
@@ -37,9 +36,6 @@ from qoper8d.ctl import (
     status_problems,
 )
 from qoper8d.errors import ConfigError, RestartIntensityExceeded, WorkerStartError
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "CTL_DEGRADED",
@@ -80,13 +76,13 @@ EXIT_RESTARTS = 6
 EXIT_INTERRUPTED = 130
 
 # Flags that override one key each; a flag left out changes nothing.
-_OVERRIDES: dict[str, tuple[str, str, type]] = {
-    "size": ("pool", "size", int),
-    "handler": ("pool", "handler", str),
-    "socket": ("server", "socket", str),
-    "log_format": ("monitor", "log_format", str),
-    "log_level": ("monitor", "log_level", str),
-    "monitor_interval": ("monitor", "interval", float),
+_OVERRIDES: dict[str, tuple[str, str]] = {
+    "size": ("pool", "size"),
+    "handler": ("pool", "handler"),
+    "socket": ("server", "socket"),
+    "log_format": ("monitor", "log_format"),
+    "log_level": ("monitor", "log_level"),
+    "monitor_interval": ("monitor", "interval"),
 }
 
 
@@ -132,7 +128,7 @@ def load_effective_config(path: Path | None, args: argparse.Namespace) -> Config
     if not overrides:
         return config if path is not None else Config()
     for name, value in overrides:
-        section, key, _ = _OVERRIDES[name]
+        section, key = _OVERRIDES[name]
         data.setdefault(section, {})[key] = value
     if "server" in data and not data["server"].get("socket"):
         data["server"].pop("socket", None)
@@ -152,7 +148,9 @@ def daemon_main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
-        problems = check_handlers(config)
+        from qoper8d.pool import check_handlers
+
+        problems = check_handlers(config.pool)
         fd_problem = fd_limit_problem(config.pool.size, config.server.max_connections)
         if fd_problem is not None:
             problems.append(fd_problem)

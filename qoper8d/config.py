@@ -16,8 +16,6 @@ import json
 import operator
 import os
 import re
-import subprocess
-import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +24,6 @@ from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin, get_
 import msgspec
 import tomli_w
 
-from qoper8d import wire
 from qoper8d.errors import ConfigError
 
 __all__ = [
@@ -38,7 +35,6 @@ __all__ = [
     "ServerConfig",
     "SupervisorConfig",
     "changes",
-    "check_handlers",
     "config_from_mapping",
     "default_socket_path",
     "dump_config",
@@ -390,48 +386,3 @@ def dump_config(config: Config) -> str:
     data = msgspec.to_builtins(config)
     data["server"]["socket"] = str(config.server.socket_path())
     return tomli_w.dumps({name: data[name] for name in _SECTIONS})
-
-
-def check_handlers(config: Config) -> list[str]:
-    """Import the handler and every route as a worker would; one line per problem.
-
-    The import runs in a throwaway `python -m qoper8d.worker --check`, so the handler's import
-    side effects (threads, sockets, module state) never touch the caller.
-    """
-    pool = config.pool
-    spec = wire.WorkerSpec(
-        from_master_fd=-1,
-        to_master_fd=-1,
-        lifeline_fd=-1,
-        handler=pool.handler,
-        routes=dict(pool.routes),
-        handler_path=list(pool.handler_path),
-        async_backend=pool.async_backend,
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "qoper8d.worker",
-        "--check",
-        msgspec.json.encode(spec).decode(),
-    ]
-    try:
-        done = subprocess.run(
-            command,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="backslashreplace",
-            timeout=pool.start_timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return [
-            f"pool.handler: importing took longer than pool.start_timeout ({pool.start_timeout} s)"
-        ]
-    if done.returncode == 0:
-        return []
-    # The worker's verdict is its last line; anything the handler printed while importing
-    # comes before it.
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return [f"pool.handler: {lines[-1] if lines else f'the check exited with {done.returncode}'}"]

@@ -22,12 +22,27 @@ from typing import IO, Any
 import structlog
 import trio
 
-__all__ = ["LogWriter", "configure_logging", "serve_snapshots"]
+__all__ = ["LogWriter", "configure_logging", "level_number", "relay", "serve_snapshots"]
 
 #: Lines held for a slow stderr before new ones are dropped.
 MAX_BACKLOG = 10_000
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+#: Keys of a log event that fields relayed from another process must not overwrite.
+_OWN_KEYS = frozenset({"event", "level", "slot", "pid", "timestamp", "exc_info"})
+
+
+def level_number(name: str) -> int:
+    """The logging level a name stands for (`info` for a name it does not know)."""
+    return _LEVELS.get(name, 20)
+
+
+def relay(log: Any, level: str, event: str, fields: dict[str, Any], **tags: Any) -> None:
+    """Log an event that another process (a worker, the fork server) sent us, with our
+    `tags`; its fields are never trusted to leave an event's own keys alone (a colliding
+    one is renamed `field_<key>`)."""
+    safe = {(f"field_{k}" if k in _OWN_KEYS or k in tags else k): v for k, v in fields.items()}
+    log.log(level_number(level), event, **tags, **safe)
 
 
 class LogWriter:
@@ -119,7 +134,7 @@ def configure_logging(
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, 20)),
+        wrapper_class=structlog.make_filtering_bound_logger(level_number(level)),
         logger_factory=_Factory(writer),
         cache_logger_on_first_use=False,
     )

@@ -12,6 +12,8 @@ The pieces behind it, one idea each:
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from itertools import repeat
@@ -32,7 +34,7 @@ from qoper8d.config import PoolConfig, SupervisorConfig, changes
 from qoper8d.errors import BadRequest, WorkerStartError, single_error
 from qoper8d.stats import PoolStatistics, WorkerStatistics
 
-__all__ = ["MapIterator", "Pool", "Session", "open_pool"]
+__all__ = ["MapIterator", "Pool", "Session", "check_handlers", "open_pool", "worker_spec"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -460,3 +462,39 @@ def default_launcher(config: PoolConfig) -> Launcher:
         handler_path=list(config.handler_path),
         start_timeout=config.start_timeout,
     )
+
+
+def check_handlers(config: PoolConfig) -> list[str]:
+    """Import the handler and every route as a worker would; one line per problem.
+
+    The import runs in a throwaway `python -m qoper8d.worker --check`, so the handler's import
+    side effects (threads, sockets, module state) never touch the caller.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "qoper8d.worker",
+        "--check",
+        msgspec.json.encode(worker_spec(config)).decode(),
+    ]
+    try:
+        done = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="backslashreplace",
+            timeout=config.start_timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return [
+            "pool.handler: importing took longer than pool.start_timeout "
+            f"({config.start_timeout} s)"
+        ]
+    if done.returncode == 0:
+        return []
+    # The worker's verdict is its last line; anything the handler printed while importing
+    # comes before it.
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return [f"pool.handler: {lines[-1] if lines else f'the check exited with {done.returncode}'}"]

@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,9 @@ def as_other_user(socket_path: Path, capability: str) -> dict[str, Any]:
             "--clear-groups",
             f"--inh-caps=+{capability}",
             f"--ambient-caps=+{capability}",
-            # The venv's interpreter, not sys.executable: the same one the daemon runs.
-            str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"),
+            # The interpreter running the tests, as the daemon does (harness.py): another
+            # user can run it, where a checkout's private files may not be readable.
+            sys.executable,
             "-I",
             "-c",
             CLIENT,

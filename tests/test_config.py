@@ -17,13 +17,13 @@ from qoper8d.config import (
     PoolConfig,
     ServerConfig,
     SupervisorConfig,
-    check_handlers,
     config_from_mapping,
     default_socket_path,
     dump_config,
     load_config,
 )
 from qoper8d.errors import ConfigError
+from qoper8d.pool import check_handlers
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "etc" / "qoper8.toml"
@@ -242,26 +242,27 @@ def in_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
 
 
-def with_handler(handler: str, routes: dict[str, str] | None = None) -> Config:
-    return Config(pool=PoolConfig(handler=handler, routes=routes or {}))
+def with_handler_pool(handler: str, routes: dict[str, str] | None = None) -> PoolConfig:
+    return PoolConfig(handler=handler, routes=routes or {})
 
 
 @pytest.mark.usefixtures("in_root")
 def test_check_handlers_passes_for_a_good_handler() -> None:
     assert (
-        check_handlers(with_handler("handlers.echo:handle", {"x": "handlers.echo:plus_one"})) == []
+        check_handlers(with_handler_pool("handlers.echo:handle", {"x": "handlers.echo:plus_one"}))
+        == []
     )
 
 
 @pytest.mark.usefixtures("in_root")
 def test_check_handlers_finds_a_missing_module() -> None:
-    (line,) = check_handlers(with_handler("handlers.nonexistent:handle"))
+    (line,) = check_handlers(with_handler_pool("handlers.nonexistent:handle"))
     assert line.startswith("pool.handler: handler 'handlers.nonexistent:handle': no module named")
 
 
 @pytest.mark.usefixtures("in_root")
 def test_check_handlers_finds_a_missing_attribute() -> None:
-    (line,) = check_handlers(with_handler("handlers.echo:nope"))
+    (line,) = check_handlers(with_handler_pool("handlers.echo:nope"))
     assert line == (
         "pool.handler: handler 'handlers.echo:nope': module 'handlers.echo' has no attribute 'nope'"
     )
@@ -269,12 +270,12 @@ def test_check_handlers_finds_a_missing_attribute() -> None:
 
 @pytest.mark.usefixtures("in_root")
 def test_check_handlers_checks_routes_too() -> None:
-    (line,) = check_handlers(with_handler("handlers.echo:handle", {"x": "handlers.echo:gone"}))
+    (line,) = check_handlers(with_handler_pool("handlers.echo:handle", {"x": "handlers.echo:gone"}))
     assert "handlers.echo:gone" in line
 
 
 @pytest.mark.usefixtures("in_root")
 def test_check_handlers_imports_nothing_here(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "handlers.imported", raising=False)
-    assert check_handlers(with_handler("handlers.imported:handle")) == []
+    assert check_handlers(with_handler_pool("handlers.imported:handle")) == []
     assert "handlers.imported" not in sys.modules
