@@ -16,20 +16,19 @@ import inspect
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import structlog
 import trio
 
-from qoper8d._jobs import Job, Waiter, decode_json
+from qoper8d._engine import Engine
+from qoper8d._handle import WorkerHandle
+from qoper8d._jobs import Answerer, Job, Waiter, decode_json
+from qoper8d._wakeup import Wakeup
 from qoper8d.errors import ActionError, BadRequest, WorkerLost
 
-if TYPE_CHECKING:
-    from qoper8d._engine import Engine
-    from qoper8d._handle import WorkerHandle
-
-__all__ = ["Callbacks", "OnResponse", "Reservation", "Session", "open_session"]
+__all__ = ["Callbacks", "OnResponse", "Session", "open_session"]
 
 log = structlog.get_logger("qoper8d.pool")
 
@@ -44,7 +43,7 @@ class Callbacks:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._pending: deque[tuple[Job, Any, int | None]] = deque()
-        self._task: trio.lowlevel.Task | None = None
+        self._wakeup = Wakeup()
         self._runner: trio.lowlevel.Task | None = None
         self._started = False
         #: Actions queued here whose callbacks have not finished yet.
@@ -68,28 +67,23 @@ class Callbacks:
             self._engine.nursery.start_soon(self._run)
         # Called from a callback: a follow-up of accepted work, still taken while draining.
         follow_up = trio.lowlevel.current_task() is self._runner
-        self._engine.submit(payload, self, (request, on_response), None, follow_up=follow_up)
+        job = self._engine.accept(payload, self, (request, on_response), None, follow_up=follow_up)
+        self._engine.enqueue(job)
         self.outstanding += 1
 
     # -- the sink side: store and wake, nothing more ---------------------------------------
 
-    def result(self, job: Job, payload: msgspec.Raw, worker: WorkerHandle) -> None:
+    def result(self, job: Job, payload: msgspec.Raw, worker: Answerer) -> None:
         self._pending.append((job, payload, worker.pid))
-        self._wake()
+        self._wakeup.wake()
 
-    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: WorkerHandle) -> None:
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Answerer) -> None:
         self._pending.extend(zip(jobs, payloads, [worker.pid] * len(jobs), strict=True))
-        self._wake()
+        self._wakeup.wake()
 
-    def error(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
+    def error(self, job: Job, err: ActionError, worker: Answerer | None) -> None:
         self._pending.append((job, err, worker.pid if worker is not None else None))
-        self._wake()
-
-    def _wake(self) -> None:
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task)
+        self._wakeup.wake()
 
     async def flush(self, timeout: float) -> None:
         """Run callbacks still pending, for at most `timeout` seconds, whatever cancellation
@@ -107,13 +101,7 @@ class Callbacks:
         pending = self._pending
         while True:
             if not pending:
-                self._task = trio.lowlevel.current_task()
-
-                def abort(_: Any) -> trio.lowlevel.Abort:
-                    self._task = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
+                await self._wakeup.wait()
                 continue
             await self._call(*pending.popleft())
             await trio.lowlevel.checkpoint()
@@ -164,71 +152,15 @@ class Session:
                 raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)
             waiter = Waiter()
             job = Job(payload, waiter, None, engine.timeout_for(timeout))
-            engine.submitted += 1
-            engine.send(worker, [job], [payload])
+            engine.run_reserved(worker, job)
             await waiter.wait(lambda: engine.cancel(job))
             return waiter.outcome()
 
 
-class Reservation:
-    """A session waiting for a worker of its own."""
-
-    __slots__ = ("task", "worker")
-
-    def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
-        self.worker: WorkerHandle | None = None
-
-    def grant(self, worker: WorkerHandle) -> None:
-        worker.reserved = True
-        self.worker = worker
-        if self.task is not None:
-            trio.lowlevel.reschedule(self.task)
-
-    async def wait(self) -> WorkerHandle:
-        self.task = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        assert self.worker is not None
-        return self.worker
-
-
-async def _reserve(engine: Engine) -> WorkerHandle:
-    """A worker of one's own: an idle one now, or the next to become free (ahead of the
-    queue: the engine hands a freed worker to the oldest reservation first)."""
-    engine.check_accepting(0)
-    if engine.idle:
-        worker = engine.idle.pop()
-        worker.reserved = True
-        await trio.lowlevel.checkpoint()
-        return worker
-    reservation = Reservation()
-    engine.reservations.append(reservation)
-    try:
-        return await reservation.wait()
-    except BaseException:
-        if reservation in engine.reservations:
-            engine.reservations.remove(reservation)
-        raise
-
-
-def _release(engine: Engine, worker: WorkerHandle) -> None:
-    """Give a session's worker back to the pool."""
-    worker.reserved = False
-    if worker.changed is not None:
-        worker.changed.set()
-    if not worker.dead and not worker.busy:
-        engine.make_available(worker)
-
-
 @asynccontextmanager
 async def open_session(engine: Engine) -> AsyncIterator[Session]:
-    worker = await _reserve(engine)
+    worker = await engine.reserve()
     try:
         yield Session(engine, worker)
     finally:
-        _release(engine, worker)
+        engine.unreserve(worker)

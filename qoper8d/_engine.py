@@ -1,4 +1,4 @@
-"""The dispatch core: queue, batches out, answers in, one outcome per action.
+"""The dispatch core: the pool's lifecycle, its queue, batches out, answers in.
 
 Dispatch has no task of its own. It runs inline at the two events that can make work
 possible: an action is queued (in the submitter's task) or a worker becomes free (in the
@@ -9,108 +9,153 @@ to their jobs by position; one read delivers every answer it holds and wakes eac
 consumer at most once.
 
 Each worker has a reader task, which steps aside (parks) while the worker is idle. That lets
-a caller on an idle pool write its action and read the answer itself: one task hop instead
-of two. Trio allows one waiter per descriptor, so whoever reads checks `borrowed` first.
+a caller on an idle pool write its action and read the answer itself (`_calls`): one task
+hop instead of two. Trio allows one waiter per descriptor, so whoever reads checks
+`borrowed` first.
+
+The engine owns the pool's lifecycle (`state`), and with it when work is taken: it opens
+intake once every worker is ready, closes it to drain or stop, and ends what is left when
+the pool stops or fails. Endings other than a result are `Outcomes`'; processes are the
+supervisor's, which the engine asks to stop a worker only through `stop_worker`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from operator import attrgetter
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import structlog
 import trio
 
 from qoper8d import wire
-from qoper8d._classic import Reservation
-from qoper8d._handle import EMPTY, Discard, WorkerHandle
+from qoper8d._channel import collect, flush, read
+from qoper8d._handle import EMPTY, Doom, WorkerHandle
 from qoper8d._jobqueue import JobQueue, batch_length
-from qoper8d._jobs import Job, Sink, Waiter, decode_json, encode_json
+from qoper8d._jobs import Job, Sink, decode_json, encode_json
 from qoper8d._outcomes import Outcomes
+from qoper8d._pacer import Pacer, should_pace
+from qoper8d._process import ExitStatus, stop_worker
+from qoper8d._wakeup import Wakeup
 from qoper8d.config import PoolConfig
-from qoper8d.errors import (
-    BadRequest,
-    BadResult,
-    HandlerError,
-    PoolClosed,
-    QueueFull,
-    ShuttingDown,
-)
+from qoper8d.errors import BadRequest, BadResult, HandlerError, PoolClosed, QueueFull, ShuttingDown
 from qoper8d.monitor import relay
-from qoper8d.stats import OUTCOMES
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "State"]
 
 log = structlog.get_logger("qoper8d.pool")
+
+#: Where the pool is in its life: work is accepted only while "running"; "draining" takes
+#: only follow-ups of accepted work, if that; the last three take nothing.
+State = Literal["starting", "running", "draining", "stopping", "stopped", "failed"]
 
 _sink_of = attrgetter("sink")
 _timeout_of = attrgetter("timeout")
 #: Decodes the results of a run of answers (`wire.join_done`) for sinks that pass them on.
 decode_raws: Callable[[bytes], list[msgspec.Raw]] = msgspec.json.Decoder(list[msgspec.Raw]).decode
-#: Seconds the idle fast path polls for its answer before it lets other tasks run.
-_QUICK_SPIN = 0.00003
-#: A read at least this long means answers are streaming in: read again before waiting.
-_BUSY_READ = 1024
-#: Answers of slow actions in a batch are collected at most this often (see `_paced`).
-_PACE = 0.005
-#: Actions this slow or slower (and faster than `_PACE`) are paced.
-_PACE_MIN_ACTION = 0.0001
 #: Stands for a frame nested too deeply to decode here (see `on_data`).
 _TOO_DEEP = wire.Unencodable("it is nested too deeply for the master to decode")
 
 
-def _next_tick(now: float) -> float:
-    """The first multiple of `_PACE` after `now`: the instants are shared by all readers."""
-    tick = (now // _PACE + 1) * _PACE
-    return tick if tick > now else tick + _PACE  # 0.015 // 0.005 is 2.0 in floats
-
-
-class Engine(Outcomes):
-    """Queue, dispatch and answers; `Outcomes` ends actions when things go wrong. The
-    supervisor owns the processes."""
+class Engine:
+    """Lifecycle, queue, dispatch and answers. The supervisor owns the processes."""
 
     def __init__(self, config: PoolConfig, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.size = config.size
-        self.configure(config)
         self.queue = JobQueue()
+        self.idle: list[WorkerHandle] = []
+        self.live: set[WorkerHandle] = set()
+        self.outcomes = Outcomes(config, self.queue, self.live, self.stop_worker)
+        #: (The hot path's shortcut to `outcomes.discard`.)
+        self.discard = self.outcomes.discard
+        self.configure(config)
+        self.state: State = "starting"
+        #: While draining: follow-ups of accepted work (callbacks' actions) are still taken.
+        self.follow_ups = False
         #: Seconds an action takes and bytes its answer takes, smoothed over recent answers
         #: (they cap batch lengths: see `batch_length`).
         self.action_seconds = 0.0
         self.result_bytes = 0.0
-        self.idle: list[WorkerHandle] = []
-        self.live: set[WorkerHandle] = set()
-        self.discard = Discard()
-        self.accepting = False
-        #: Intake is closed but accepted work (and its follow-ups) runs to its end.
-        self.draining = False
-        self.stopping = False
         self.submitted = 0
         #: Answers read from workers (results and handler errors alike).
         self.answers = 0
-        self.outcomes = dict.fromkeys(OUTCOMES, 0)
-        self.quiet = trio.Event()
         #: Sessions waiting for a worker of their own, first come first served.
-        self.reservations: deque[Reservation] = deque()
-        #: Workers whose answers the pacer collects (`_paced`), and their parked readers;
-        #: the pacer task while it is parked.
-        self.paced: dict[WorkerHandle, trio.lowlevel.Task] = {}
-        self.pacer: trio.lowlevel.Task | None = None
+        self.reservations: deque[_Reservation] = deque()
+        self.pacer = Pacer(self.collect, self._paced)
+        self._quiet = trio.Event()
 
     def configure(self, config: PoolConfig) -> None:
         """Use new settings from now on (the size changes through the supervisor)."""
         self.config = config
+        self.outcomes.config = config
         self.max_queue = config.max_queue
         self.idle_spin = config.idle_spin
         self.max_actions = config.max_actions_per_worker
         #: Some job may have a time limit (skips looking for one in every batch otherwise).
         self.timeouts = config.action_timeout > 0 or getattr(self, "timeouts", False)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def stopping(self) -> bool:
+        return self.state in ("stopping", "stopped", "failed")
+
+    def open_intake(self) -> None:
+        """Every worker is ready: take work."""
+        self.state = "running"
+
+    def close_intake(self, *, follow_ups: bool) -> None:
+        """Take no new work (`follow_ups`: but the callbacks' of accepted actions); what is
+        accepted runs on."""
+        if self.state in ("starting", "running"):
+            self.state = "draining"
+        self.follow_ups = self.follow_ups or follow_ups
+
+    async def wait_quiet(self) -> None:
+        """Return once every accepted action has its outcome: nothing queued, and nothing
+        in flight but answers nobody waits for (cancelled, timed out, withdrawn)."""
+        self._quiet = trio.Event()
+        self._check_quiet()
+        await self._quiet.wait()
+
+    def _check_quiet(self) -> None:
+        if not self.queue.live and not any(map(self.outcomes.waiting, self.live)):
+            self._quiet.set()
+
+    def begin_stop(self, message: str) -> list[WorkerHandle]:
+        """Stop: what is still queued ends `shutting_down`; the live workers, taken out of
+        dispatch, are returned for the supervisor to stop (some may be on their way out
+        already: retiring, or stopped for a time limit)."""
+        if self.state != "failed":
+            self.state = "stopping"
+        self.outcomes.end_all(self.queue.clear(), message)
+        workers = list(self.live)
+        for worker in workers:
+            self.take_out(worker)
+        return workers
+
+    def fail(self, message: str) -> None:
+        """The pool cannot go on: everything accepted ends now, every worker is stopped."""
+        self.state = "failed"
+        self.outcomes.end_all(self.queue.clear(), message)
+        self.outcomes.end_running(message)
+        for worker in list(self.live):
+            self.stop_worker(worker, "stopping")
+
+    def finish(self) -> None:
+        """Every worker has exited."""
+        if self.state != "failed":
+            self.state = "stopped"
 
     # -- accepting -----------------------------------------------------------------------
 
@@ -125,11 +170,11 @@ class Engine(Outcomes):
     def check_accepting(self, count: int = 1, *, follow_up: bool = False, size: int = 0) -> None:
         """Raise unless `count` more actions (of `size` bytes in all) may be queued now. A
         `follow_up` (queued by the callback of an accepted action) is still taken while the
-        pool drains."""
-        if not self.accepting and not (follow_up and self.draining and not self.stopping):
-            if self.stopping or self.queue.live or self.live:
-                raise ShuttingDown("the pool is shutting down and takes no new actions")
-            raise PoolClosed("the pool is not running")
+        pool drains, if the drain said so."""
+        if not self.accepting and not (follow_up and self.state == "draining" and self.follow_ups):
+            if self.state == "starting" and not self.live:
+                raise PoolClosed("the pool is not running")
+            raise ShuttingDown("the pool is shutting down and takes no new actions")
         cfg = self.config
         if self.queue.live + count > cfg.max_queue:
             raise QueueFull(
@@ -152,24 +197,6 @@ class Engine(Outcomes):
             self.timeouts = True
         return float(timeout)
 
-    def submit(
-        self,
-        payload: bytes,
-        sink: Sink,
-        tag: Any,
-        timeout: float | None,
-        *,
-        follow_up: bool = False,
-    ) -> Job:
-        job = self.accept(payload, sink, tag, timeout, follow_up=follow_up)
-        self.enqueue(job)
-        self.dispatch()
-        return job
-
-    def enqueue(self, job: Job) -> None:
-        """Put `job` at the tail of the queue."""
-        self.queue.push(job)
-
     def accept(
         self,
         payload: bytes,
@@ -191,15 +218,15 @@ class Engine(Outcomes):
         self.submitted += 1
         return job
 
-    def submit_many(self, jobs: list[Job], payloads: list[bytes]) -> None:
-        """Queue jobs built by a bulk submitter (`map`, a client's pipelined submits) for
-        `payloads`, with one dispatch for all of them.
+    def enqueue(self, job: Job) -> None:
+        """Queue an accepted job, dispatching at once if a worker is free."""
+        self.queue.push(job)
+        self.dispatch()
 
-        As if they had come one at a time: while the queue is empty, each idle worker takes
-        one of them first, and only the rest are queued and batched. A first action that
-        turns out slow then holds up no others behind it in its worker's batch (the pool
-        knows nothing yet of how long actions take).
-        """
+    def submit_many(self, jobs: list[Job], payloads: list[bytes]) -> None:
+        """Queue jobs (for `payloads`) of a bulk submitter, with one dispatch for all; as if
+        they came one at a time: while the queue is empty each idle worker takes one first,
+        so that a slow first action holds up nothing batched behind it."""
         self.submitted += len(jobs)
         idle = self.idle
         queue = self.queue
@@ -214,38 +241,6 @@ class Engine(Outcomes):
             queue.extend(jobs, payloads)
             self.dispatch()
 
-    async def run(self, action: Any, timeout: float | None) -> Any:
-        try:
-            payload = encode_json(action)
-        except (TypeError, ValueError, OverflowError, RecursionError):
-            payload = self.encode(action)  # raises BadRequest, with the reason
-        queue = self.queue
-        if (
-            not self.accepting
-            or queue.live >= self.max_queue
-            or queue.bytes + len(payload) > self.config.max_queue_bytes
-        ):
-            self.check_accepting(size=len(payload))
-        waiter = Waiter()
-        job = Job(
-            payload,
-            waiter,
-            None,
-            self.config.action_timeout if timeout is None else self.timeout_for(timeout),
-        )
-        self.submitted += 1
-        worker = self.borrowable()
-        if worker is not None:
-            await self.run_borrowed(worker, job, lambda: waiter.done)
-            if not waiter.done:
-                # The worker died under us: the supervisor delivers the outcome, or a retry.
-                await waiter.wait(lambda: self.cancel(job))
-            return waiter.outcome()
-        self.enqueue(job)
-        self.dispatch()
-        await waiter.wait(lambda: self.cancel(job))
-        return waiter.outcome()
-
     def hold(self, sink: Sink) -> None:
         """Dispatch none of `sink`'s queued actions until `release(sink)`; others go past."""
         self.queue.hold(sink)
@@ -254,78 +249,110 @@ class Engine(Outcomes):
         self.queue.release(sink)
         self.dispatch()
 
-    def borrowable(self) -> WorkerHandle | None:
-        """An idle worker the caller may run one action on itself (see `run_borrowed`), taken
-        out of the idle list; None unless the pool is idle and nothing is queued."""
-        idle = self.idle
-        if idle and not self.queue.live and idle[-1].reader_task is not None:
-            return idle.pop()
-        return None
+    def cancel(self, job: Job) -> None:
+        """The submitter withdrew `job` (see `Outcomes.cancel`)."""
+        self.outcomes.cancel(job)
+        if not self.accepting:
+            self._check_quiet()
 
-    async def run_borrowed(
-        self,
-        worker: WorkerHandle,
-        job: Job,
-        finished: Callable[[], bool],
-        *,
-        hand_over: bool = False,
-    ) -> None:
-        """The idle fast path: send `job` to `worker` and read the answer in this task.
+    def withdraw(self, sink: Sink) -> int:
+        """Quietly give up every unanswered job of `sink` (see `Outcomes.withdraw`)."""
+        count = self.outcomes.withdraw(sink)
+        if not self.accepting:
+            self._check_quiet()
+        return count
 
-        The worker's reader stays parked meanwhile (trio allows one reader per descriptor);
-        if more work lands on this worker, the reader takes over when we leave. Returns once
-        `finished()` (the job's outcome was delivered) or the worker is gone — or, with
-        `hand_over`, once `pool.idle_spin` has passed: the worker's reader then takes over,
-        so a task with other duties (a connection's reader) is never held for long.
-        """
-        worker.borrowed = True
-        self.send(worker, [job], [job.payload])
-        rfd = worker.rfd
-        # Poll for the answer for up to `pool.idle_spin` seconds, yielding to other tasks
-        # between polls, before sleeping in epoll: a trivial action comes back in tens of
-        # microseconds, and waking a sleeping master costs about as much again.
-        spin_until = time.perf_counter() + self.idle_spin
-        poll = worker.poll
-        # A trivial action is answered within about 10 us: poll up to 30 us without leaving
-        # this task (a trip around trio's loop costs 7 us here; the pool is idle, so little
-        # else can be waiting), each poll giving way to a process waiting for this CPU.
-        quick = min(spin_until, time.perf_counter() + _QUICK_SPIN)
-        while not poll(0) and time.perf_counter() < quick:
-            os.sched_yield()
+    # -- sessions: a worker of one's own ---------------------------------------------------
+
+    async def reserve(self) -> WorkerHandle:
+        """A worker of one's own: an idle one now, or the next to become free (ahead of the
+        queue: a freed worker goes to the oldest reservation first)."""
+        self.check_accepting(0)
+        if self.idle:
+            worker = self.idle.pop()
+            worker.reserved = True
+            await trio.lowlevel.checkpoint()
+            return worker
+        reservation = _Reservation()
+        self.reservations.append(reservation)
         try:
-            while not finished() and not worker.eof:
-                if spin_until:
-                    if not poll(0):
-                        if time.perf_counter() > spin_until:
-                            if hand_over:
-                                return
-                            spin_until = 0.0
-                        await trio.lowlevel.checkpoint()
-                        continue
-                elif hand_over:
-                    return
-                else:
-                    await trio.lowlevel.wait_readable(rfd)
-                try:
-                    n = os.readv(rfd, [worker.frames.buffer()])
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    n = 0
-                if n:
-                    self.on_data(worker, n)
-                else:
-                    worker.eof = True
-        except trio.ClosedResourceError:
-            pass  # the worker exited; the supervisor has delivered what it could
+            await reservation.wakeup.wait()
         except BaseException:
-            if not finished():
-                self.cancel(job)
+            if reservation in self.reservations:
+                self.reservations.remove(reservation)
+            elif reservation.worker is not None:
+                self.unreserve(reservation.worker)  # granted as we were cancelled
             raise
-        finally:
-            worker.borrowed = False
-            if worker.busy:
-                self.unpark(worker)
+        assert reservation.worker is not None
+        return reservation.worker
+
+    def unreserve(self, worker: WorkerHandle) -> None:
+        """Give a session's worker back to the pool."""
+        worker.reserved = False
+        worker.changed.wake()
+        if not worker.dead and not worker.busy:
+            self.make_available(worker)
+
+    def run_reserved(self, worker: WorkerHandle, job: Job) -> None:
+        """Send a session's job to its worker (which runs nothing else)."""
+        self.submitted += 1
+        self.send(worker, [job], [job.payload])
+
+    def _grant(self, worker: WorkerHandle) -> bool:
+        """Give `worker` to the oldest waiting session, if any."""
+        if not self.reservations:
+            return False
+        reservation = self.reservations.popleft()
+        worker.reserved = True
+        reservation.worker = worker
+        reservation.wakeup.wake()
+        return True
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def add_worker(self, worker: WorkerHandle) -> None:
+        """A worker passed its handshake: it takes work from now on."""
+        self.live.add(worker)
+        self.make_available(worker)
+
+    def make_available(self, worker: WorkerHandle) -> None:
+        """An idle worker (new, or back from a session) takes work from now on."""
+        if not self._grant(worker):
+            self.idle.append(worker)
+            self.dispatch()
+
+    def take_out(self, worker: WorkerHandle) -> None:
+        """No more work for this worker."""
+        worker.dead = True
+        if worker in self.idle:
+            self.idle.remove(worker)
+
+    def stop_worker(self, worker: WorkerHandle, doom: Doom) -> None:
+        """Stop a worker now, whatever it runs: SIGTERM, `pool.kill_timeout`, SIGKILL."""
+        worker.doom_as(doom)
+        self.take_out(worker)
+        stop = partial(stop_worker, slot=worker.slot, reason=worker.doom)
+        self.nursery.start_soon(stop, worker.proc, self.config.kill_timeout, worker.exited.wait)
+
+    def worker_exited(self, worker: WorkerHandle, status: ExitStatus) -> tuple[str, bool]:
+        """The process is gone: read what it wrote, give each action it held its outcome;
+        what it was doing, and whether it crashed (exited by itself, or broke the protocol,
+        while the pool ran)."""
+        self.take_out(worker)
+        self.collect(worker)
+        worker.close()
+        self.live.discard(worker)
+        crashed = worker.doom in (None, "protocol error") and not self.stopping
+        doing, requeue = self.outcomes.on_exit(worker, status, self.stopping)
+        if requeue:
+            self.queue.requeue(requeue)
+        if self.stopping:
+            self.outcomes.end_all(self.queue.clear(), "the pool stopped before the action ran")
+        else:
+            self.dispatch()
+        if not self.accepting:
+            self._check_quiet()
+        return doing, crashed
 
     # -- dispatch (the hot path) ---------------------------------------------------------
 
@@ -349,9 +376,13 @@ class Engine(Outcomes):
         want = batch_length(queue.live, self.size, most, self.action_seconds, self.result_bytes)
         return queue.take(want, self.config.max_batch_bytes)
 
-    def requeue(self, jobs: list[Job]) -> None:
-        """Put jobs back at the head of the queue, in order (they never started)."""
-        self.queue.requeue(jobs)
+    def borrowable(self) -> WorkerHandle | None:
+        """An idle worker the caller may run one action on itself (see `_calls`), taken out
+        of the idle list; None unless the pool is idle and nothing is queued."""
+        idle = self.idle
+        if idle and not self.queue.live and idle[-1].reader.waiting:
+            return idle.pop()
+        return None
 
     def send(
         self, worker: WorkerHandle, batch: list[Job], payloads: list[bytes], replayed: bool = False
@@ -376,151 +407,25 @@ class Engine(Outcomes):
             return
         if sent < len(frame):
             worker.outbuf = frame[sent:]
-            self.nursery.start_soon(self._flush, worker)
+            self.nursery.start_soon(flush, worker)
         if not worker.borrowed:
-            self.unpark(worker)
+            worker.reader.wake()
 
-    async def _flush(self, worker: WorkerHandle) -> None:
-        # Rare: a frame larger than the pipe's free space (a very large action).
-        wfd = worker.wfd
-        try:
-            while worker.outbuf:
-                await trio.lowlevel.wait_writable(wfd)
-                try:
-                    sent = os.write(wfd, worker.outbuf)
-                except BlockingIOError:
-                    continue
-                worker.outbuf = worker.outbuf[sent:]
-        except (trio.ClosedResourceError, OSError):
-            worker.outbuf = b""
-
-    def unpark(self, worker: WorkerHandle) -> None:
-        task = worker.reader_task
-        if task is not None:
-            worker.reader_task = None
-            trio.lowlevel.reschedule(task)
-
-    async def _park(self, worker: WorkerHandle, task_status: Any) -> None:
-        worker.reader_task = trio.lowlevel.current_task()
-        task_status.started()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            worker.reader_task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    # -- answers in ------------------------------------------------------------------------
 
     async def read(self, worker: WorkerHandle, *, task_status: Any) -> None:
-        """The worker's reader task: runs until cancelled by the worker's exit. Started
-        once it is parked, so that the idle fast path can borrow the worker at once."""
-        rfd = worker.rfd
-        frames = worker.frames
-        readv = os.readv
-        # While answers stream in faster than we handle them, read again right after a
-        # checkpoint: more will be there, and that skips an epoll round. When they trickle
-        # in (slow actions), a read would only fail: go straight to waiting.
-        busy_stream = False
-        while True:
-            if worker.borrowed or worker.eof or not worker.busy:
-                busy_stream = False
-                await self._park(worker, task_status)
-                task_status = trio.TASK_STATUS_IGNORED
-                continue
-            if not busy_stream:
-                await trio.lowlevel.wait_readable(rfd)
-            try:
-                n = readv(rfd, [frames.buffer()])
-            except BlockingIOError:
-                busy_stream = False
-                continue
-            except OSError:
-                n = 0
-            if not n:
-                worker.eof = True
-                continue
-            self.on_data(worker, n)
-            busy_stream = n >= _BUSY_READ
-            if busy_stream:
-                await trio.lowlevel.checkpoint()
-            elif self._paced(worker):
-                # The pacer reads this worker from now on, until its batch nears its end.
-                await self._hand_to_pacer(worker)
-
-    def _paced(self, worker: WorkerHandle) -> bool:
-        """Whether `worker`'s answers may wait for the pacer's next tick.
-
-        A worker going through a batch of slow actions answers one at a time, and reading
-        each answer on its own costs the master a wake-up: 50-100 us of CPU on a small VM,
-        taken from the workers when they keep every core busy. The answers keep in the
-        pipe, where the worker's death cannot lose them, so they are collected every
-        `_PACE` seconds instead, one wake-up for every paced worker. Only for actions
-        shorter than `_PACE` but not fast (fast ones pile up between reads anyway; longer
-        ones wake us no more often than the pacer would), only while the worker has at least
-        `_PACE` of work queued behind the running action (it never waits for us: the last
-        answers of a batch are read as they come), and never for a batch with a time limit
-        (a deadline runs from the read of the answer before it).
-        """
-        seconds = self.action_seconds
-        return (
-            _PACE_MIN_ACTION <= seconds < _PACE
-            and not worker.timed
-            and (len(worker.inflight) - worker.pos - 1) * seconds >= _PACE
-        )
-
-    async def _hand_to_pacer(self, worker: WorkerHandle) -> None:
-        """Park this reader while the pacer collects `worker`'s answers on its ticks."""
-        self.paced[worker] = trio.lowlevel.current_task()
-        pacer, self.pacer = self.pacer, None
-        if pacer is not None:
-            trio.lowlevel.reschedule(pacer)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            del self.paced[worker]
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    async def pace(self) -> None:
-        """The pacer task (the pool starts it with the engine): at every multiple of
-        `_PACE` seconds, reads the answers of every paced worker, and gives a worker back
-        to its reader once it is no longer paced."""
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.pacer = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        paced = self.paced
-        while True:
-            if not paced:
-                self.pacer = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(abort)
-                continue
-            await trio.sleep_until(_next_tick(trio.current_time()))
-            for worker in list(paced):
-                if worker not in paced:
-                    continue  # its reader was cancelled meanwhile: the worker is gone
-                self.collect(worker)
-                if worker.eof or not worker.busy or not self._paced(worker):
-                    trio.lowlevel.reschedule(paced.pop(worker))
+        """The worker's reader task (see `_channel.read`)."""
+        await read(worker, self.on_data, self._paced, self.pacer.hand_over, task_status)
 
     def collect(self, worker: WorkerHandle) -> None:
         """Read whatever `worker` has written, without waiting (all of it, after its exit)."""
-        while worker.busy and not worker.unsent:
-            room = worker.frames.buffer()
-            try:
-                n = os.readv(worker.rfd, [room])
-            except BlockingIOError:
-                return
-            except OSError:
-                n = 0
-            if not n:
-                worker.eof = True
-                return
-            self.on_data(worker, n)
-            if n < len(room):
-                return  # that was all the pipe held: spare a read that would fail
+        collect(worker, self.on_data)
+
+    def _paced(self, worker: WorkerHandle) -> bool:
+        return should_pace(worker, self.action_seconds)
 
     def on_data(self, worker: WorkerHandle, n: int) -> None:
+        """`n` more bytes from `worker`: deliver every answer they complete."""
         frames = worker.frames
         inflight = worker.inflight
         pos = start = worker.pos
@@ -551,11 +456,11 @@ class Engine(Outcomes):
                     inflight = worker.inflight  # a Retire or a Cut ends the batch here
         except IndexError:
             worker.pos = pos
-            self.protocol_violation(worker, "an answer with no action in flight")
+            self.outcomes.protocol_violation(worker, "an answer with no action in flight")
             return
         except wire.ProtocolError as exc:
             worker.pos = pos
-            self.protocol_violation(worker, str(exc))
+            self.outcomes.protocol_violation(worker, str(exc))
             return
         if pos == start:
             if pos == len(inflight):
@@ -563,7 +468,6 @@ class Engine(Outcomes):
             return
         worker.pos = pos
         done = pos - start
-        worker.slot.actions_done += done
         worker.answered += done
         self.answers += done
         now = trio.current_time()
@@ -577,10 +481,9 @@ class Engine(Outcomes):
         worker.head_started = now
         if self.max_actions and worker.answered >= self.max_actions and worker.retire is None:
             worker.dead = True  # spent: no more work; it leaves when its turn to recycle comes
-            self.request_retire(
-                worker,
+            worker.ask_retire(
                 f"answered {worker.answered} actions "
-                f"(pool.max_actions_per_worker = {self.max_actions})",
+                f"(pool.max_actions_per_worker = {self.max_actions})"
             )
         if pos == len(inflight):
             self._worker_free(worker)
@@ -614,13 +517,12 @@ class Engine(Outcomes):
 
     def _on_other(self, worker: WorkerHandle, m: Any, inflight: list[Job], pos: int) -> int:
         kind = type(m)
+        end = self.outcomes.end
         if kind is wire.Raised:
-            self.end(
-                inflight[pos], HandlerError(m.message, type=m.type, traceback=m.traceback), worker
-            )
+            end(inflight[pos], HandlerError(m.message, type=m.type, traceback=m.traceback), worker)
             return pos + 1
         if kind is wire.Unencodable:
-            self.end(
+            end(
                 inflight[pos],
                 BadResult(f"the handler's result cannot be sent: {m.message}"),
                 worker,
@@ -632,34 +534,31 @@ class Engine(Outcomes):
             job = inflight[pos]
             log.error(
                 "worker.undecodable_action",
-                slot=worker.slot.index,
+                slot=worker.slot,
                 pid=worker.pid,
                 error=m.message,
                 action=job.payload[:200].decode("utf-8", "replace"),
             )
-            self.end(job, HandlerError(m.message, type="qoper8d.ProtocolError"), worker)
+            end(job, HandlerError(m.message, type="qoper8d.ProtocolError"), worker)
             return pos + 1
-        if kind is wire.Cut:
-            # The worker stopped the batch here (its results passed the batch's budget): the
-            # rest never started and goes back to the head of the queue.
+        if kind is wire.Cut or kind is wire.Retire:
+            # The worker stops the batch here (its results passed the batch's budget, or it
+            # asks to be replaced): the rest never started and goes back to the head of the
+            # queue. A retiring worker takes no more work and is replaced.
             rest = [job for job in inflight[pos:] if job.sink is not self.discard]
             worker.inflight = inflight[:pos]
+            if kind is wire.Retire:
+                worker.dead = True
             if rest:
-                self.requeue(rest)
+                self.queue.requeue(rest)
+                if kind is wire.Retire:
+                    self.dispatch()
+            if kind is wire.Retire:
+                worker.ask_retire(m.reason)
         elif kind is wire.Log:
-            relay(log, m.level, m.event, m.fields, slot=worker.slot.index, pid=worker.pid)
-        elif kind is wire.Retire:
-            # The worker stops here: the rest of its batch never started and goes back to
-            # the head of the queue; it takes no more work and is replaced.
-            rest = [job for job in inflight[pos:] if job.sink is not self.discard]
-            worker.inflight = inflight[:pos]
-            worker.dead = True
-            if rest:
-                self.requeue(rest)
-                self.dispatch()
-            self.request_retire(worker, m.reason)
+            relay(log, m.level, m.event, m.fields, slot=worker.slot, pid=worker.pid)
         else:
-            self.protocol_violation(worker, f"unexpected {kind.__name__} message")
+            self.outcomes.protocol_violation(worker, f"unexpected {kind.__name__} message")
         return pos
 
     def _worker_free(self, worker: WorkerHandle) -> None:
@@ -669,13 +568,11 @@ class Engine(Outcomes):
             worker.timed = False
             self.arm(worker)
         if worker.dead or worker.reserved:
-            if worker.changed is not None:
-                worker.changed.set()
+            worker.changed.wake()
             if not self.accepting:
-                self.check_quiet()
+                self._check_quiet()
             return
-        if self.reservations:
-            self.reservations.popleft().grant(worker)
+        if self._grant(worker):
             return
         if self.queue.live:
             batch = self.take_batch(self.allowance(worker))
@@ -684,51 +581,34 @@ class Engine(Outcomes):
                 return
         self.idle.append(worker)
         if not self.accepting:
-            self.check_quiet()
+            self._check_quiet()
 
-    def add_worker(self, worker: WorkerHandle) -> None:
-        """A worker passed its handshake: it takes work from now on."""
-        self.live.add(worker)
-        self.make_available(worker)
-
-    def make_available(self, worker: WorkerHandle) -> None:
-        """An idle worker (new, or back from a session) takes work from now on."""
-        if self.reservations:
-            self.reservations.popleft().grant(worker)
-        else:
-            self.idle.append(worker)
-            self.dispatch()
-
-    # -- time limits and recycling -------------------------------------------------------
-
-    def deadline(self, worker: WorkerHandle) -> float:
-        """When the action now running on `worker` passes its time limit (inf: never)."""
-        if worker.pos < len(worker.inflight):
-            limit = worker.inflight[worker.pos].timeout
-            if limit > 0:
-                return worker.head_started + limit
-        return math.inf
+    # -- time limits -----------------------------------------------------------------------
 
     def arm(self, worker: WorkerHandle) -> None:
         timer = worker.timer
         if timer is not None:
-            timer.deadline = self.deadline(worker)
+            timer.deadline = worker.deadline()
 
     async def watch_deadline(self, worker: WorkerHandle, *, task_status: Any) -> None:
-        """The worker's timer task: kills it when its running action passes its limit."""
+        """The worker's timer task: stops it when its running action passes its limit."""
         while True:
-            with trio.CancelScope(deadline=self.deadline(worker)) as timer:
+            with trio.CancelScope(deadline=worker.deadline()) as timer:
                 worker.timer = timer
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 await trio.sleep_forever()
             worker.timer = None
-            if not worker.dead and trio.current_time() >= self.deadline(worker):
-                self.time_out(worker)
+            if not worker.dead and trio.current_time() >= worker.deadline():
+                self.outcomes.time_out(worker)
                 return
 
-    def request_retire(self, worker: WorkerHandle, reason: str) -> None:
-        """Ask for `worker` to be replaced between actions (the supervisor does it)."""
-        if worker.retire is None:
-            worker.retire = reason
-            worker.attention.set()
+
+class _Reservation:
+    """A session waiting for a worker of its own."""
+
+    __slots__ = ("wakeup", "worker")
+
+    def __init__(self) -> None:
+        self.wakeup = Wakeup()
+        self.worker: WorkerHandle | None = None

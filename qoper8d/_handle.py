@@ -1,28 +1,47 @@
-"""The master's record of one worker process: its pipes, its batch in flight, its fate.
+"""The master's record of one worker process: its channel, its batch in flight, its fate.
 
 A `WorkerHandle` lives from the worker's ready handshake until its exit has been accounted
-for. The engine reads and writes its fields on the hot path, so it is a plain `__slots__`
-class with no behaviour of its own beyond `busy`.
+for. Its fields have one writer each, and the contract is this:
+
+- what the process is (`proc`, `pid`, the channel's descriptors, `slot`) never changes;
+- the dispatch state (`inflight`, `pos`, `seq`, `head_started`, `timed`, `borrowed`,
+  `reserved`, `eof`, `unsent`, `outbuf`, `answered`, `dead`) belongs to the engine, which
+  reads and writes it on its hot path as plain attributes;
+- its fate changes only through methods: `doom_as()` (why we stop it: the first reason
+  wins), `ask_retire()` (replace it between actions), `exited_as()` (it is gone), and
+  `unanswered()` (what it leaves behind).
+
+Nothing here knows of slots, queues or supervisors: the handle is below all of them.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import select
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import msgspec
 import trio
 
 from qoper8d import wire
-from qoper8d._jobs import Job
+from qoper8d._jobs import Answerer, Job
 from qoper8d._process import WorkerProcess
+from qoper8d._wakeup import Wakeup
 from qoper8d.config import PoolConfig
 from qoper8d.errors import ActionError
 
-if TYPE_CHECKING:
-    from qoper8d._supervise import Slot
+__all__ = ["EMPTY", "Discard", "Doom", "WorkerHandle", "frame_limit"]
 
-__all__ = ["EMPTY", "Discard", "WorkerHandle", "frame_limit"]
+#: Why the pool stops a worker; none means it exited by itself (a crash).
+Doom = Literal[
+    "timeout",  # its running action passed its time limit
+    "cancelled",  # its running action was cancelled
+    "stopping",  # the pool is stopping
+    "retired",  # replaced between actions (its action count or memory limit, a reload)
+    "scaled down",
+    "protocol error",  # it sent something that is not a valid frame: killed, never reused
+]
 
 #: The batch of a worker with nothing in flight (shared, never mutated).
 EMPTY: list[Job] = []
@@ -47,13 +66,13 @@ class Discard:
     def __init__(self) -> None:
         self.answers = 0
 
-    def result(self, job: Job, payload: msgspec.Raw, worker: WorkerHandle) -> None:
+    def result(self, job: Job, payload: msgspec.Raw, worker: Answerer) -> None:
         self.answers += 1
 
-    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: WorkerHandle) -> None:
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Answerer) -> None:
         self.answers += len(jobs)
 
-    def error(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
+    def error(self, job: Job, err: ActionError, worker: Answerer | None) -> None:
         self.answers += 1
 
 
@@ -78,7 +97,7 @@ class WorkerHandle:
         "poll",
         "pos",
         "proc",
-        "reader_task",
+        "reader",
         "ready_at",
         "replayed",
         "reserved",
@@ -92,7 +111,7 @@ class WorkerHandle:
         "wfd",
     )
 
-    def __init__(self, proc: WorkerProcess, slot: Slot, max_frame: int = wire.MAX_FRAME) -> None:
+    def __init__(self, proc: WorkerProcess, slot: int, max_frame: int = wire.MAX_FRAME) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.wfd = proc.to_worker
@@ -101,6 +120,7 @@ class WorkerHandle:
         poller.register(self.rfd, select.POLLIN)
         #: `poll(0)`: is an answer (or end-of-file) waiting? No exception, one syscall.
         self.poll = poller.poll
+        #: The number of the pool's slot it serves in (for logs and statistics).
         self.slot = slot
         self.frames = wire.FrameReader(wire.FromWorker, max_frame=max_frame)
         #: The batch in flight, and how many of its actions have been answered.
@@ -118,8 +138,8 @@ class WorkerHandle:
         #: The batch in flight holds an action with a time limit; `timer` enforces it.
         self.timed = False
         self.timer: trio.CancelScope | None = None
-        #: The reader task while it is parked (nothing to read, or a caller reads for it).
-        self.reader_task: trio.lowlevel.Task | None = None
+        #: The reader task, parked while there is nothing to read or a caller reads for it.
+        self.reader = Wakeup()
         #: A caller on the idle fast path is reading this worker's answers itself.
         self.borrowed = False
         #: Held by a session: it takes work from that session only.
@@ -131,19 +151,62 @@ class WorkerHandle:
         self.unsent = False
         #: Takes no more work: exited, or being stopped.
         self.dead = False
-        #: Why we are stopping it: "timeout", "cancelled", "stopping", "retired", "scaled
-        #: down" or "protocol error".
-        self.doom: str | None = None
-        #: Why it should be replaced between actions, once asked (count or RSS limit).
+        #: Why we stop it, once we do (see `Doom`); None while it lives, or if it crashed.
+        self.doom: Doom | None = None
+        #: Why it should be replaced between actions, once asked (count or memory limit).
         self.retire: str | None = None
         #: Set when it asks to retire or once it has exited: its slot acts on either.
         self.attention = trio.Event()
-        #: Set, for whoever waits to retire it, when its batch ends or its session does.
-        self.changed: trio.Event | None = None
+        #: Woken when its batch ends, its session ends or it exits (whoever waits to
+        #: retire it).
+        self.changed = Wakeup()
         self.exited = trio.Event()
-        #: It exited by itself, not because we stopped it.
+        #: It exited by itself (or broke the protocol), not because we stopped it.
         self.crashed = False
 
     @property
     def busy(self) -> bool:
         return self.pos < len(self.inflight)
+
+    def deadline(self) -> float:
+        """When the action now running passes its time limit (inf: never)."""
+        if self.pos < len(self.inflight):
+            limit = self.inflight[self.pos].timeout
+            if limit > 0:
+                return self.head_started + limit
+        return math.inf
+
+    def doom_as(self, doom: Doom) -> None:
+        """Record why we stop it; the first reason given stands."""
+        if self.doom is None:
+            self.doom = doom
+
+    def ask_retire(self, reason: str) -> None:
+        """Ask for it to be replaced between actions (its slot does it)."""
+        if self.retire is None:
+            self.retire = reason
+            self.attention.set()
+
+    def unanswered(self) -> list[Job]:
+        """The jobs of its batch not answered yet; the batch is over."""
+        pending = self.inflight[self.pos :]
+        self.inflight = EMPTY
+        self.pos = 0
+        return pending
+
+    def close(self) -> None:
+        """Close our ends of its channel, waking with `ClosedResourceError` any task still
+        waiting on them."""
+        for fd in (self.rfd, self.wfd):
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    def exited_as(self, crashed: bool) -> None:
+        """It is gone and accounted for: whoever waits on it hears so."""
+        self.crashed = crashed
+        self.exited.set()
+        self.attention.set()
+        self.changed.wake()
+
+    def __repr__(self) -> str:
+        return f"<worker {self.pid} in slot {self.slot}>"

@@ -10,33 +10,41 @@ delivered in one go and a consumer is resumed once per batch, not once per actio
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import msgspec
 import trio
 
+from qoper8d._wakeup import Wakeup
 from qoper8d.errors import ActionError
 
-if TYPE_CHECKING:
-    from qoper8d._handle import WorkerHandle as _Worker
-
-__all__ = ["Job", "Sink", "Waiter"]
+__all__ = ["Answerer", "Job", "Sink", "Waiter", "decode_json", "encode_json"]
 
 decode_json: Callable[[bytes | msgspec.Raw], Any] = msgspec.json.Decoder().decode
 encode_json: Callable[[Any], bytes] = msgspec.json.Encoder().encode
 
 
+class Answerer(Protocol):
+    """What a sink may know of the worker that answered (the pool's `WorkerHandle`)."""
+
+    #: The worker process's pid.
+    pid: int
+    #: Its batch held jobs put back after another worker died: one sink's jobs in it may be
+    #: out of their submission order.
+    replayed: bool
+
+
 class Sink(Protocol):
-    def result(self, job: Job, payload: msgspec.Raw, worker: _Worker) -> None:
+    def result(self, job: Job, payload: msgspec.Raw, worker: Answerer) -> None:
         """The action returned; `payload` is the result as raw JSON text."""
 
-    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: _Worker) -> None:
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Answerer) -> None:
         """Several actions, all of this sink, returned: `result()` for each, in one call.
 
         A sink that wants results decoded may also define `decoded(jobs, values, worker)`:
         the engine then calls that instead, with the run decoded in one go."""
 
-    def error(self, job: Job, err: ActionError, worker: _Worker | None) -> None:
+    def error(self, job: Job, err: ActionError, worker: Answerer | None) -> None:
         """The action ended with an error outcome (`worker` is None if it never ran)."""
 
 
@@ -68,49 +76,37 @@ class Job(msgspec.Struct, gc=False, eq=False):
 class Waiter:
     """The sink of a single `pool.run()`: holds the outcome and wakes the one waiting task."""
 
-    __slots__ = ("done", "err", "payload", "pid", "task")
+    __slots__ = ("done", "err", "payload", "pid", "wakeup")
 
     def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
+        self.wakeup = Wakeup()
         self.done = False
         self.payload: msgspec.Raw | None = None
         self.err: ActionError | None = None
         self.pid: int | None = None
 
-    def result(self, job: Job, payload: msgspec.Raw, worker: _Worker) -> None:
+    def result(self, job: Job, payload: msgspec.Raw, worker: Answerer) -> None:
         self.payload = payload
         self.pid = worker.pid
-        self._wake()
+        self.done = True
+        self.wakeup.wake()
 
-    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: _Worker) -> None:
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Answerer) -> None:
         for job, payload in zip(jobs, payloads, strict=True):
             self.result(job, payload, worker)
 
-    def error(self, job: Job, err: ActionError, worker: _Worker | None) -> None:
+    def error(self, job: Job, err: ActionError, worker: Answerer | None) -> None:
         self.err = err
         self.pid = worker.pid if worker is not None else None
-        self._wake()
-
-    def _wake(self) -> None:
         self.done = True
-        task = self.task
-        if task is not None:
-            self.task = None
-            trio.lowlevel.reschedule(task)
+        self.wakeup.wake()
 
     async def wait(self, on_abort: Callable[[], None]) -> None:
         """Park until the outcome arrives; `on_abort` runs if the waiting task is cancelled."""
         if self.done:
             await trio.lowlevel.checkpoint()
             return
-        self.task = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.task = None
-            on_abort()
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await self.wakeup.wait(on_abort)
 
     def outcome(self) -> Any:
         if self.err is not None:

@@ -12,17 +12,15 @@ import sys
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from itertools import count, islice, repeat
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import trio
 
-from qoper8d._jobs import Job, decode_json, encode_json
+from qoper8d._engine import Engine
+from qoper8d._jobs import Answerer, Job, decode_json, encode_json
+from qoper8d._wakeup import Wakeup
 from qoper8d.errors import ActionError, QueueFull
-
-if TYPE_CHECKING:
-    from qoper8d._engine import Engine
-    from qoper8d._handle import WorkerHandle
 
 __all__ = ["MapIterator"]
 
@@ -97,24 +95,23 @@ class MapIterator:
         self._run: list[Any] = []
         self._run_start = self._run_end = 0
         self._results: dict[int, Any] = {}
-        self._task: trio.lowlevel.Task | None = None
+        self._wakeup = Wakeup()
         self._exhausted = False
         self._closed = False
 
     # -- the sink side, called by the engine ---------------------------------------------
 
-    def result(self, job: Job, payload: msgspec.Raw, worker: WorkerHandle) -> None:
+    def result(self, job: Job, payload: msgspec.Raw, worker: Answerer) -> None:
         self._results[job.tag] = decode_json(payload)
-        if job.tag == self._next and self._task is not None:
-            task, self._task = self._task, None
-            trio.lowlevel.reschedule(task)
+        if job.tag == self._next:
+            self._wakeup.wake()
 
-    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: WorkerHandle) -> None:
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Answerer) -> None:
         # One decode for the whole run of results: they are JSON texts, so joined with
         # commas inside brackets they are one JSON array.
         self.decoded(jobs, decode_json(b"[%b]" % b",".join(payloads)), worker)
 
-    def decoded(self, jobs: list[Job], values: list[Any], worker: WorkerHandle) -> None:
+    def decoded(self, jobs: list[Job], values: list[Any], worker: Answerer) -> None:
         """The results of `jobs`, decoded (the engine's bulk path)."""
         first = jobs[0].tag
         # A worker's batch holds this map's jobs in increasing position, unless some were
@@ -126,15 +123,13 @@ class MapIterator:
         else:
             self._results.update(zip(map(_tag_of, jobs), values, strict=True))
             ready = self._next in self._results
-        if ready and self._task is not None:
-            task, self._task = self._task, None
-            trio.lowlevel.reschedule(task)
+        if ready:
+            self._wakeup.wake()
 
-    def error(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
+    def error(self, job: Job, err: ActionError, worker: Answerer | None) -> None:
         self._results[job.tag] = _Failed(err)
-        if job.tag == self._next and self._task is not None:
-            task, self._task = self._task, None
-            trio.lowlevel.reschedule(task)
+        if job.tag == self._next:
+            self._wakeup.wake()
 
     # -- the consumer side ---------------------------------------------------------------
 
@@ -226,17 +221,7 @@ class MapIterator:
                 if index >= self._issued or self._closed:
                     self._closed = True
                     raise StopAsyncIteration
-                self._task = trio.lowlevel.current_task()
-
-                def abort(_: Any) -> trio.lowlevel.Abort:
-                    self._task = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                try:
-                    await trio.lowlevel.wait_task_rescheduled(abort)
-                except BaseException:
-                    self._withdraw()
-                    raise
+                await self._wakeup.wait(self._withdraw)
                 value = self._take(index)
             if index >= self._run_end:
                 # A lone outcome, not the start of a run.

@@ -1,26 +1,28 @@
 """How actions end when they do not end with a result: cancellation, a worker's death, a
-time limit, a stop. A mixin of the engine, kept apart from the hot path it never touches.
+time limit, a stop. Kept apart from the hot path, which never comes here.
 
 The rules (SPEC section 3): each accepted action ends exactly once. When a worker dies with a
 batch in flight, the first unanswered action is the one that may have run (`worker_lost`,
 retried while it has attempts left, `poisoned` once it has killed `poison_threshold`
 workers); the rest never started and go back to the head of the queue, attempts untouched.
-An action whose outcome was given early (cancelled, timed out) has its sink replaced by the
-engine's `Discard`, so an answer that still arrives is dropped, not delivered twice.
+An action whose outcome was given early (cancelled, timed out) has its sink replaced by
+`discard`, so an answer that still arrives is dropped, not delivered twice.
+
+`Outcomes` works over the queue and the live workers' handles, which the engine owns and
+passes in; it stops a worker only through the `stop` the engine gives it.
 """
 
 from __future__ import annotations
 
-import signal
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 import structlog
-import trio
 
-from qoper8d._handle import EMPTY, Discard, WorkerHandle
+from qoper8d._handle import Discard, Doom, WorkerHandle
 from qoper8d._jobqueue import JobQueue
 from qoper8d._jobs import Job, Sink
 from qoper8d._process import ExitStatus
+from qoper8d.config import PoolConfig
 from qoper8d.errors import (
     ActionCancelled,
     ActionError,
@@ -29,9 +31,7 @@ from qoper8d.errors import (
     ShuttingDown,
     WorkerLost,
 )
-
-if TYPE_CHECKING:
-    from qoper8d.config import PoolConfig
+from qoper8d.stats import OUTCOMES
 
 __all__ = ["Outcomes"]
 
@@ -39,32 +39,38 @@ log = structlog.get_logger("qoper8d.pool")
 
 
 class Outcomes:
-    """Ending actions without a result. Mixed into `Engine`, whose state it shares."""
+    """The outcome counters, and every way of ending an action without a result."""
 
-    if TYPE_CHECKING:
-        config: PoolConfig
-        nursery: trio.Nursery
-        queue: JobQueue
-        live: set[WorkerHandle]
-        idle: list[WorkerHandle]
-        discard: Discard
-        accepting: bool
-        stopping: bool
-        answers: int
-        outcomes: dict[str, int]
-        quiet: trio.Event
-
-        def requeue(self, jobs: list[Job]) -> None: ...
+    def __init__(
+        self,
+        config: PoolConfig,
+        queue: JobQueue,
+        live: set[WorkerHandle],
+        stop: Callable[[WorkerHandle, Doom], None],
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.live = live
+        self.stop = stop
+        #: The sink of every job whose outcome was given before its answer came.
+        self.discard = Discard()
+        #: Outcomes so far by code; results are counted apart (`results`).
+        self.counts = dict.fromkeys(OUTCOMES, 0)
 
     def end(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
         if job.sink is not self.discard:
-            self.outcomes[err.code] += 1
+            self.counts[err.code] += 1
         job.sink.error(job, err, worker)
 
-    def result_count(self) -> int:
-        """Actions that ended with a result."""
-        errors = self.outcomes["handler_error"] + self.outcomes["bad_result"]
-        return self.answers - errors - self.discard.answers
+    def results(self, answers: int) -> int:
+        """Actions that ended with a result, of `answers` read from workers."""
+        counts = self.counts
+        return answers - counts["handler_error"] - counts["bad_result"] - self.discard.answers
+
+    def waiting(self, worker: WorkerHandle) -> list[Job]:
+        """The jobs `worker` holds that still wait for their outcome."""
+        discard = self.discard
+        return [job for job in worker.inflight[worker.pos :] if job.sink is not discard]
 
     def find_running(self, job: Job) -> WorkerHandle | None:
         for worker in self.live:
@@ -86,39 +92,31 @@ class Outcomes:
                 ActionCancelled("cancelled while running; its worker is replaced", pid=worker.pid),
                 worker,
             )
-            self.kill(worker, "cancelled")
+            self.stop(worker, "cancelled")
         else:
             # Already in a worker's batch but not started: it will run when its turn comes
             # (a worker reads nothing mid-batch), and its answer is dropped.
             self.end(job, ActionCancelled("cancelled before it started"), None)
         job.sink = self.discard
-        if not self.accepting:
-            self.check_quiet()
 
     def withdraw(self, sink: Sink) -> int:
-        """Cancel, silently, every unanswered job of `sink` (a map being closed)."""
-        queued = self.queue.withdraw(sink)
-        for job in queued:
-            job.sink = self.discard
-        count = len(queued)
-        self.outcomes["cancelled"] += count
+        """Cancel, silently, every unanswered job of `sink` (its submitter is gone)."""
+        gone = self.queue.withdraw(sink)
         for worker in self.live:
-            for job in worker.inflight[worker.pos :]:
-                if job.sink is sink:
-                    job.sink = self.discard
-                    self.outcomes["cancelled"] += 1
-                    count += 1
-        if not self.accepting:
-            self.check_quiet()
-        return count
+            gone += [job for job in worker.inflight[worker.pos :] if job.sink is sink]
+        for job in gone:
+            job.sink = self.discard
+        self.counts["cancelled"] += len(gone)
+        return len(gone)
 
-    def on_exit(self, worker: WorkerHandle, status: ExitStatus) -> str:
-        """Give every action still in flight its outcome; returns what it was doing."""
-        pending = worker.inflight[worker.pos :]
-        worker.inflight = EMPTY
-        worker.pos = 0
+    def on_exit(
+        self, worker: WorkerHandle, status: ExitStatus, stopping: bool
+    ) -> tuple[str, list[Job]]:
+        """Give the actions a dead worker held their outcome: what it was doing, and the
+        jobs to put back at the head of the queue (in order)."""
+        pending = worker.unanswered()
         if not pending:
-            return ""
+            return "", []
         first: Job | None = pending[0]
         rest = pending[1:]
         if worker.unsent:
@@ -127,18 +125,18 @@ class Outcomes:
         doing = ""
         if first is not None:
             doing = first.payload[:200].decode("utf-8", "replace")
-            if self._first_unanswered(first, worker, status):
+            if self._first_unanswered(first, worker, status, stopping):
                 requeue.insert(0, first)
-        if requeue:
-            self.requeue(requeue)
-        return doing
+        return doing, requeue
 
-    def _first_unanswered(self, job: Job, worker: WorkerHandle, status: ExitStatus) -> bool:
+    def _first_unanswered(
+        self, job: Job, worker: WorkerHandle, status: ExitStatus, stopping: bool
+    ) -> bool:
         """The outcome of the action a dying worker may have been running; True to retry."""
         if job.sink is self.discard:
             return False  # cancelled or timed out: answered already
         job.runs += 1
-        if worker.doom == "stopping" or self.stopping:
+        if worker.doom == "stopping" or stopping:
             self.end(
                 job,
                 ShuttingDown("the pool stopped while the action was running", pid=worker.pid),
@@ -181,54 +179,23 @@ class Outcomes:
             worker,
         )
         job.sink = self.discard
-        self.kill(worker, "timeout")
+        self.stop(worker, "timeout")
 
     def protocol_violation(self, worker: WorkerHandle, why: str) -> None:
         # Its protocol state is in doubt: never reuse it.
-        log.error("worker.protocol_error", slot=worker.slot.index, pid=worker.pid, error=why)
+        log.error("worker.protocol_error", slot=worker.slot, pid=worker.pid, error=why)
         worker.eof = True
-        self.kill(worker, None)
+        self.stop(worker, "protocol error")
 
-    def kill(self, worker: WorkerHandle, doom: str | None) -> None:
-        """Stop a worker now: SIGTERM, `pool.kill_timeout` to go, then SIGKILL."""
-        if worker.doom is None:
-            worker.doom = doom
-        self.take_out(worker)
-        self.nursery.start_soon(self.escalate, worker)
-
-    def take_out(self, worker: WorkerHandle) -> None:
-        """No more work for this worker."""
-        worker.dead = True
-        if worker in self.idle:
-            self.idle.remove(worker)
-
-    async def escalate(self, worker: WorkerHandle, first: int = signal.SIGTERM) -> None:
-        """Signal `first` (0: none, it was asked to stop already), then every
-        `pool.kill_timeout` escalate: SIGTERM, then SIGKILL."""
-        steps: list[int] = [signal.SIGTERM, signal.SIGKILL]
-        if first:
-            worker.proc.signal(first)
-            steps = steps[steps.index(first) + 1 :] if first in steps else steps
-        for signum in steps:
-            with trio.move_on_after(self.config.kill_timeout):
-                await worker.exited.wait()
-                return
-            worker.proc.signal(signum)
-
-    # -- stopping ------------------------------------------------------------------------
-
-    def check_quiet(self) -> None:
-        """Set `quiet` once every accepted action has its outcome: nothing queued, and
-        nothing in flight but answers nobody waits for (cancelled, timed out, withdrawn)."""
-        if self.queue.live:
-            return
-        discard = self.discard
-        for worker in self.live:
-            for job in worker.inflight[worker.pos :]:
-                if job.sink is not discard:
-                    return
-        self.quiet.set()
-
-    def end_queued(self, message: str) -> None:
-        for job in self.queue.clear():
+    def end_all(self, jobs: Iterable[Job], message: str) -> None:
+        """End `jobs` (taken out of the queue) `shutting_down`."""
+        for job in jobs:
             self.end(job, ShuttingDown(message), None)
+
+    def end_running(self, message: str) -> None:
+        """End what every live worker holds `shutting_down`, now, while whoever waits for it
+        can still hear it (the workers are stopped next; their exits deliver nothing)."""
+        for worker in self.live:
+            for job in self.waiting(worker):
+                self.end(job, ShuttingDown(message, pid=worker.pid), worker)
+                job.sink = self.discard

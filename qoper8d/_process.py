@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +45,7 @@ __all__ = [
     "Launcher",
     "SpawnLauncher",
     "WorkerProcess",
+    "stop_worker",
 ]
 
 log = structlog.get_logger("qoper8d.pool")
@@ -98,6 +99,45 @@ class WorkerProcess(Protocol):
     def signal(self, signum: int) -> None:
         """Signal the worker; a no-op once it has exited."""
         ...
+
+
+async def stop_worker(
+    process: WorkerProcess,
+    grace: float,
+    gone: Callable[[], Awaitable[object]],
+    *,
+    asked: bool = False,
+    now: bool = False,
+    **about: object,
+) -> None:
+    """Stop a worker as trio stops a subprocess: ask, wait, insist, kill, and always wait.
+
+    Unless it was `asked` already (a `Stop` frame written: it runs `teardown()` and exits),
+    it gets SIGTERM; then `grace` seconds to go; then, if it was only asked, SIGTERM and
+    `grace` more; then SIGKILL, logged as a warning (`worker.killed`, with `about`). `now`
+    kills it at once. Whatever happens — this task cancelled included, which skips what is
+    left of the grace — it returns only once `gone()` has: the process never outlives it.
+    """
+    try:
+        if not now:
+            if not asked:
+                process.signal(signal.SIGTERM)
+            for insist in ([signal.SIGTERM] if asked else []) + [signal.SIGKILL]:
+                with trio.move_on_after(grace):
+                    await gone()
+                    return
+                if insist == signal.SIGKILL:
+                    log.warning("worker.killed", **{"pid": process.pid, **about}, after=grace)
+                process.signal(insist)
+        else:
+            process.signal(signal.SIGKILL)
+    except BaseException:
+        process.signal(signal.SIGKILL)  # cancelled: no more grace
+        with trio.CancelScope(shield=True):
+            await gone()
+        raise
+    with trio.CancelScope(shield=True):
+        await gone()
 
 
 class Launcher(Protocol):

@@ -48,10 +48,8 @@ __all__ = [
 log = structlog.get_logger("qoper8d.control")
 
 
-class SocketInUse(Qoper8Error):
+class SocketInUse(Qoper8Error, code="socket_in_use"):
     """Another daemon holds the socket, or something that is not our socket is in the way."""
-
-    code = "socket_in_use"
 
 
 #: Bytes a Unix socket path can have: `sun_path` holds 108, the last a NUL.

@@ -17,22 +17,20 @@ run `teardown()` and exit. One slot recycles at a time.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
 
 from qoper8d import wire
 from qoper8d._engine import Engine
-from qoper8d._handle import WorkerHandle, frame_limit
+from qoper8d._handle import Doom, WorkerHandle, frame_limit
 from qoper8d._output import pump_output
 from qoper8d._policy import Backoff, RestartIntensity
-from qoper8d._process import ExitStatus, Launcher
+from qoper8d._process import ExitStatus, Launcher, stop_worker
 from qoper8d.config import SupervisorConfig
-from qoper8d.errors import RestartIntensityExceeded, ShuttingDown, WorkerStartError
+from qoper8d.errors import RestartIntensityExceeded, WorkerStartError
 from qoper8d.monitor import relay
 
 __all__ = ["Slot", "Supervisor"]
@@ -40,11 +38,16 @@ __all__ = ["Slot", "Supervisor"]
 log = structlog.get_logger("qoper8d.pool")
 
 
+#: What a slot is doing (idle and busy come from its worker).
+SlotState = Literal["starting", "running", "backoff", "stopped"]
+
+
 class Slot:
     """A place in the pool: stable number, counters, and the worker it runs now."""
 
     __slots__ = (
-        "actions_done",
+        "_done_before",
+        "_serving",
         "backoff",
         "gone",
         "index",
@@ -56,31 +59,41 @@ class Slot:
 
     def __init__(self, index: int, supervisor: SupervisorConfig) -> None:
         self.index = index
+        #: The worker it runs now (while one is recycled, its replacement).
         self.worker: WorkerHandle | None = None
-        #: "starting", "running", "backoff" or "stopped" (idle/busy come from the worker).
-        self.state = "starting"
-        self.actions_done = 0
+        self.state: SlotState = "starting"
+        #: Its live workers (two for a moment while one is recycled), and the actions
+        #: answered by those that have left.
+        self._serving: list[WorkerHandle] = []
+        self._done_before = 0
         self.restarts = 0
         self.backoff = Backoff(supervisor)
         self.retired = False
         #: Set once the slot's task has ended.
         self.gone = trio.Event()
 
+    @property
+    def actions_done(self) -> int:
+        """Actions the slot's workers have answered, over every replacement."""
+        return self._done_before + sum(worker.answered for worker in self._serving)
+
+    def serves(self, worker: WorkerHandle) -> None:
+        """`worker` serves in this slot from now on."""
+        self._serving.append(worker)
+        self.worker = worker
+        self.state = "running"
+
+    def left(self, worker: WorkerHandle) -> None:
+        """`worker` has exited; its answers stay counted."""
+        if worker in self._serving:
+            self._serving.remove(worker)
+            self._done_before += worker.answered
+        if self.worker is worker:
+            self.worker = None
+
 
 class _HandshakeEOF(Exception):
     """The worker closed its channel before the handshake."""
-
-
-async def _changed(worker: WorkerHandle) -> None:
-    worker.changed = trio.Event()
-    await worker.changed.wait()
-
-
-def _close_channel(worker: WorkerHandle) -> None:
-    # Wake, with ClosedResourceError, any task still waiting on these descriptors.
-    for fd in (worker.rfd, worker.wfd):
-        trio.lowlevel.notify_closing(fd)
-        os.close(fd)
 
 
 class Supervisor:
@@ -132,22 +145,13 @@ class Supervisor:
                         log.error("worker.start_failed", slot=slot.index, error=exc.message)
                         await self._after_crash(slot, ran_for=0.0)
                         continue
-                    await self._install(new, nursery)
+                    await self._install(slot, new, nursery)
                     if first:
                         first = False
                         task_status.started()
                     if self._leaving(slot):  # scaled down while it started
                         nursery.start_soon(self.retire, new, "scaled down")
-                    worker: WorkerHandle | None = new
-                    while worker is not None:
-                        await worker.attention.wait()
-                        if worker.exited.is_set():
-                            if worker.crashed and not self._leaving(slot):
-                                ran_for = trio.current_time() - worker.ready_at
-                                await self._after_crash(slot, ran_for)
-                            worker = None
-                        else:
-                            worker = await self._recycle(worker, nursery)
+                    await self._watch(slot, new, nursery)
                 if first:
                     # Left before its first worker served (the pool is stopping): a slot that
                     # starts nothing has still started, for whoever waits for it.
@@ -159,17 +163,26 @@ class Supervisor:
                 self.slots.remove(slot)
             slot.gone.set()
 
+    async def _watch(self, slot: Slot, worker: WorkerHandle, nursery: trio.Nursery) -> None:
+        """Until `slot`'s worker exits: recycle it whenever it asks; back off after a crash."""
+        while True:
+            await worker.attention.wait()
+            if not worker.exited.is_set():
+                worker = await self._recycle(slot, worker, nursery)
+                continue
+            if worker.crashed and not self._leaving(slot):
+                await self._after_crash(slot, trio.current_time() - worker.ready_at)
+            return
+
     def _leaving(self, slot: Slot) -> bool:
         return self.engine.stopping or slot.retired
 
-    async def _install(self, worker: WorkerHandle, nursery: trio.Nursery) -> None:
-        """The worker serves from now on: its tasks run and the engine may use it."""
-        slot = worker.slot
-        slot.worker = worker
-        slot.state = "running"
-        await nursery.start(self._serve_worker, worker)
+    async def _install(self, slot: Slot, worker: WorkerHandle, nursery: trio.Nursery) -> None:
+        """The worker serves in `slot` from now on: its tasks run and the engine may use it."""
+        slot.serves(worker)
+        await nursery.start(self._serve_worker, slot, worker)
 
-    async def _serve_worker(self, worker: WorkerHandle, *, task_status: Any) -> None:
+    async def _serve_worker(self, slot: Slot, worker: WorkerHandle, *, task_status: Any) -> None:
         """Read its answers, enforce its deadlines, wait for its exit, account for it."""
         engine = self.engine
         try:
@@ -183,17 +196,16 @@ class Supervisor:
         except BaseException:
             # Torn down from outside (the pool is failing or being cancelled): the process
             # must not outlive us. That is a stop, not a crash.
-            worker.doom = worker.doom or "stopping"
-            worker.proc.signal(signal.SIGKILL)
+            worker.doom_as("stopping")
             with trio.CancelScope(shield=True):
+                await stop_worker(worker.proc, 0.0, worker.proc.wait, now=True)
                 status = await worker.proc.wait()
-            self._account(worker, status)
+            self._account(slot, worker, status)
             raise
-        self._account(worker, status)
+        self._account(slot, worker, status)
 
-    async def _recycle(self, old: WorkerHandle, nursery: trio.Nursery) -> WorkerHandle:
+    async def _recycle(self, slot: Slot, old: WorkerHandle, nursery: trio.Nursery) -> WorkerHandle:
         """Replace `old`, which asked to retire: the new worker serves before the old leaves."""
-        slot = old.slot
         async with self.recycling:
             if old.exited.is_set() or self.engine.stopping or slot.retired:
                 return old
@@ -205,25 +217,38 @@ class Supervisor:
                 if not old.exited.is_set():
                     old.attention = trio.Event()  # it keeps serving; it will not ask again
                 return old
-            await self._install(new, nursery)
+            await self._install(slot, new, nursery)
             await self.retire(old, "retired")
         return new
 
-    async def retire(self, worker: WorkerHandle, doom: str) -> None:
+    async def retire(self, worker: WorkerHandle, doom: Doom) -> None:
         """Stop a worker between actions: no new work; its batch ends; `teardown()`; exit."""
-        engine = self.engine
         # A session keeps its worker to the end of its block.
         while worker.reserved and not worker.exited.is_set():
-            await _changed(worker)
-        engine.take_out(worker)
-        if worker.doom is None:
-            worker.doom = doom
+            await worker.changed.wait()
+        self.engine.take_out(worker)
+        worker.doom_as(doom)
         while worker.busy and not worker.exited.is_set():
-            await _changed(worker)
+            await worker.changed.wait()
         if not worker.exited.is_set():
-            with contextlib.suppress(OSError):
-                os.write(worker.wfd, wire.encode_frame(wire.Stop()))
-            await engine.escalate(worker, first=0)
+            await self._stop_between_actions(worker)
+
+    async def _stop_between_actions(self, worker: WorkerHandle) -> None:
+        """An idle worker runs `teardown()` and exits when told (`Stop`); then as any stop."""
+        try:
+            os.write(worker.wfd, wire.encode_frame(wire.Stop()))
+        except OSError:
+            asked = False  # its channel is gone: signals, then
+        else:
+            asked = True
+        await stop_worker(
+            worker.proc,
+            self.engine.config.kill_timeout,
+            worker.exited.wait,
+            asked=asked,
+            slot=worker.slot,
+            reason=worker.doom,
+        )
 
     async def scale(self, size: int, nursery: trio.Nursery) -> None:
         """Grow to `size` slots or shrink to it; returns when the pool has that size: the new
@@ -233,27 +258,7 @@ class Supervisor:
         live = [slot for slot in self.slots if not slot.retired]
         engine.size = size
         if size > len(live):
-            failures: list[WorkerStartError] = []
-
-            async def grow() -> None:
-                slot = self.new_slot()
-                try:
-                    await nursery.start(self.serve_slot, slot)
-                except WorkerStartError as exc:
-                    failures.append(exc)
-                    if slot in self.slots:
-                        self.slots.remove(slot)
-
-            async with trio.open_nursery() as starting:
-                for _ in range(size - len(live)):
-                    starting.start_soon(grow)
-            if failures:
-                engine.size = len([slot for slot in self.slots if not slot.retired])
-                raise WorkerStartError(
-                    f"{len(failures)} of {size - len(live)} new workers could not start; the "
-                    f"pool has {engine.size}: {failures[0].message}",
-                    **failures[0].details,
-                )
+            await self._grow(size - len(live), nursery)
         elif size < len(live):
 
             def busy_last(slot: Slot) -> tuple[bool, int]:
@@ -270,6 +275,31 @@ class Supervisor:
             for slot in leaving:
                 await slot.gone.wait()
         await trio.lowlevel.checkpoint()
+
+    async def _grow(self, count: int, nursery: trio.Nursery) -> None:
+        """`count` new slots, started at once; the pool keeps those whose worker starts."""
+        failures: list[WorkerStartError] = []
+
+        async def grow() -> None:
+            slot = self.new_slot()
+            try:
+                await nursery.start(self.serve_slot, slot)
+            except WorkerStartError as exc:
+                failures.append(exc)
+                if slot in self.slots:
+                    self.slots.remove(slot)
+
+        async with trio.open_nursery() as starting:
+            for _ in range(count):
+                starting.start_soon(grow)
+        if failures:
+            engine = self.engine
+            engine.size = len([slot for slot in self.slots if not slot.retired])
+            raise WorkerStartError(
+                f"{len(failures)} of {count} new workers could not start; the pool has "
+                f"{engine.size}: {failures[0].message}",
+                **failures[0].details,
+            )
 
     async def _after_crash(self, slot: Slot, ran_for: float) -> None:
         slot.restarts += 1
@@ -295,21 +325,9 @@ class Supervisor:
             await trio.sleep(delay)
 
     def fail(self, err: BaseException) -> None:
-        """The pool cannot go on: end all queued work, stop every worker."""
-        engine = self.engine
+        """The pool cannot go on: end all accepted work, stop every worker."""
         self.failure = err
-        engine.accepting = False
-        engine.stopping = True
-        message = f"the pool failed: {err}"
-        engine.end_queued(message)
-        # Everything in flight gets its outcome now, while whoever waits for it can still
-        # hear it; the workers are killed next, and their exits deliver nothing more.
-        for worker in list(engine.live):
-            for job in worker.inflight[worker.pos :]:
-                if job.sink is not engine.discard:
-                    engine.end(job, ShuttingDown(message, pid=worker.pid), worker)
-                    job.sink = engine.discard
-            engine.kill(worker, "stopping")
+        self.engine.fail(f"the pool failed: {err}")
 
     async def _start_worker(self, slot: Slot) -> WorkerHandle:
         if slot.worker is None or slot.worker.exited.is_set():
@@ -324,8 +342,8 @@ class Supervisor:
             raise WorkerStartError(
                 f"the worker in slot {slot.index} could not be started: {exc.strerror or exc}"
             ) from None
-        worker = WorkerHandle(proc, slot, frame_limit(self.engine.config))
         cfg = self.engine.config
+        worker = WorkerHandle(proc, slot.index, frame_limit(cfg))
         for stream, fd in proc.output.items():
             self.engine.nursery.start_soon(
                 pump_output, fd, stream, slot.index, proc.pid, cfg.output_rate
@@ -334,10 +352,10 @@ class Supervisor:
             with trio.fail_after(cfg.start_timeout):
                 await self._handshake(worker)
         except BaseException as exc:
-            proc.signal(signal.SIGKILL)
             with trio.CancelScope(shield=True):
+                await stop_worker(proc, 0.0, proc.wait, now=True)
                 status = await proc.wait()
-            _close_channel(worker)
+            worker.close()
             if isinstance(exc, trio.TooSlowError):
                 raise WorkerStartError(
                     f"the worker in slot {slot.index} did not report ready within "
@@ -382,77 +400,49 @@ class Supervisor:
                         traceback=m.traceback,
                     )
                 if isinstance(m, wire.Log):
-                    relay(log, m.level, m.event, m.fields, slot=worker.slot.index, pid=worker.pid)
+                    relay(log, m.level, m.event, m.fields, slot=worker.slot, pid=worker.pid)
                 else:
                     raise wire.ProtocolError(f"unexpected {type(m).__name__} before Ready")
 
-    def _account(self, worker: WorkerHandle, status: ExitStatus) -> None:
-        """The process is gone: read what it wrote, give each action its outcome, log it."""
+    def _account(self, slot: Slot, worker: WorkerHandle, status: ExitStatus) -> None:
+        """The process is gone: the engine gives each action its outcome; log it."""
         engine = self.engine
-        engine.take_out(worker)
-        engine.collect(worker)
-        _close_channel(worker)
-        engine.live.discard(worker)
-        crashed = worker.doom is None and not engine.stopping
-        worker.crashed = crashed
-        doing = engine.on_exit(worker, status)
-        worker.exited.set()
-        worker.attention.set()
-        if worker.changed is not None:
-            worker.changed.set()
+        doing, crashed = engine.worker_exited(worker, status)
+        slot.left(worker)
+        worker.exited_as(crashed)
         (log.error if crashed else log.info)(
             "worker.exit",
-            slot=worker.slot.index,
+            slot=slot.index,
             pid=worker.pid,
             **status.details(),
             reason=worker.doom or ("shutdown" if engine.stopping else "crash"),
             doing=doing or "idle",
             ran_for=round(trio.current_time() - worker.ready_at, 3),
         )
-        if engine.stopping:
-            engine.end_queued("the pool stopped before the action could run")
-        else:
-            engine.dispatch()
-        if not engine.accepting:
-            engine.check_quiet()
 
     # -- stopping ------------------------------------------------------------------------
 
     async def stop(self, grace: float) -> None:
         """Stop intake; let work finish for `grace` seconds; stop every worker; wait."""
         engine = self.engine
-        engine.accepting = False
-        engine.quiet = trio.Event()
-        engine.check_quiet()
+        engine.close_intake(follow_ups=False)
         with trio.move_on_after(grace):
-            await engine.quiet.wait()
-        engine.stopping = True
-        engine.end_queued("the pool stopped before the action could run")
-        for worker in list(engine.live):
-            if worker.busy:
-                engine.take_out(worker)
-                worker.doom = worker.doom or "stopping"
-                worker.proc.signal(signal.SIGTERM)
-            elif not worker.dead:
-                # Idle: it runs teardown() and exits by itself.
-                engine.take_out(worker)
-                worker.doom = "stopping"
-                try:
-                    os.write(worker.wfd, wire.encode_frame(wire.Stop()))
-                except OSError:
-                    worker.proc.signal(signal.SIGTERM)
-        await self.wait_stopped()
+            await engine.wait_quiet()
+        workers = engine.begin_stop("the pool stopped before the action could run")
+        async with trio.open_nursery() as stopping:
+            for worker in workers:
+                worker.doom_as("stopping")
+                if worker.busy:
+                    stopping.start_soon(self._stop_now, worker)
+                else:
+                    stopping.start_soon(self._stop_between_actions, worker)
+        engine.finish()
 
-    async def wait_stopped(self) -> None:
-        """Escalate until every worker has exited: `kill_timeout` each for teardown/SIGTERM."""
-        engine = self.engine
-        kill_timeout = engine.config.kill_timeout
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            with trio.move_on_after(kill_timeout):
-                for worker in list(engine.live):
-                    await worker.exited.wait()
-                return
-            for worker in list(engine.live):
-                worker.proc.signal(signum)
-        for worker in list(engine.live):
-            await worker.exited.wait()
+    async def _stop_now(self, worker: WorkerHandle) -> None:
+        await stop_worker(
+            worker.proc,
+            self.engine.config.kill_timeout,
+            worker.exited.wait,
+            slot=worker.slot,
+            reason=worker.doom,
+        )

@@ -236,14 +236,15 @@ class ControlServer:
         id_json = _encode(request.id)
         try:
             _check_submit(conn, request, id_json)
-            conn.pending[id_json] = _ANSWERING
-            job = await self.pool.submit_direct(
+            job = self.pool.accept(
                 request.action,
                 conn,
                 id_json,
                 timeout=request.timeout,
                 max_attempts=request.max_attempts,
             )
+            conn.pending[id_json] = _ANSWERING
+            await self.pool.run_here(job)
         except (RequestError, ActionError) as exc:
             conn.pending.pop(id_json, None)
             conn.send(error_line(id_json, exc.to_wire()))
@@ -261,7 +262,7 @@ class ControlServer:
         if len(set(ids)) != len(ids) or not pending.keys().isdisjoint(ids):
             return False  # an id in flight twice: answered one by one
         try:
-            jobs = self.pool.submit_batch(list(map(_action_of, requests)), conn, ids)
+            jobs = self.pool.accept_batch(list(map(_action_of, requests)), conn, ids)
         except (RequestError, ActionError):
             return False  # queue_full for some, say: answered one by one
         pending.update(zip(ids, jobs, strict=True))
@@ -360,13 +361,11 @@ def _check_submit(conn: Connection, request: Request, id_json: bytes) -> None:
 
 def _submit(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
     _check_submit(conn, request, id_json)
-    conn.pending[id_json] = server.pool.submit_nowait(
-        request.action,
-        conn,
-        id_json,
-        timeout=request.timeout,
-        max_attempts=request.max_attempts,
+    job = server.pool.accept(
+        request.action, conn, id_json, timeout=request.timeout, max_attempts=request.max_attempts
     )
+    conn.pending[id_json] = job
+    server.pool.enqueue(job)
 
 
 def _status(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:

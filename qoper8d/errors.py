@@ -65,10 +65,21 @@ __all__ = [
 ]
 
 
+#: Every error class with a code of its own, by that code (filled as they are defined).
+_BY_CODE: dict[str, type[Qoper8Error]] = {}
+
+
 class Qoper8Error(Exception):
     """Base of every qoper8d error. `code` names it on the wire; `details` carries the rest."""
 
     code: ClassVar[str] = "error"
+
+    def __init_subclass__(cls, code: str | None = None, **kwargs: Any) -> None:
+        """`class X(Parent, code="x")`: an error that crosses the wire as `x`."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+            _BY_CODE[code] = cls
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -97,10 +108,8 @@ class ActionError(Qoper8Error):
     """An accepted action ended without a result."""
 
 
-class HandlerError(ActionError):
+class HandlerError(ActionError, code="handler_error"):
     """The handler raised. Details: `type` (the exception class name) and `traceback`."""
-
-    code = "handler_error"
 
     @property
     def type(self) -> str:
@@ -111,16 +120,12 @@ class HandlerError(ActionError):
         return str(self.details.get("traceback", ""))
 
 
-class BadResult(ActionError):
+class BadResult(ActionError, code="bad_result"):
     """The handler returned something that is not JSON-compatible."""
 
-    code = "bad_result"
 
-
-class WorkerLost(ActionError):
+class WorkerLost(ActionError, code="worker_lost"):
     """The worker died while running the action. Details: `pid`, `exit_code` or `signal`."""
-
-    code = "worker_lost"
 
     @property
     def pid(self) -> int | None:
@@ -138,28 +143,20 @@ class WorkerLost(ActionError):
         return str(sig) if sig is not None else None
 
 
-class ActionTimeout(ActionError):
+class ActionTimeout(ActionError, code="timeout"):
     """The action ran past its deadline; its worker was killed and replaced."""
 
-    code = "timeout"
 
-
-class ActionCancelled(ActionError):
+class ActionCancelled(ActionError, code="cancelled"):
     """The submitter cancelled the action."""
 
-    code = "cancelled"
 
-
-class Poisoned(ActionError):
+class Poisoned(ActionError, code="poisoned"):
     """The action killed `poison_threshold` workers and will not be run again."""
 
-    code = "poisoned"
 
-
-class ShuttingDown(ActionError):
+class ShuttingDown(ActionError, code="shutting_down"):
     """The pool is stopping: the action was refused, or still queued at the deadline."""
-
-    code = "shutting_down"
 
 
 ACTION_ERROR_CODES: frozenset[str] = frozenset(
@@ -183,34 +180,24 @@ class RequestError(Qoper8Error):
     """A request was refused before anything was accepted."""
 
 
-class QueueFull(RequestError):
+class QueueFull(RequestError, code="queue_full"):
     """The pending queue holds `pool.max_queue` actions already."""
 
-    code = "queue_full"
 
-
-class BadRequest(RequestError):
+class BadRequest(RequestError, code="bad_request"):
     """The request is malformed: not JSON, a missing field, a wrong type."""
 
-    code = "bad_request"
 
-
-class UnknownOp(RequestError):
+class UnknownOp(RequestError, code="unknown_op"):
     """The request names an operation the server does not have."""
 
-    code = "unknown_op"
 
-
-class TooLarge(RequestError):
+class TooLarge(RequestError, code="too_large"):
     """The request line is longer than `server.max_message_bytes`."""
 
-    code = "too_large"
 
-
-class Forbidden(RequestError):
+class Forbidden(RequestError, code="forbidden"):
     """The peer's uid is not allowed to use the socket."""
-
-    code = "forbidden"
 
 
 # -- the pool itself ---------------------------------------------------------------------------
@@ -220,28 +207,20 @@ class PoolError(Qoper8Error):
     """The pool cannot go on."""
 
 
-class WorkerStartError(PoolError):
+class WorkerStartError(PoolError, code="worker_start_failed"):
     """A worker could not start: the handler failed to import or its `setup()` raised."""
 
-    code = "worker_start_failed"
 
-
-class RestartIntensityExceeded(PoolError):
+class RestartIntensityExceeded(PoolError, code="restart_intensity"):
     """More than `supervisor.max_restarts` crashes within `supervisor.restart_window`."""
 
-    code = "restart_intensity"
 
-
-class PoolClosed(PoolError):
+class PoolClosed(PoolError, code="pool_closed"):
     """The pool is not running (not started yet, or closed)."""
 
-    code = "pool_closed"
 
-
-class ConfigError(Qoper8Error):
+class ConfigError(Qoper8Error, code="config_error"):
     """A configuration file or value is invalid. Details: `errors`, one line per problem."""
-
-    code = "config_error"
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -251,35 +230,16 @@ class ConnectError(Qoper8Error):
     """The client cannot talk to a daemon."""
 
 
-class NotRunning(ConnectError):
+class NotRunning(ConnectError, code="not_running"):
     """No socket at the path, or nobody listening on it."""
 
-    code = "not_running"
 
-
-class AccessDenied(ConnectError):
+class AccessDenied(ConnectError, code="access_denied"):
     """The socket exists but this user may not open it."""
 
-    code = "access_denied"
 
-
-class ConnectTimeout(ConnectError):
+class ConnectTimeout(ConnectError, code="connect_timeout"):
     """The daemon did not answer in time."""
-
-    code = "connect_timeout"
-
-
-def _all_subclasses(cls: type[Qoper8Error]) -> list[type[Qoper8Error]]:
-    found: list[type[Qoper8Error]] = []
-    for sub in cls.__subclasses__():
-        found.append(sub)
-        found.extend(_all_subclasses(sub))
-    return found
-
-
-_BY_CODE: dict[str, type[Qoper8Error]] = {
-    cls.code: cls for cls in _all_subclasses(Qoper8Error) if "code" in cls.__dict__
-}
 
 
 def error_from_wire(data: dict[str, Any]) -> Qoper8Error:

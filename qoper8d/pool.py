@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import trio
 
-from qoper8d import wire
+from qoper8d import _calls, wire
 from qoper8d._classic import Callbacks, OnResponse, Session, open_session
 from qoper8d._engine import Engine
 from qoper8d._jobqueue import BATCH_RESULT_BYTES
@@ -47,7 +47,6 @@ class Pool:
         self._supervisor = supervisor
         self._launcher = launcher
         self._callbacks = Callbacks(engine)
-        self._state = "starting"
         self._started_at = trio.current_time()
         self._stopped: trio.Event | None = None
         #: Resizes and reconfigurations, one at a time, in the order they come.
@@ -64,7 +63,7 @@ class Pool:
     @property
     def state(self) -> str:
         """ "starting", "running", "draining", "stopping", "stopped" or "failed"."""
-        return self._state
+        return self._engine.state
 
     async def run(self, action: Any, *, timeout: float | None = None) -> Any:
         """Run one action on a worker; return its result or raise its `ActionError`.
@@ -73,7 +72,7 @@ class Pool:
         cancels the action: a queued one is removed, a running one's worker is replaced.
         Raises `QueueFull` at once when `pool.max_queue` actions are waiting already.
         """
-        return await self._engine.run(action, timeout)
+        return await _calls.run(self._engine, action, timeout)
 
     def map(
         self,
@@ -93,7 +92,7 @@ class Pool:
         """
         return MapIterator(self._engine, actions, window, return_exceptions)
 
-    def submit_nowait(
+    def accept(
         self,
         action: Any,
         sink: Any,
@@ -101,26 +100,50 @@ class Pool:
         *,
         timeout: float | None = None,
         max_attempts: int | None = None,
-    ) -> Any:
-        """Queue `action`; its outcome goes to `sink`, not to an awaiting caller.
+    ) -> Job:
+        """Accept `action` for a front end (the control socket): its outcome will go to
+        `sink`, not to an awaiting caller; `enqueue()` the job, or `run_here()` it.
 
-        For front ends (the control socket) that pass results on as they came: the result
-        arrives as raw JSON text, `sink.result(job, raw, worker)`, `sink.results(jobs, raws,
-        worker)` or `sink.error(job, err, worker)`, called synchronously, once per job. The
-        action is encoded here, so a worker can always decode it. `max_attempts` overrides
-        `pool.max_attempts`. Returns a handle for `cancel()`. Raises `QueueFull`,
-        `ShuttingDown` or `BadRequest` at once.
+        The result arrives as raw JSON text, for passing on as it came: `sink.result(job,
+        raw, worker)`, `sink.results(jobs, raws, worker)` or `sink.error(job, err, worker)`,
+        called synchronously, once per job. The action is encoded here, so a worker can
+        always decode it. `max_attempts` overrides `pool.max_attempts`. The job is the
+        handle for `cancel()`. Raises `QueueFull`, `ShuttingDown` or `BadRequest` at once,
+        accepting nothing.
         """
         engine = self._engine
-        job = engine.submit(engine.encode(action), sink, tag, timeout)
+        job = engine.accept(engine.encode(action), sink, tag, timeout)
         if max_attempts is not None:
             job.max_attempts = max_attempts
         return job
 
-    def submit_batch(self, actions: list[Any], sink: Any, tags: list[Any]) -> list[Any]:
-        """`submit_nowait` for many actions at once, all with the pool's time limit and
-        attempts: encoded, accepted and queued together, with one dispatch. All or none:
-        raises `QueueFull`, `ShuttingDown` or `BadRequest` without queueing any."""
+    def enqueue(self, job: Job) -> None:
+        """Queue an accepted job (it is dispatched at once if a worker is free)."""
+        self._engine.enqueue(job)
+
+    async def run_here(self, job: Job) -> None:
+        """Run an accepted job: on an idle pool this task writes it to a worker and reads
+        the answer itself (one task hop less for a front end's lone request), returning once
+        the sink has it — or once `pool.idle_spin` has passed, when the pool's reader takes
+        over. Otherwise it queues the job and returns at once."""
+        engine = self._engine
+        worker = engine.borrowable()
+        if worker is None:
+            engine.enqueue(job)
+            return
+        # Its batch is this one job: answered once the worker holds something else.
+        await _calls.run_borrowed(
+            engine,
+            worker,
+            job,
+            lambda: not worker.inflight or worker.inflight[0] is not job,
+            hand_over=True,
+        )
+
+    def accept_batch(self, actions: list[Any], sink: Any, tags: list[Any]) -> list[Job]:
+        """`accept` and `enqueue` for many actions at once, all with the pool's time limit
+        and attempts, with one dispatch. All or none: raises `QueueFull`, `ShuttingDown` or
+        `BadRequest` without accepting any."""
         engine = self._engine
         try:
             payloads = list(map(encode_json, actions))
@@ -130,43 +153,6 @@ class Pool:
         jobs = list(map(Job, payloads, repeat(sink), tags, repeat(engine.config.action_timeout)))
         engine.submit_many(jobs, payloads)
         return jobs
-
-    async def submit_direct(
-        self,
-        action: Any,
-        sink: Any,
-        tag: Any = None,
-        *,
-        timeout: float | None = None,
-        max_attempts: int | None = None,
-    ) -> Any:
-        """`submit_nowait`, but on an idle pool this task writes the action to a worker and
-        reads the answer itself, returning once the sink has it: one task hop less for a
-        front end's lone request — or until `pool.idle_spin` has passed, when the pool's
-        reader takes over. Otherwise it queues the action and returns at once."""
-        engine = self._engine
-        payload = engine.encode(action)
-        worker = engine.borrowable()
-        if worker is None:
-            job = engine.submit(payload, sink, tag, timeout)
-            if max_attempts is not None:
-                job.max_attempts = max_attempts
-            return job
-        try:
-            job = engine.accept(payload, sink, tag, timeout)
-        except BaseException:
-            engine.make_available(worker)
-            raise
-        if max_attempts is not None:
-            job.max_attempts = max_attempts
-        # Its batch is this one job: answered once the worker holds something else.
-        await engine.run_borrowed(
-            worker,
-            job,
-            lambda: not worker.inflight or worker.inflight[0] is not job,
-            hand_over=True,
-        )
-        return job
 
     def hold(self, sink: Any) -> None:
         """Dispatch none of `sink`'s queued actions, now or as they come, until
@@ -184,7 +170,7 @@ class Pool:
         return self._engine.withdraw(sink)
 
     def cancel(self, handle: Any) -> None:
-        """Cancel an action queued with `submit_nowait()` (no-op once it has ended)."""
+        """Cancel an accepted job (no-op once it has ended)."""
         self._engine.cancel(handle)
 
     def add_to_queue(self, request: dict[str, Any], on_response: OnResponse) -> None:
@@ -256,7 +242,7 @@ class Pool:
         if replace:
             old = list(engine.live)
             for worker in old:
-                engine.request_retire(worker, "the configuration changed")
+                worker.ask_retire("the configuration changed")
             for worker in old:
                 await worker.exited.wait()
         if relaunch:
@@ -267,14 +253,9 @@ class Pool:
         action has ended and its callback, if any, has run. Workers stay up until `stop()`
         or the end of the `open_pool` block."""
         engine = self._engine
-        engine.accepting = False
-        engine.draining = True
-        if self._state == "running":
-            self._state = "draining"
+        engine.close_intake(follow_ups=True)
         while True:
-            engine.quiet = trio.Event()
-            engine.check_quiet()
-            await engine.quiet.wait()
+            await engine.wait_quiet()
             if not self._callbacks.outstanding:
                 return
             await self._callbacks.settled()
@@ -291,11 +272,8 @@ class Pool:
             return
         self._stopped = trio.Event()
         with trio.CancelScope(shield=True):
-            if self._state == "running":
-                self._state = "draining"
             await self._supervisor.stop(grace)
             await self._launcher.aclose()
-            self._state = "failed" if self._supervisor.failure is not None else "stopped"
         self._stopped.set()
 
     def statistics(self) -> PoolStatistics:
@@ -304,18 +282,16 @@ class Pool:
         now = trio.current_time()
         workers = []
         busy = idle = 0
-        discard = engine.discard
+        waiting = engine.outcomes.waiting
         # In flight: actions a worker holds that still wait for their outcome. One that has
         # its outcome already (timed out, cancelled, withdrawn) but whose worker still holds
         # it counts no more: outcomes, queued and in flight add up to what was submitted.
-        in_flight = sum(
-            1 for w in engine.live for job in w.inflight[w.pos :] if job.sink is not discard
-        )
+        in_flight = sum(len(waiting(w)) for w in engine.live)
         for slot in self._supervisor.slots:
             w = slot.worker
             if w is not None and not w.exited.is_set() and slot.state == "running":
                 running = len(w.inflight) - w.pos
-                flying = sum(1 for job in w.inflight[w.pos :] if job.sink is not discard)
+                flying = len(waiting(w))
                 if w.doom is not None:
                     state = "retiring"
                 elif running:
@@ -348,10 +324,10 @@ class Pool:
                     in_flight=0,
                 )
             workers.append(record)
-        outcomes = dict(engine.outcomes)
-        outcomes["result"] = engine.result_count()
+        outcomes = dict(engine.outcomes.counts)
+        outcomes["result"] = engine.outcomes.results(engine.answers)
         return PoolStatistics(
-            state=self._state,
+            state=engine.state,
             size=engine.size,
             busy=busy,
             idle=idle,
@@ -406,7 +382,7 @@ async def open_pool(
     try:
         async with trio.open_nursery() as nursery:
             engine = Engine(cfg, nursery)
-            nursery.start_soon(engine.pace)
+            nursery.start_soon(engine.pacer.serve)
             sup = Supervisor(engine, launcher, sup_cfg, spec)
             pool = Pool(engine, sup, launcher)
             clean = False
@@ -418,8 +394,7 @@ async def open_pool(
                 async with trio.open_nursery() as starting:
                     for _ in range(cfg.size):
                         starting.start_soon(nursery.start, sup.serve_slot, sup.new_slot())
-                pool._state = "running"
-                engine.accepting = True
+                engine.open_intake()
                 yield pool
                 clean = True
             finally:

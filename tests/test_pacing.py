@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from qoper8d import Pool, open_pool
-from qoper8d._engine import _PACE
+from qoper8d._pacer import PACE as _PACE
 from tests.fakes import FakeLauncher, FakeWorker
 
 MS = 0.001

@@ -22,7 +22,7 @@ CRASH = "handlers.crash:handle"
 
 
 class Recorder:
-    """A sink for `submit_nowait`: keeps every outcome it is given."""
+    """A sink for `pool.accept`: keeps every outcome it is given."""
 
     def __init__(self) -> None:
         self.outcomes: dict[Any, Any] = {}
@@ -117,8 +117,10 @@ async def test_cancel_of_a_queued_and_of_a_running_action() -> None:
         async with open_pool(CRASH, size=1) as pool:
             pid = await pool.run({"mode": "pid"})
             sink = Recorder()
-            running = pool.submit_nowait(b'{"mode":"hang"}', sink, "running")
-            queued = pool.submit_nowait(b'{"mode":"ok"}', sink, "queued")
+            running = pool.accept({"mode": "hang"}, sink, "running")
+            pool.enqueue(running)
+            queued = pool.accept({"mode": "ok"}, sink, "queued")
+            pool.enqueue(queued)
             assert (pool.statistics().in_flight, pool.statistics().queued) == (1, 1)
             pool.cancel(queued)
             assert isinstance(sink.outcomes["queued"], qoper8d.ActionCancelled)

@@ -6,7 +6,7 @@ harder than a pool could."""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import pytest
@@ -16,9 +16,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from qoper8d import _jobqueue, wire
+from qoper8d import _jobqueue
 from qoper8d._engine import Engine
-from qoper8d._handle import WorkerHandle
 from qoper8d._jobqueue import BATCH_RESULT_BYTES, BATCH_SECONDS, JobQueue, batch_length
 from qoper8d._jobs import Job
 from qoper8d._map import MapIterator
@@ -226,17 +225,10 @@ def test_batch_length(
     assert batch_length(queued, size, most, seconds, result) == want
 
 
-def new_engine(size: int) -> Engine:
-    # The queue never touches the nursery: dispatch finds no idle worker.
-    engine = Engine(PoolConfig(size=size, max_batch_bytes=LIMIT), cast(trio.Nursery, None))
-    engine.accepting = True
-    return engine
-
-
 async def test_map_keeps_order_through_a_batch_of_put_back_jobs() -> None:
     """Workers died in an order that put a map's jobs back as positions 0, 2, 1, 3: their
-    results still come out as 0, 1, 2, 3."""
-    engine = new_engine(size=1)
+    results, delivered as one run by a worker whose batch was a replay, still come out as
+    0, 1, 2, 3."""
     got: list[Any] = []
 
     async def consume(it: MapIterator) -> None:
@@ -244,18 +236,19 @@ async def test_map_keeps_order_through_a_batch_of_put_back_jobs() -> None:
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
+            # An engine with no worker: dispatch finds none idle, so the queue is ours.
+            engine = Engine(PoolConfig(size=1, max_batch_bytes=LIMIT), nursery)
+            engine.open_intake()
             it = MapIterator(engine, ({"x": i} for i in range(4)), 8, False)
             nursery.start_soon(consume, it)
             await trio.testing.wait_all_tasks_blocked()
             jobs = [engine.take_batch(1)[0][0] for _ in range(3)]  # three workers take one each
             for job in (jobs[1], jobs[2], jobs[0]):  # ...and die in this order
-                engine.requeue([job])
+                engine.queue.requeue([job])
             batch, _, replayed = engine.take_batch(10)
             assert [job.tag for job in batch] == [0, 2, 1, 3]
             assert replayed
-            worker = SimpleNamespace(inflight=batch, pos=0, replayed=replayed, pid=1)
-            answers = b"".join(wire.encode_done(b"%d" % (10 + job.tag)) for job in batch)
-            joined = wire.join_done(answers)
-            assert joined is not None
-            engine._deliver_run(cast(WorkerHandle, worker), joined, len(batch))
+            # The sink's bulk path, as the engine calls it for a run of answers.
+            answerer = SimpleNamespace(pid=1, replayed=replayed)
+            it.decoded(batch, [10 + job.tag for job in batch], answerer)
     assert got == [10, 11, 12, 13]
