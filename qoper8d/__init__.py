@@ -3,6 +3,30 @@
 The pool, the clients and the errors are importable from here. Everything but the errors is
 imported on first use, so that a worker process (`python -m qoper8d.worker`) pays only for
 what it uses: the standard library, msgspec and `qoper8d.wire`.
+
+The house, from the top floor down. A module imports only from its own floor or below
+(never in a circle, `TYPE_CHECKING` imports included), and no module but this one imports
+the package itself; `tests/test_layers.py` reads this table and holds the code to it.
+
+| floor | modules | what they hold |
+|---|---|---|
+| 1 | `__main__` `cli` | the command lines, qoper8d and qoper8ctl |
+| 2 | `daemon` `ctl` | the service in one trio run; qoper8ctl's commands |
+| 3 | `control` | the control socket's server and its ops |
+| 4 | `_connection` | one client of the socket, as the server sees it |
+| 4 | `client` `_aclient` `_client_common` | the clients |
+| 5 | `pool` | open_pool() and Pool: the API over the engine and the supervisor |
+| 6 | `_supervise` | slots: start, watch, replace and stop workers |
+| 6 | `_classic` `_map` `_calls` | Q-Oper8's API and sessions; map; run |
+| 7 | `_engine` | the lifecycle, the queue, dispatch, answers |
+| 8 | `_outcomes` `_pacer` `_channel` | endings without a result; pacing; a worker's pipe |
+| 9 | `_handle` `_jobqueue` | one worker as the master sees it; the pure queue |
+| 10 | `_jobs` `_process` | jobs and sinks; worker processes, the fork server |
+| 11 | `config` `monitor` `stats` | settings; logs and snapshots; statistics records |
+| 11 | `wire` `errors` `_version` | the channel's frames; the error tree; the version |
+| 11 | `_policy` `_fds` `_socketfile` | restart policy; descriptors; the socket's file |
+| 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
+| worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
 """
 
 from __future__ import annotations
@@ -42,7 +66,7 @@ if TYPE_CHECKING:
     from qoper8d.pool import Pool, Session, open_pool
     from qoper8d.stats import PoolStatistics, WorkerStatistics
 
-__version__ = "0.1.0"
+from qoper8d._version import __version__
 
 __all__ = [
     "AccessDenied",

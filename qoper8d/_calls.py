@@ -16,9 +16,10 @@ from typing import Any
 
 import trio
 
+from qoper8d._channel import read_some
 from qoper8d._engine import Engine
 from qoper8d._handle import WorkerHandle
-from qoper8d._jobs import Job, Waiter, encode_json
+from qoper8d._jobs import Job, Waiter, encode_action, encode_json
 
 __all__ = ["run", "run_borrowed"]
 
@@ -31,7 +32,7 @@ async def run(engine: Engine, action: Any, timeout: float | None) -> Any:
     try:
         payload = encode_json(action)
     except (TypeError, ValueError, OverflowError, RecursionError):
-        payload = engine.encode(action)  # raises BadRequest, with the reason
+        payload = encode_action(action)  # raises BadRequest, with the reason
     waiter = Waiter()
     job = engine.accept(payload, waiter, None, timeout)
     worker = engine.borrowable()
@@ -62,7 +63,6 @@ async def run_borrowed(
     """
     worker.borrowed = True
     engine.send(worker, [job], [job.payload])
-    rfd = worker.rfd
     # Poll for the answer for up to `pool.idle_spin` seconds, yielding to other tasks
     # between polls, before sleeping in epoll: a trivial action comes back in tens of
     # microseconds, and waking a sleeping master costs about as much again.
@@ -84,12 +84,9 @@ async def run_borrowed(
                     return
                 spin_until = 0.0  # polled long enough: wait in epoll from now on
                 continue
-            try:
-                n = os.readv(rfd, [worker.frames.buffer()])
-            except BlockingIOError:
+            n = read_some(worker)
+            if n is None:
                 continue
-            except OSError:
-                n = 0
             if n:
                 engine.on_data(worker, n)
             else:

@@ -16,12 +16,23 @@ import trio
 
 from qoper8d._handle import WorkerHandle
 
-__all__ = ["collect", "flush", "read"]
+__all__ = ["collect", "flush", "read", "read_some"]
 
 #: A read at least this long means answers are streaming in: read again before waiting.
 _BUSY_READ = 1024
 
 OnData = Callable[[WorkerHandle, int], None]
+
+
+def read_some(worker: WorkerHandle) -> int | None:
+    """Read what `worker`'s pipe holds into its frame buffer: the number of bytes, 0 at
+    end-of-file (a broken pipe too), None if nothing is there yet."""
+    try:
+        return os.readv(worker.rfd, [worker.frames.buffer()])
+    except BlockingIOError:
+        return None
+    except OSError:
+        return 0
 
 
 async def read(
@@ -34,8 +45,6 @@ async def read(
     """A worker's reader task: runs until cancelled by the worker's exit. Started once it
     is parked, so that the idle fast path can borrow the worker at once."""
     rfd = worker.rfd
-    frames = worker.frames
-    readv = os.readv
     # While answers stream in faster than we handle them, read again right after a
     # checkpoint: more will be there, and that skips an epoll round. When they trickle
     # in (slow actions), a read would only fail: go straight to waiting.
@@ -49,13 +58,10 @@ async def read(
             continue
         if not busy_stream:
             await trio.lowlevel.wait_readable(rfd)
-        try:
-            n = readv(rfd, [frames.buffer()])
-        except BlockingIOError:
+        n = read_some(worker)
+        if n is None:
             busy_stream = False
             continue
-        except OSError:
-            n = 0
         if not n:
             worker.eof = True
             continue

@@ -24,7 +24,7 @@ import trio
 
 from qoper8d._engine import Engine
 from qoper8d._handle import WorkerHandle
-from qoper8d._jobs import Answerer, Job, Waiter, decode_json
+from qoper8d._jobs import Answerer, Job, Waiter, decode_json, encode_action
 from qoper8d._wakeup import Wakeup
 from qoper8d.errors import ActionError, BadRequest, WorkerLost
 
@@ -61,7 +61,7 @@ class Callbacks:
     def add(self, request: dict[str, Any], on_response: OnResponse) -> None:
         if not isinstance(request, dict) or "action" not in request:
             raise BadRequest('add_to_queue needs a dict request with an "action" key')
-        payload = self._engine.encode(request["action"])
+        payload = encode_action(request["action"])
         if not self._started:
             self._started = True
             self._engine.nursery.start_soon(self._run)
@@ -146,7 +146,7 @@ class Session:
         run one at a time, in call order. Once the worker has died, every further call raises
         `WorkerLost` without running anything."""
         engine, worker = self._engine, self._worker
-        payload = engine.encode(action)
+        payload = encode_action(action)
         async with self._turn:
             if worker.exited.is_set() or worker.doom is not None:
                 raise WorkerLost(f"the session's worker {worker.pid} is gone", pid=worker.pid)

@@ -37,6 +37,7 @@ import structlog
 import trio
 
 from qoper8d._jobs import Job
+from qoper8d._wakeup import Wakeup
 from qoper8d.config import ServerConfig
 from qoper8d.errors import ActionError
 
@@ -134,7 +135,8 @@ class Connection:
         self.open = True
         #: Its queued actions are held: it has `max_unsent_bytes` waiting.
         self.held = False
-        self._writer: trio.lowlevel.Task | None = None
+        #: The writer task, parked while there is nothing to write.
+        self._writer = Wakeup()
         #: Set when output drains below half the bound, when pending empties, on close.
         self._changed: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
@@ -164,7 +166,7 @@ class Connection:
         if not self.open:
             return  # it is gone: nobody to tell
         if not self.out:
-            if self._writer is not None:
+            if self._writer.waiting:
                 # The writer is idle: write from here rather than wake it (a task hop per
                 # answer). Whatever the socket does not take, the writer sends in order.
                 try:
@@ -185,10 +187,7 @@ class Connection:
         if self.unsent >= self.max_unsent and not self.held:
             self.held = True
             self.front.hold(self)
-        task = self._writer
-        if task is not None:
-            self._writer = None
-            trio.lowlevel.reschedule(task)
+        self._writer.wake()
 
     async def _write(self) -> None:
         """The writer task: sends what waits, as much per call as the socket takes."""
@@ -196,20 +195,10 @@ class Connection:
         while self.open:
             if not self.out:
                 self._poke()
-                self._writer = trio.lowlevel.current_task()
-
-                def abort(_: Any) -> trio.lowlevel.Abort:
-                    self._writer = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
+                await self._writer.wait()
                 continue
-            try:
-                sent = os.writev(fd, self.out[:_MAX_IOV])
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.gone()
+            sent = self._write_some()
+            if sent is None:
                 return
             if sent:
                 self._sent(sent)
@@ -226,6 +215,17 @@ class Connection:
             )
             self.close()
             return
+
+    def _write_some(self) -> int | None:
+        """Write as much of what waits as the socket takes: the byte count (0: it takes
+        nothing now), or None if the client is gone."""
+        try:
+            return os.writev(self.fd, self.out[:_MAX_IOV])
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.gone()
+            return None
 
     def _sent(self, count: int) -> None:
         self.progress_at = trio.current_time()
@@ -255,12 +255,8 @@ class Connection:
         self.progress_at = trio.current_time()
         with trio.CancelScope(shield=True):
             while self.open and self.out:
-                try:
-                    sent = os.writev(self.fd, self.out[:_MAX_IOV])
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    self.gone()
+                sent = self._write_some()
+                if sent is None:
                     return
                 if sent:
                     self._sent(sent)

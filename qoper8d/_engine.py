@@ -37,7 +37,7 @@ from qoper8d import wire
 from qoper8d._channel import collect, flush, read
 from qoper8d._handle import EMPTY, Doom, WorkerHandle
 from qoper8d._jobqueue import JobQueue, batch_length
-from qoper8d._jobs import Job, Sink, decode_json, encode_json
+from qoper8d._jobs import Job, Sink, decode_json
 from qoper8d._outcomes import Outcomes
 from qoper8d._pacer import Pacer, should_pace
 from qoper8d._process import ExitStatus, stop_worker
@@ -158,14 +158,6 @@ class Engine:
             self.state = "stopped"
 
     # -- accepting -----------------------------------------------------------------------
-
-    def encode(self, action: Any) -> bytes:
-        try:
-            return encode_json(action)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise BadRequest(f"the action is not JSON-compatible: {exc}") from None
-        except RecursionError:
-            raise BadRequest("the action is nested too deeply to encode") from None
 
     def check_accepting(self, count: int = 1, *, follow_up: bool = False, size: int = 0) -> None:
         """Raise unless `count` more actions (of `size` bytes in all) may be queued now. A
@@ -529,17 +521,7 @@ class Engine:
             )
             return pos + 1
         if kind is wire.Refused:
-            # The worker could not decode this action: our bug, not the handler's nor the
-            # worker's (the pool encodes every action it sends). It ends that action alone.
-            job = inflight[pos]
-            log.error(
-                "worker.undecodable_action",
-                slot=worker.slot,
-                pid=worker.pid,
-                error=m.message,
-                action=job.payload[:200].decode("utf-8", "replace"),
-            )
-            end(job, HandlerError(m.message, type="qoper8d.ProtocolError"), worker)
+            self.outcomes.refused(inflight[pos], worker, m.message)
             return pos + 1
         if kind is wire.Cut or kind is wire.Retire:
             # The worker stops the batch here (its results passed the batch's budget, or it

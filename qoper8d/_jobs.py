@@ -16,12 +16,22 @@ import msgspec
 import trio
 
 from qoper8d._wakeup import Wakeup
-from qoper8d.errors import ActionError
+from qoper8d.errors import ActionError, BadRequest
 
-__all__ = ["Answerer", "Job", "Sink", "Waiter", "decode_json", "encode_json"]
+__all__ = ["Answerer", "Job", "Sink", "Waiter", "decode_json", "encode_action", "encode_json"]
 
 decode_json: Callable[[bytes | msgspec.Raw], Any] = msgspec.json.Decoder().decode
 encode_json: Callable[[Any], bytes] = msgspec.json.Encoder().encode
+
+
+def encode_action(action: Any) -> bytes:
+    """An action as the JSON text a worker gets; `BadRequest` if JSON cannot hold it."""
+    try:
+        return encode_json(action)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"the action is not JSON-compatible: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the action is nested too deeply to encode") from None
 
 
 class Answerer(Protocol):

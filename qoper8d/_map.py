@@ -18,7 +18,7 @@ import msgspec
 import trio
 
 from qoper8d._engine import Engine
-from qoper8d._jobs import Answerer, Job, decode_json, encode_json
+from qoper8d._jobs import Answerer, Job, decode_json, encode_action, encode_json
 from qoper8d._wakeup import Wakeup
 from qoper8d.errors import ActionError, QueueFull
 
@@ -146,7 +146,7 @@ class MapIterator:
             if outstanding:
                 return
             raise QueueFull(f"the queue is full (pool.max_queue = {engine.config.max_queue})")
-        encode = engine.encode
+        encode = encode_action
         if self._source is not None:
             actions = list(islice(self._source, room))
             if len(actions) < room:

@@ -27,6 +27,7 @@ from qoper8d.errors import (
     ActionCancelled,
     ActionError,
     ActionTimeout,
+    HandlerError,
     Poisoned,
     ShuttingDown,
     WorkerLost,
@@ -165,6 +166,18 @@ class Outcomes:
             )
             return False
         return True
+
+    def refused(self, job: Job, worker: WorkerHandle, why: str) -> None:
+        """`worker` could not decode `job`'s action: our bug, not the handler's nor the
+        worker's (the pool encodes every action it sends). It ends that action alone."""
+        log.error(
+            "worker.undecodable_action",
+            slot=worker.slot,
+            pid=worker.pid,
+            error=why,
+            action=job.payload[:200].decode("utf-8", "replace"),
+        )
+        self.end(job, HandlerError(why, type="qoper8d.ProtocolError"), worker)
 
     def time_out(self, worker: WorkerHandle) -> None:
         """The action running on `worker` passed its deadline."""

@@ -36,6 +36,7 @@ import trio
 
 from qoper8d import wire
 from qoper8d._output import pump_output
+from qoper8d._wakeup import Wakeup
 from qoper8d.errors import WorkerStartError
 from qoper8d.monitor import relay
 
@@ -219,42 +220,55 @@ def _posix_spawn(argv: list[str], child_fds: list[int], env: Mapping[str, str]) 
             os.close(fd)
 
 
-class _ChildWorker:
-    """A worker that is our own child: we wait for it and reap it."""
+class _Watched:
+    """A worker process watched through a pidfd: what both kinds have in common."""
 
     __slots__ = ("_lifeline", "_pidfd", "_status", "from_worker", "output", "pid", "to_worker")
 
-    def __init__(self, pid: int, fds: _Fds) -> None:
+    def __init__(self, pid: int, pidfd: int, fds: _Fds) -> None:
         self.pid = pid
+        self._pidfd = pidfd
         self.to_worker = fds.to_worker
         self.from_worker = fds.from_worker
         self.output = fds.output
         self._lifeline = fds.lifeline
-        self._pidfd = os.pidfd_open(pid)
         self._status: ExitStatus | None = None
 
     async def wait(self) -> ExitStatus:
-        if self._status is not None:
-            return self._status
-        await trio.lowlevel.wait_readable(self._pidfd)
-        # The pidfd is readable: the process has exited, so neither waitid blocks.
+        if self._status is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            # The pidfd is readable: the process has exited.
+            self._status = await self._exit_status()
+            os.close(self._pidfd)
+            os.close(self._lifeline)
+        return self._status
+
+    async def _exit_status(self) -> ExitStatus:
+        raise NotImplementedError
+
+
+class _ChildWorker(_Watched):
+    """A worker that is our own child: we wait for it and reap it."""
+
+    __slots__ = ()
+
+    def __init__(self, pid: int, fds: _Fds) -> None:
+        super().__init__(pid, os.pidfd_open(pid), fds)
+
+    async def _exit_status(self) -> ExitStatus:
+        # Neither waitid blocks: the process has exited.
         try:
             info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
         except ChildProcessError:
             # Reaped behind our back (SIGCHLD ignored, or a waitpid(-1) elsewhere in the
             # program): the status is lost, and so is the safe moment to kill its group.
-            status = ExitStatus()
-        else:
-            status = _status_of(info)
-            # Still a zombie: its pid (and process group id) cannot have been reused yet.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)  # noqa: ASYNC222
-        self._status = status
-        os.close(self._pidfd)
-        os.close(self._lifeline)
-        return status
+            return ExitStatus()
+        # Still a zombie: its pid (and process group id) cannot have been reused yet.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)  # noqa: ASYNC222
+        return _status_of(info)
 
     def signal(self, signum: int) -> None:
         if self._status is None:
@@ -303,44 +317,22 @@ class SpawnLauncher:
         pass
 
 
-class _ForkedWorker:
+class _ForkedWorker(_Watched):
     """A worker forked by the fork server: its child, not ours. We hold a pidfd for it."""
 
-    __slots__ = (
-        "_exited",
-        "_lifeline",
-        "_pidfd",
-        "_zygote",
-        "from_worker",
-        "output",
-        "pid",
-        "to_worker",
-    )
+    __slots__ = ("_zygote",)
 
     def __init__(self, zygote: _Zygote, pid: int, pidfd: int, fds: _Fds) -> None:
+        super().__init__(pid, pidfd, fds)
         self._zygote = zygote
-        self.pid = pid
-        self._pidfd = pidfd
-        self.to_worker = fds.to_worker
-        self.from_worker = fds.from_worker
-        self.output = fds.output
-        self._lifeline = fds.lifeline
-        self._exited: ExitStatus | None = None
 
-    async def wait(self) -> ExitStatus:
-        if self._exited is not None:
-            return self._exited
-        await trio.lowlevel.wait_readable(self._pidfd)
-        status = await self._zygote.exit_status(self.pid)
-        self._exited = status
-        os.close(self._pidfd)
-        os.close(self._lifeline)
-        return status
+    async def _exit_status(self) -> ExitStatus:
+        return await self._zygote.exit_status(self.pid)
 
     def signal(self, signum: int) -> None:
         # Only the worker itself, through its pidfd: its pid may be reaped and reused the
         # moment it exits. The fork server kills the rest of its process group on exit.
-        if self._exited is None:
+        if self._status is None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signum)
 
@@ -357,8 +349,7 @@ class _Zygote:
         #: Set once it has exited and been reaped.
         self.gone = trio.Event()
         #: Launches waiting for their `Forked` reply, oldest first (replies come in order).
-        self.pending: deque[trio.lowlevel.Task] = deque()
-        self.replies: dict[trio.lowlevel.Task, tuple[int, int] | BaseException] = {}
+        self.pending: deque[_Reply] = deque()
         #: Exit statuses it reported, by pid, until the worker's own `wait()` takes them.
         self.exits: dict[int, ExitStatus] = {}
         self.exit_waiters: dict[int, trio.Event] = {}
@@ -378,9 +369,19 @@ class _Zygote:
         return self.exits.pop(pid, ExitStatus())
 
     def reply(self, reply: tuple[int, int] | BaseException) -> None:
-        task = self.pending.popleft()
-        self.replies[task] = reply
-        trio.lowlevel.reschedule(task)
+        waiting = self.pending.popleft()
+        waiting.value = reply
+        waiting.wakeup.wake()
+
+
+class _Reply:
+    """A launch waiting for the fork server's `Forked`: the pid and pidfd, or why not."""
+
+    __slots__ = ("value", "wakeup")
+
+    def __init__(self) -> None:
+        self.wakeup = Wakeup()
+        self.value: tuple[int, int] | BaseException = WorkerStartError("no reply")
 
 
 class ForkServerLauncher:
@@ -533,11 +534,12 @@ class ForkServerLauncher:
             zygote.alive = False
             raise WorkerStartError(f"the fork server is gone: {exc}") from None
         fds.close_child_ends()
-        task = trio.lowlevel.current_task()
-        zygote.pending.append(task)
+        waiting = _Reply()
+        zygote.pending.append(waiting)
         # Not cancellable: the reply must be taken, or the next launch would get ours.
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        reply = zygote.replies.pop(task)
+        with trio.CancelScope(shield=True):
+            await waiting.wakeup.wait()
+        reply = waiting.value
         if isinstance(reply, BaseException):
             fds.close_all()
             raise reply

@@ -24,6 +24,7 @@ import structlog
 import trio
 
 from qoper8d import wire
+from qoper8d._channel import read_some
 from qoper8d._engine import Engine
 from qoper8d._handle import Doom, WorkerHandle, frame_limit
 from qoper8d._output import pump_output
@@ -382,12 +383,9 @@ class Supervisor:
         rfd = worker.rfd
         while True:
             await trio.lowlevel.wait_readable(rfd)
-            try:
-                n = os.readv(rfd, [worker.frames.buffer()])
-            except BlockingIOError:
+            n = read_some(worker)
+            if n is None:
                 continue
-            except OSError:
-                n = 0
             if not n:
                 raise _HandshakeEOF
             for m in worker.frames.commit(n):

@@ -16,8 +16,8 @@ from typing import Any
 import msgspec
 import trio
 
-from qoper8d import __version__
 from qoper8d._fds import ensure_fd_limit, fd_limit_problem
+from qoper8d._version import __version__
 from qoper8d.config import (
     Config,
     config_from_mapping,

@@ -28,10 +28,11 @@ import msgspec
 import structlog
 import trio
 
-from qoper8d import __version__
 from qoper8d._connection import Connection, Request, error_line, result_line
 from qoper8d._fds import SPARE, connection_room, short_of_fds
 from qoper8d._socketfile import SocketInUse, bind, group_id, lock, removed, secure_directory, watch
+from qoper8d._version import __version__
+from qoper8d._wakeup import Wakeup
 from qoper8d.config import ServerConfig
 from qoper8d.errors import (
     ActionError,
@@ -92,7 +93,7 @@ class ControlServer:
         #: Resizes, reloads and drains not yet done, in the order they came: one task runs
         #: them (`serve_changes`).
         self.changes: deque[tuple[Connection, Request, bytes]] = deque()
-        self._changer: trio.lowlevel.Task | None = None
+        self._changer = Wakeup()
         self._stopping = False
 
     async def flushed(self) -> None:
@@ -285,8 +286,7 @@ class ControlServer:
         changes = self.changes
         while True:
             if not changes:
-                self._changer = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+                await self._changer.wait()
                 continue
             conn, request, id_json = changes.popleft()
             try:
@@ -306,10 +306,6 @@ class ControlServer:
             if request.op == "drain":
                 self.hooks.shutdown(None)  # the daemon writes every owed answer before it exits
 
-    def _abort_wait(self, _: Any) -> trio.lowlevel.Abort:
-        self._changer = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
     def refuse_changes(self) -> None:
         """The daemon is stopping: every resize, reload and drain still waiting, and any
         asked for from now on, ends `shutting_down`."""
@@ -327,9 +323,7 @@ class ControlServer:
                 max_changes=MAX_CHANGES,
             )
         self.changes.append((conn, request, id_json))
-        task, self._changer = self._changer, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+        self._changer.wake()
 
 
 # -- the ops ----------------------------------------------------------------------------------

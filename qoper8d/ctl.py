@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from qoper8d import __version__
+from qoper8d._version import __version__
 from qoper8d.errors import ConfigError
 
 if TYPE_CHECKING:

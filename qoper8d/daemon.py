@@ -26,9 +26,9 @@ import msgspec
 import structlog
 import trio
 
-from qoper8d import __version__
 from qoper8d._fds import ensure_fd_limit, open_fd_count
 from qoper8d._socketfile import group_id, preflight
+from qoper8d._version import __version__
 from qoper8d.config import Config, changes, load_config
 from qoper8d.control import ControlServer, serve_control
 from qoper8d.errors import ConfigError, single_error

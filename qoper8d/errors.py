@@ -25,7 +25,8 @@
         ├── AccessDenied           access_denied   the socket exists but we may not use it
         └── ConnectTimeout         connect_timeout the daemon did not answer in time
 
-Errors cross process and socket boundaries as data, never as pickles: `to_wire()` gives
+Every public name here is the package's too (`qoper8d.WorkerLost`). Errors cross process
+and socket boundaries as data, never as pickles: `to_wire()` gives
 `{"code", "message", ...details}` and `error_from_wire()` rebuilds the right class, so a
 client catches `qoper8d.WorkerLost` exactly as an in-process caller does.
 """
@@ -33,37 +34,6 @@ client catches `qoper8d.WorkerLost` exactly as an in-process caller does.
 from __future__ import annotations
 
 from typing import Any, ClassVar
-
-__all__ = [
-    "ACTION_ERROR_CODES",
-    "AccessDenied",
-    "ActionCancelled",
-    "ActionError",
-    "ActionTimeout",
-    "BadRequest",
-    "BadResult",
-    "ConfigError",
-    "ConnectError",
-    "ConnectTimeout",
-    "Forbidden",
-    "HandlerError",
-    "NotRunning",
-    "Poisoned",
-    "PoolClosed",
-    "PoolError",
-    "Qoper8Error",
-    "QueueFull",
-    "RequestError",
-    "RestartIntensityExceeded",
-    "ShuttingDown",
-    "TooLarge",
-    "UnknownOp",
-    "WorkerLost",
-    "WorkerStartError",
-    "error_from_wire",
-    "single_error",
-]
-
 
 #: Every error class with a code of its own, by that code (filled as they are defined).
 _BY_CODE: dict[str, type[Qoper8Error]] = {}

@@ -22,6 +22,8 @@ from typing import IO, Any
 import structlog
 import trio
 
+from qoper8d._wakeup import Wakeup
+
 __all__ = ["LogWriter", "configure_logging", "level_number", "relay", "serve_snapshots"]
 
 #: Lines held for a slow stderr before new ones are dropped.
@@ -51,7 +53,7 @@ class LogWriter:
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._lines: deque[str] = deque()
-        self._task: trio.lowlevel.Task | None = None
+        self._writer = Wakeup()
         self._serving = False
         self.dropped = 0
 
@@ -64,10 +66,7 @@ class LogWriter:
             self.dropped += 1
             return
         self._lines.append(message)
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task)
+        self._writer.wake()
 
     # structlog calls the method named after the level; they all mean the same here.
     debug = info = warning = warn = error = critical = exception = log = msg
@@ -84,20 +83,13 @@ class LogWriter:
                     count, self.dropped = self.dropped, 0
                     self._lines.append(f'{{"event": "log.dropped", "lines": {count}}}')
                 if not self._lines:
-                    self._task = trio.lowlevel.current_task()
-
-                    def abort(_: Any) -> trio.lowlevel.Abort:
-                        self._task = None
-                        return trio.lowlevel.Abort.SUCCEEDED
-
-                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    await self._writer.wait()
                     continue
                 chunk = "\n".join(self._lines) + "\n"
                 self._lines.clear()
                 await out.send_all(chunk.encode("utf-8", "backslashreplace"))
         finally:
             self._serving = False
-            self._task = None
             with trio.CancelScope(shield=True):
                 await out.aclose()
             for line in self._lines:

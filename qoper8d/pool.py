@@ -26,7 +26,7 @@ from qoper8d import _calls, wire
 from qoper8d._classic import Callbacks, OnResponse, Session, open_session
 from qoper8d._engine import Engine
 from qoper8d._jobqueue import BATCH_RESULT_BYTES
-from qoper8d._jobs import Job, encode_json
+from qoper8d._jobs import Job, encode_action, encode_json
 from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
 from qoper8d._supervise import Supervisor
@@ -112,7 +112,7 @@ class Pool:
         accepting nothing.
         """
         engine = self._engine
-        job = engine.accept(engine.encode(action), sink, tag, timeout)
+        job = engine.accept(encode_action(action), sink, tag, timeout)
         if max_attempts is not None:
             job.max_attempts = max_attempts
         return job
@@ -148,7 +148,7 @@ class Pool:
         try:
             payloads = list(map(encode_json, actions))
         except (TypeError, ValueError, OverflowError, RecursionError):
-            payloads = list(map(engine.encode, actions))  # raises BadRequest, with the reason
+            payloads = list(map(encode_action, actions))  # raises BadRequest, with the reason
         engine.check_accepting(len(payloads), size=sum(map(len, payloads)))
         jobs = list(map(Job, payloads, repeat(sink), tags, repeat(engine.config.action_timeout)))
         engine.submit_many(jobs, payloads)

@@ -33,7 +33,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import msgspec
 
@@ -56,6 +56,7 @@ EXIT_START_FAILED = 3
 EXIT_LOST_MASTER = 4
 
 Handler = Callable[[Any], Any]
+T = TypeVar("T")
 
 
 class HandlerLoadError(Exception):
@@ -267,6 +268,10 @@ def _cut(text: str) -> str:
     return text
 
 
+def _raised(exc: Exception) -> bytes:
+    return wire.encode_frame(wire.Raised(*_describe(exc)))
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm", "rb") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -328,25 +333,16 @@ class _Runner:
     def _unencodable(self, why: str) -> bytes:
         return wire.encode_frame(wire.Unencodable(_cut(why)))
 
-    def run_partial(self, batch: _PartialBatch) -> None:
-        """A batch with actions that could not be decoded: each of those is refused, the
-        others run as a batch of their own would, in order."""
+    def split(self, batch: _PartialBatch) -> Iterator[wire.Batch]:
+        """A batch with actions that could not be decoded: each of those is refused here,
+        each of the others comes out as a batch of its own, to run in order."""
         for action in batch.actions:
             if self.retired:
                 return
             if type(action) is _Undecodable:
                 self.channel.send(wire.Refused(action.message))
             else:
-                self.run_sync(wire.Batch(0, [action]))
-
-    async def run_partial_async(self, batch: _PartialBatch) -> None:
-        for action in batch.actions:
-            if self.retired:
-                return
-            if type(action) is _Undecodable:
-                self.channel.send(wire.Refused(action.message))
-            else:
-                await self.run_async(wire.Batch(0, [action]))
+                yield wire.Batch(0, [action])
 
     def after_batch(self) -> None:
         # Line buffering already sent whole lines; this pushes out a trailing partial line.
@@ -367,14 +363,12 @@ class _Runner:
             try:
                 result = pick(action)(action)
             except Exception as exc:  # the handler's failure is the action's outcome
-                frame = wire.encode_frame(wire.Raised(*_describe(exc)))
+                frame = _raised(exc)
             else:
                 frame = answer(result)
             budget -= len(frame)
             if budget < 0:
-                write(self.over_budget(frame))
-                if check_rss is None or not check_rss():
-                    self.cut(actions)
+                self.last(frame, actions)
                 break
             write(frame)
             if check_rss is not None and check_rss():
@@ -384,29 +378,40 @@ class _Runner:
     async def run_async(self, batch: wire.Batch) -> None:
         if self.retired:
             return
-        write = self.channel.write
-        check_rss = self.check_rss
         budget = self.batch_budget
         actions = iter(batch.actions)
         for action in actions:
-            try:
-                result = self.handlers.pick(action)(action)
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception as exc:  # the handler's failure is the action's outcome
-                frame = wire.encode_frame(wire.Raised(*_describe(exc)))
-            else:
-                frame = self.answer(result)
+            frame = await self._answer_async(action)
             budget -= len(frame)
-            if budget < 0:
-                write(self.over_budget(frame))
-                if check_rss is None or not check_rss():
-                    self.cut(actions)
-                break
-            write(frame)
-            if check_rss is not None and check_rss():
+            if self._written(frame, budget, actions):
                 break
         self.after_batch()
+
+    async def _answer_async(self, action: Any) -> bytes:
+        try:
+            result = self.handlers.pick(action)(action)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:  # the handler's failure is the action's outcome
+            return _raised(exc)
+        return self.answer(result)
+
+    def _written(self, frame: bytes, budget: int, rest: Iterator[Any]) -> bool:
+        """Write an action's answer, with `budget` left after it; True if the batch stops
+        here (`run_sync` does the same inline)."""
+        if budget < 0:
+            self.last(frame, rest)
+            return True
+        self.channel.write(frame)
+        return self.check_rss is not None and self.check_rss()
+
+    def last(self, frame: bytes, rest: Iterator[Any]) -> None:
+        """Write the answer that took the batch past its budget, and stop the batch there:
+        the actions left (if any) go back to the master (`Cut`), unless the worker is over
+        its memory limit and retires instead."""
+        self.channel.write(self.over_budget(frame))
+        if self.check_rss is None or not self.check_rss():
+            self.cut(rest)
 
     def cut(self, rest: Iterator[Any]) -> None:
         """The batch's results passed its budget: if any of its actions are left, they do
@@ -427,7 +432,8 @@ def _serve_sync(runner: _Runner, handlers: _Handlers) -> int:
             if isinstance(message, wire.Batch):
                 runner.run_sync(message)
             elif isinstance(message, _PartialBatch):
-                runner.run_partial(message)
+                for one in runner.split(message):
+                    runner.run_sync(one)
             else:
                 for hook in handlers.hooks("teardown"):
                     hook()
@@ -452,7 +458,8 @@ async def _serve_async(runner: _Runner, handlers: _Handlers, backend: str) -> in
             if isinstance(message, wire.Batch):
                 await runner.run_async(message)
             elif isinstance(message, _PartialBatch):
-                await runner.run_partial_async(message)
+                for one in runner.split(message):
+                    await runner.run_async(one)
             else:
                 for hook in handlers.hooks("teardown"):
                     if inspect.isawaitable(done := hook()):
@@ -536,6 +543,21 @@ def check(spec: wire.WorkerSpec) -> str | None:
     return None
 
 
+def run_with_spec(
+    argv: list[str] | None, spec_type: type[T], serve: Callable[[T], int], program: str
+) -> int:
+    """`python -m <program> SPEC_JSON`: serve the spec the master handed over (`argv`, or
+    the command line's); a usage line and 2 for anything else."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(
+            f"usage: python -m {program} SPEC_JSON  (started by the qoper8d master)",
+            file=sys.stderr,
+        )
+        return 2
+    return serve(msgspec.json.decode(args[0], type=spec_type))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "--check":
@@ -544,13 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
             return 1
         return 0
-    if len(args) != 1:
-        print(
-            "usage: python -m qoper8d.worker SPEC_JSON  (started by the qoper8d master)",
-            file=sys.stderr,
-        )
-        return 2
-    return serve(msgspec.json.decode(args[0], type=wire.WorkerSpec))
+    return run_with_spec(args, wire.WorkerSpec, serve, "qoper8d.worker")
 
 
 if __name__ == "__main__":

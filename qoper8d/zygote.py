@@ -242,14 +242,7 @@ def serve(spec: wire.ZygoteSpec) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(
-            "usage: python -m qoper8d.zygote SPEC_JSON  (started by the qoper8d master)",
-            file=sys.stderr,
-        )
-        return 2
-    return serve(msgspec.json.decode(args[0], type=wire.ZygoteSpec))
+    return worker.run_with_spec(argv, wire.ZygoteSpec, serve, "qoper8d.zygote")
 
 
 if __name__ == "__main__":
