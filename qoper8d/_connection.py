@@ -321,10 +321,7 @@ class Connection:
 
     async def _read(self) -> None:
         fd = self.fd
-        limit = self.config.max_message_bytes
-        buf = bytearray()
-        scanned = 0  # no newline in buf[:scanned]
-        partial_since: float | None = None
+        lines = _Lines(self.config.max_message_bytes)
         # After answering, poll for the client's next request for `pool.idle_spin` before
         # sleeping in epoll: a client sending one request at a time has it here within
         # tens of microseconds, and waking a sleeping daemon costs about as much again.
@@ -339,60 +336,54 @@ class Connection:
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
-                if not buf:
-                    if spin_until:
-                        if time.perf_counter() < spin_until:
-                            # Give this CPU to the client, if it is waiting for one.
-                            os.sched_yield()
-                            await trio.lowlevel.checkpoint()
-                            continue
-                        spin_until = 0.0
-                    await trio.lowlevel.wait_readable(fd)
-                    continue
-                # A partial line must be finished within server.read_timeout.
-                if partial_since is None:
-                    partial_since = trio.current_time()
-                with trio.move_on_at(partial_since + self.config.read_timeout) as waiting:
-                    await trio.lowlevel.wait_readable(fd)
-                if waiting.cancelled_caught:
-                    self.fatal(
-                        "read_timeout",
-                        f"a request line was not finished within {self.config.read_timeout:g}"
-                        " s (server.read_timeout)",
-                    )
+                if lines.partial_since is None:
+                    spin_until = await self._idle(spin_until)
+                elif not await self._rest_of_line(lines.partial_since):
                     return
                 continue
             except OSError:  # reset by the peer, say: it is gone
                 self.gone()
                 return
             if not data:
-                if buf:
+                if lines.partial_since is not None:
                     self.fatal("bad_request", "the connection ended inside a request line")
                     return
                 await self._ended()
                 return
-            buf += data
-            end = buf.rfind(b"\n", scanned)
-            if end < 0:
-                scanned = len(buf)
-                if len(buf) > limit:
-                    self.fatal("too_large", f"a request line is over {limit} bytes")
-                    return
-                continue
-            complete = bytes(buf[: end + 1])
-            del buf[: end + 1]
-            scanned = 0
-            partial_since = None
-            if not await self._requests(complete, limit):
+            chunk = lines.feed(data, trio.current_time())
+            if chunk and not await self._requests(chunk, lines.limit):
                 return
-            if self.spin:
+            if lines.too_long():
+                self.fatal("too_large", f"a request line is over {lines.limit} bytes")
+                return
+            if chunk and self.spin:
                 spin_until = time.perf_counter() + self.spin
-            if len(buf) > limit:
-                self.fatal("too_large", f"a request line is over {limit} bytes")
-                return
             if len(data) >= _BUSY_READ:
                 # Requests are streaming in: let everyone else run before reading on.
                 await trio.lowlevel.checkpoint()
+
+    async def _idle(self, spin_until: float) -> float:
+        """Nothing to read, no line begun: poll until `spin_until` (giving this CPU to the
+        client, if it waits for one), then wait in epoll. The polling time left."""
+        if spin_until and time.perf_counter() < spin_until:
+            os.sched_yield()
+            await trio.lowlevel.checkpoint()
+            return spin_until
+        await trio.lowlevel.wait_readable(self.fd)
+        return 0.0
+
+    async def _rest_of_line(self, since: float) -> bool:
+        """Wait for the rest of a line begun at `since`, within `server.read_timeout`;
+        False (and the fatal line sent) once the time is up."""
+        timeout = self.config.read_timeout
+        with trio.move_on_at(since + timeout):
+            await trio.lowlevel.wait_readable(self.fd)
+            return True
+        self.fatal(
+            "read_timeout",
+            f"a request line was not finished within {timeout:g} s (server.read_timeout)",
+        )
+        return False
 
     async def _requests(self, chunk: bytes, limit: int) -> bool:
         """Handle every complete line in `chunk`; False if the connection must close."""
@@ -489,6 +480,39 @@ class Connection:
             return
         while self.open and (self.pending or self.out):
             await self._wait_change()
+
+
+class _Lines:
+    """Request lines out of a byte stream, a chunk of complete ones at a time (sans-IO)."""
+
+    __slots__ = ("_buf", "_scanned", "limit", "partial_since")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._scanned = 0  # no newline in _buf[:_scanned]
+        #: When the line now partial began (None: no line begun).
+        self.partial_since: float | None = None
+
+    def feed(self, data: bytes, now: float) -> bytes:
+        """The complete lines `data` makes, as one chunk (b"" if none); the rest is kept."""
+        buf = self._buf
+        buf += data
+        end = buf.rfind(b"\n", self._scanned)
+        if end < 0:
+            self._scanned = len(buf)
+            if self.partial_since is None:
+                self.partial_since = now
+            return b""
+        chunk = bytes(buf[: end + 1])
+        del buf[: end + 1]
+        self._scanned = 0
+        self.partial_since = now if buf else None
+        return chunk
+
+    def too_long(self) -> bool:
+        """Whether the line begun is longer than a line may be already."""
+        return len(self._buf) > self.limit
 
 
 def _id_of(line: bytes) -> bytes:
