@@ -43,7 +43,7 @@ from qoper8d._pacer import Pacer, should_pace
 from qoper8d._process import ExitStatus, stop_worker
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import PoolConfig
-from qoper8d.errors import BadRequest, BadResult, HandlerError, PoolClosed, QueueFull, ShuttingDown
+from qoper8d.errors import BadRequest, BadResult, PoolClosed, QueueFull, ShuttingDown
 from qoper8d.monitor import relay
 
 __all__ = ["Engine", "State"]
@@ -94,6 +94,7 @@ class Engine:
         """Use new settings from now on (the size changes through the supervisor)."""
         self.config = config
         self.outcomes.config = config
+        self.outcomes.failures.rate = config.output_rate
         self.max_queue = config.max_queue
         self.idle_spin = config.idle_spin
         self.max_actions = config.max_actions_per_worker
@@ -511,7 +512,7 @@ class Engine:
         kind = type(m)
         end = self.outcomes.end
         if kind is wire.Raised:
-            end(inflight[pos], HandlerError(m.message, type=m.type, traceback=m.traceback), worker)
+            self.outcomes.raised(inflight[pos], worker, m)
             return pos + 1
         if kind is wire.Unencodable:
             end(

@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterable
 
 import structlog
 
+from qoper8d import wire
 from qoper8d._handle import Discard, Doom, WorkerHandle
 from qoper8d._jobqueue import JobQueue
 from qoper8d._jobs import Job, Sink
+from qoper8d._output import Bucket
 from qoper8d._process import ExitStatus
 from qoper8d.config import PoolConfig
 from qoper8d.errors import (
@@ -37,6 +39,9 @@ from qoper8d.stats import OUTCOMES
 __all__ = ["Outcomes"]
 
 log = structlog.get_logger("qoper8d.pool")
+
+#: Bytes of a failed action shown in its `action.failed` event.
+_ACTION_SHOWN = 300
 
 
 class Outcomes:
@@ -57,6 +62,8 @@ class Outcomes:
         self.discard = Discard()
         #: Outcomes so far by code; results are counted apart (`results`).
         self.counts = dict.fromkeys(OUTCOMES, 0)
+        #: `action.failed` events, at most `pool.output_rate` a second.
+        self.failures = Bucket(config.output_rate)
 
     def end(self, job: Job, err: ActionError, worker: WorkerHandle | None) -> None:
         if job.sink is not self.discard:
@@ -166,6 +173,23 @@ class Outcomes:
             )
             return False
         return True
+
+    def raised(self, job: Job, worker: WorkerHandle, m: wire.Raised) -> None:
+        """The handler raised running `job`: its outcome, and an `action.failed` event for
+        the operator (rate-limited like worker output; the traceback at debug level)."""
+        self.end(job, HandlerError(m.message, type=m.type, traceback=m.traceback), worker)
+        failures = self.failures
+        if not failures.take():
+            return
+        if failures.dropped:
+            log.warning("action.failed_dropped", events=failures.dropped)
+            failures.dropped = 0
+        about = {"slot": worker.slot, "pid": worker.pid}
+        action = job.payload[:_ACTION_SHOWN].decode("utf-8", "replace")
+        if len(job.payload) > _ACTION_SHOWN:
+            action += f" [... {len(job.payload) - _ACTION_SHOWN} more bytes]"
+        log.warning("action.failed", type=m.type, message=m.message[:1000], action=action, **about)
+        log.debug("action.failed.traceback", traceback=m.traceback, **about)
 
     def refused(self, job: Job, worker: WorkerHandle, why: str) -> None:
         """`worker` could not decode `job`'s action: our bug, not the handler's nor the

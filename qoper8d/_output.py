@@ -14,14 +14,16 @@ import os
 import structlog
 import trio
 
-__all__ = ["MAX_LINE", "pump_output"]
+__all__ = ["MAX_LINE", "Bucket", "pump_output"]
 
 log = structlog.get_logger("qoper8d.worker")
 
 MAX_LINE = 8192
 
 
-class _Bucket:
+class Bucket:
+    """At most `rate` events a second (0: all), the rest counted in `dropped`."""
+
     __slots__ = ("dropped", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float) -> None:
@@ -46,7 +48,7 @@ class _Bucket:
 
 async def pump_output(fd: int, stream: str, slot: int, pid: int, rate: float) -> None:
     """Read `fd` (a worker's stdout or stderr) until end-of-file, logging each line."""
-    bucket = _Bucket(rate)
+    bucket = Bucket(rate)
     partial = b""
     reported = trio.current_time()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+import msgspec
 import structlog
 import trio
 
@@ -336,7 +337,7 @@ class Supervisor:
             slot.worker = None
         launched = trio.current_time()
         try:
-            proc = await self.launcher.launch(self.spec)
+            proc = await self.launcher.launch(msgspec.structs.replace(self.spec, slot=slot.index))
         except OSError as exc:
             # Out of descriptors (EMFILE) or processes (EAGAIN), most likely: a start that
             # failed, retried with backoff like any other — never the end of the daemon.

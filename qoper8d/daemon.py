@@ -63,6 +63,13 @@ def _sd_notify(message: str) -> None:
         log.warning("daemon.notify_failed", error=str(exc))
 
 
+def _set_title(title: str) -> None:
+    """What `ps` shows for this process."""
+    import setproctitle
+
+    setproctitle.setproctitle(title)
+
+
 class Daemon:
     """Runs the service until it is told to stop. `run()` raises what prevents a start:
     `WorkerStartError`, `SocketInUse`; and `RestartIntensityExceeded` if the pool fails."""
@@ -169,6 +176,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         cfg = self.config
+        _set_title(f"qoper8d: master {cfg.server.socket_path()}")
         preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
         async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
             self._pool = pool

@@ -178,6 +178,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: Stop a batch (`Cut`) once its results pass this many bytes, so that a batch of
     #: actions with unexpectedly large results never piles up in the master.
     batch_result_bytes: int = 1 << 20
+    #: The pool's slot it serves in (its process title says so).
+    slot: int = -1
 
 
 # -- master <-> fork server ----------------------------------------------------------------------

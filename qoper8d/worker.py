@@ -207,12 +207,14 @@ def _decode_frame(line: bytes) -> wire.FromMaster | _PartialBatch:
     return _PartialBatch(actions)
 
 
-def set_process_name(name: str) -> None:
-    """Name this process in `ps -o comm`, `top` and /proc (15 bytes at most)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes  # the fork server has it loaded; spawned workers pay
+def set_process_name(name: str, title: str) -> None:
+    """Name this process: `name` in `ps -o comm`, `top` and /proc/PID/stat (15 bytes at
+    most), `title` in `ps` and /proc/PID/cmdline (setproctitle)."""
+    with contextlib.suppress(Exception):  # a name is a courtesy: never a reason to fail
+        import setproctitle
 
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+        setproctitle.setproctitle(title)
+        setproctitle.setthreadtitle(name[:15])
 
 
 def _exit_lost_master() -> NoReturn:
@@ -505,7 +507,7 @@ def _run_async(coro_fn: Callable[[], Any], backend: str) -> int:
 def serve(spec: wire.WorkerSpec) -> int:
     """Run a worker described by `spec`; returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    set_process_name("qoper8d-worker")
+    set_process_name("qoper8d-worker", f"qoper8d: worker {spec.slot} {spec.handler}")
     arm_lifeline(spec.lifeline_fd)
     # A fatal signal (SIGSEGV in a C extension) dumps the Python stack to stderr, which the
     # master logs next to the worker's exit event.

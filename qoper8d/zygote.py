@@ -202,7 +202,7 @@ def _stop_strays(workers: set[int]) -> None:
 
 def serve(spec: wire.ZygoteSpec) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker.set_process_name("qoper8d-forksrv")
+    worker.set_process_name("qoper8d-forksrv", "qoper8d: fork server")
     _become_subreaper()
     worker.arm_lifeline(spec.lifeline_fd)
     worker.extend_path(spec.handler_path)

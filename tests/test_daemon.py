@@ -463,3 +463,19 @@ def test_unknown_fields_are_ignored_and_ids_echo_exactly(short_tmp: Path) -> Non
         raw = json.dumps({"id": 1, "op": "submit", "action": action})
         c.send(raw.encode() + b"\n")
         assert c.receive() == {"id": 1, "ok": True, "result": action}
+
+
+def test_ps_tells_the_master_the_fork_server_and_each_worker_apart(short_tmp: Path) -> None:
+    def title(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+    with running_daemon(short_tmp, pool={"size": 2}) as d, Connection(d.socket) as c:
+        status = c.request({"id": 1, "op": "status"})["result"]
+        assert title(d.proc.pid) == f"qoper8d: master {d.socket}"
+        for worker in status["workers"]:
+            expected = f"qoper8d: worker {worker['slot']} handlers.crash:handle"
+            assert title(worker["pid"]) == expected
+            forkserver = int(
+                Path(f"/proc/{worker['pid']}/stat").read_text().split(")")[1].split()[1]
+            )
+            assert title(forkserver) == "qoper8d: fork server"

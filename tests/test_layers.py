@@ -18,7 +18,13 @@ import qoper8d
 
 PACKAGE = Path(qoper8d.__file__).parent
 #: What the worker and the fork server may import, besides the standard library.
-CHILD_ALLOWED = {"msgspec", "qoper8d.wire", "qoper8d.errors", "qoper8d._version"}
+CHILD_ALLOWED = {
+    "msgspec",
+    "setproctitle",
+    "qoper8d.wire",
+    "qoper8d.errors",
+    "qoper8d._version",
+}
 #: What the children import as the package itself: its face, run before any submodule.
 CHILDREN = {"worker", "zygote"}
 
