@@ -12,6 +12,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Iterable,
     Iterator,
 )
@@ -288,10 +289,12 @@ class AsyncClient:
         return_exceptions: bool = False,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        on_wait: Callable[[], object] | None = None,
     ) -> AsyncGenerator[Any, None]:
-        """See `Client.map`; `actions` may be an async iterable too."""
+        """See `Client.map`; `actions` may be an async iterable too, and `on_wait` is called
+        (a plain function, not awaited) each time the next result is not in yet."""
         _check_window(window)
-        return self._map(actions, window, return_exceptions, timeout, max_attempts)
+        return self._map(actions, window, return_exceptions, timeout, max_attempts, on_wait)
 
     async def _map(
         self,
@@ -300,6 +303,7 @@ class AsyncClient:
         return_exceptions: bool,
         timeout: float | None,
         max_attempts: int | None,
+        on_wait: Callable[[], object] | None,
     ) -> AsyncGenerator[Any, None]:
         conn = await self._connection()
         fields = _submit_fields(timeout, max_attempts)
@@ -328,6 +332,8 @@ class AsyncClient:
                 if not pending:
                     return
                 head = collector.head = pending[0]
+                if head not in responses and on_wait is not None:
+                    on_wait()
                 while head not in responses:
                     if conn.failure is not None:
                         raise _again(conn.failure)

@@ -4,7 +4,9 @@ Both speak docs/protocol.md and nothing else, so they show what any client has t
 
 - Requests carry ids from a counter; responses come in any order and are matched by id.
   Many requests share one connection, so `map` pipelines: it keeps up to `window` submits
-  in flight, writes the ones it has queued in one go, and yields results in input order.
+  in flight, writes the ones it has queued in one go, and yields results in input order;
+  its `on_wait` hook runs whenever the next result is not in yet (`qoper8ctl submit`
+  flushes its output and redraws its progress bar there).
 - An error response becomes the `qoper8d` exception for its code (`error_from_wire`), so
   a caller catches `qoper8d.WorkerLost` exactly as an in-process caller of the pool does.
 - Failing to reach the daemon is a `ConnectError`: `NotRunning` (no socket, nothing
@@ -292,6 +294,7 @@ class Client:
         return_exceptions: bool = False,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        on_wait: Callable[[], object] | None = None,
     ) -> Generator[Any, None, None]:
         """Run `actions` (consumed lazily) and yield their results in order, pipelined.
 
@@ -299,9 +302,14 @@ class Client:
         position, or yielded in its place with `return_exceptions` (refusals such as
         `QueueFull` too); losing the daemon always raises. Leaving early cancels the rest.
         `timeout` and `max_attempts` apply to every action, as in `submit`.
+
+        `on_wait`, if given, is called with no arguments each time the map is about to wait
+        for the daemon because the next result is not in yet: the moment to flush output
+        buffered from earlier results or redraw a progress report (`qoper8ctl submit` does
+        both there). It is not called while results are already waiting to be yielded.
         """
         _check_window(window)
-        return self._map(actions, window, return_exceptions, timeout, max_attempts, None)
+        return self._map(actions, window, return_exceptions, timeout, max_attempts, on_wait)
 
     def _map(
         self,
@@ -310,10 +318,8 @@ class Client:
         return_exceptions: bool,
         timeout: float | None,
         max_attempts: int | None,
-        on_block: Callable[[], None] | None,
+        on_wait: Callable[[], object] | None,
     ) -> Generator[Any, None, None]:
-        """`map`, plus `on_block`: called whenever the next result is not in yet (qoper8ctl
-        flushes its output and redraws its progress bar there)."""
         conn = self._connection()
         fields = _submit_fields(timeout, max_attempts)
         ids = self._ids
@@ -336,8 +342,8 @@ class Client:
                     return
                 head = pending[0]
                 if head not in responses:
-                    if on_block is not None:
-                        on_block()
+                    if on_wait is not None:
+                        on_wait()
                     conn.pump(partial(responses.__contains__, head), None)
                 response = responses.pop(pending.popleft())
                 if response.ok:
