@@ -1,137 +1,78 @@
 """The async client: `open_client()` and `AsyncClient`, on anyio (trio or asyncio).
 
-See `qoper8d.client` for how the clients behave.
+See `qoper8d.client` for how the clients behave. This is the anyio loop around
+`qoper8d._protocol`: a reader and a writer task per connection, and tasks waiting on
+events for the ids they want.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Iterable,
     Iterator,
 )
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
-from qoper8d._client_common import (
-    _CLOSE_GRACE,
-    _RECV_SIZE,
-    RequestId,
-    StrPath,
-    _again,
-    _cancel_line,
-    _check_window,
-    _connect_error,
-    _error,
-    _LineDecoder,
-    _outcome,
-    _request_line,
-    _Response,
-    _submit_fields,
-    _submit_line,
-    _timed_out,
-    resolve_socket_path,
-)
-from qoper8d.errors import (
-    ConnectError,
-    Qoper8Error,
-)
+from qoper8d import _connect, _ops
+from qoper8d._connect import StrPath, resolve_socket_path
+from qoper8d._protocol import ClientProtocol, FixedWindow, MapRun, RequestId, again, closed
+from qoper8d.errors import Qoper8Error
 
 __all__ = ["AsyncClient", "open_client"]
 
-
-# -- async -------------------------------------------------------------------------------------
-
-
-class _Waiter(Protocol):
-    def deliver(self, response: _Response) -> None: ...
-
-    def fail(self) -> None: ...
-
-
-class _Slot:
-    """Where one request's response lands."""
-
-    __slots__ = ("event", "response")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.response: _Response | None = None
-
-    def deliver(self, response: _Response) -> None:
-        self.response = response
-        self.event.set()
-
-    def fail(self) -> None:
-        self.event.set()
-
-
-class _Collector:
-    """Where one `map`'s responses land; its task is woken only for the one it waits for."""
-
-    def __init__(self) -> None:
-        self.responses: dict[RequestId, _Response] = {}
-        self.head: RequestId | None = None
-        self.event: anyio.Event | None = None
-
-    def deliver(self, response: _Response) -> None:
-        self.responses[response.id] = response  # type: ignore[index]  # never None here
-        if response.id == self.head and self.event is not None:
-            self.event.set()
-
-    def fail(self) -> None:
-        if self.event is not None:
-            self.event.set()
+T = TypeVar("T")
 
 
 class _AsyncConnection:
-    """One stream to the daemon, served by a reader and a writer task.
+    """One stream to the daemon and its `ClientProtocol`, served by a reader and a writer.
 
     Both run shielded, in `scope`, and stop only when `close()` says so: when the caller's
     block is cancelled, the cancels its abandoned submits just queued must still be sent.
     """
 
-    def __init__(self, stream: anyio.abc.SocketStream, path: Path) -> None:
+    def __init__(self, stream: anyio.abc.SocketStream, protocol: ClientProtocol) -> None:
         self.stream = stream
-        self.path = path
-        self.waiters: dict[RequestId, _Waiter] = {}
-        self.out: list[bytes] = []
-        self.wake = anyio.Event()
-        self.failure: Qoper8Error | None = None
+        self.protocol = protocol
+        self.wakers: dict[RequestId, anyio.Event] = {}  # the ids tasks are waiting for now
+        self.wake = anyio.Event()  # the writer's: there is something to send
         self.scope = anyio.CancelScope(shield=True)
-        self.closing = False
         self.written = anyio.Event()  # the writer is done: all sent, or the daemon gone
         self.read = anyio.Event()  # the reader is done: the daemon hung up
 
-    def queue(self, line: bytes, rid: RequestId, waiter: _Waiter) -> None:
-        """Queue a request whose response goes to `waiter`."""
-        if self.failure is not None:
-            raise _again(self.failure)
-        self.waiters[rid] = waiter
-        self.queue_nowait(line)
+    def flush(self) -> None:
+        """Have the writer send whatever the protocol queued (it takes all of it at once)."""
+        if self.protocol.out:
+            self.wake.set()
 
-    def queue_nowait(self, line: bytes) -> None:
-        """Queue a line nobody waits on (a cancel), unless the connection is gone already."""
-        if self.failure is None:
-            self.out.append(line)
-            if len(self.out) == 1:  # the writer takes the whole list each time it wakes
-                self.wake.set()
+    async def wait(self, rid: RequestId) -> None:
+        """Until the response to `rid` is in; raises the connection's failure if it ends
+        first."""
+        protocol = self.protocol
+        while rid not in protocol.responses:
+            if protocol.failure is not None:
+                raise again(protocol.failure)
+            event = self.wakers[rid] = anyio.Event()
+            try:
+                await event.wait()
+            finally:
+                self.wakers.pop(rid, None)
 
-    def fail(self, failure: Qoper8Error) -> None:
-        if self.failure is None:
-            self.failure = failure
-            waiters, self.waiters = self.waiters, {}
-            for waiter in {id(w): w for w in waiters.values()}.values():
-                waiter.fail()
+    def lost(self, failure: Qoper8Error) -> None:
+        self.protocol.connection_lost(failure)
+        wakers, self.wakers = self.wakers, {}
+        for event in wakers.values():
+            event.set()
 
     async def serve(self) -> None:
         try:
@@ -141,15 +82,15 @@ class _AsyncConnection:
                     await self._read()
                     tasks.cancel_scope.cancel()
         finally:
-            self.fail(ConnectError("the client is closed", path=str(self.path)))
+            self.lost(closed(self.protocol.path))
             await anyio.aclose_forcefully(self.stream)
 
     async def close(self) -> None:
-        """Close cleanly, as `_Connection.close` does, then stop both tasks."""
-        if self.failure is None:
-            self.closing = True
+        """Close cleanly, as `Client.close` does, then stop both tasks."""
+        if self.protocol.failure is None:
+            self.protocol.closing = True
             self.wake.set()
-            with anyio.move_on_after(_CLOSE_GRACE):
+            with anyio.move_on_after(_connect.CLOSE_GRACE):
                 await self.written.wait()
                 with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     await self.stream.send_eof()
@@ -157,43 +98,38 @@ class _AsyncConnection:
         self.scope.cancel()
 
     async def _write(self) -> None:
+        protocol = self.protocol
         try:
-            while self.out or not self.closing:
-                if not self.out:
+            while protocol.out or not protocol.closing:
+                if not protocol.out:
                     await self.wake.wait()
                     self.wake = anyio.Event()
                     continue
-                data = b"".join(self.out)
-                self.out.clear()
-                await self.stream.send(data)
+                await self.stream.send(protocol.data_to_send())
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             # The daemon hung up; the reader reads its last words and fails the waiters.
-            pass
+            protocol.cannot_send()
         finally:
             self.written.set()
 
     async def _read(self) -> None:
-        decoder = _LineDecoder(self.path)
+        protocol = self.protocol
         while True:
             try:
-                data = await self.stream.receive(_RECV_SIZE)
+                data = await self.stream.receive(_connect.RECV_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 data = b""
-            if not data:
-                closed = ConnectError("the client is closed", path=str(self.path))
-                self.fail(closed if self.closing else decoder.ended())
+            responses = protocol.receive_data(data)
+            if protocol.failure is not None:
+                self.lost(protocol.failure)
                 self.read.set()
                 return
-            try:
-                responses = decoder.feed(data)
-            except ConnectError as exc:
-                self.fail(exc)
-                return
-            waiters = self.waiters
-            for response in responses:
-                waiter = waiters.pop(response.id, None)  # type: ignore[arg-type]
-                if waiter is not None:
-                    waiter.deliver(response)
+            wakers = self.wakers
+            if wakers:
+                for response in responses:
+                    event = wakers.pop(response.id, None)  # type: ignore[arg-type]
+                    if event is not None:
+                        event.set()
 
 
 async def _connect_stream(path: Path, timeout: float | None) -> anyio.abc.SocketStream:
@@ -201,7 +137,22 @@ async def _connect_stream(path: Path, timeout: float | None) -> anyio.abc.Socket
         with anyio.fail_after(timeout):
             return await anyio.connect_unix(path)
     except OSError as exc:  # TimeoutError included
-        raise _connect_error(exc, path, timeout) from None
+        raise _connect.connect_error(exc, path, timeout) from None
+
+
+async def _fill(run: MapRun, source: AsyncIterator[Any], conn: _AsyncConnection) -> int | None:
+    """`run.fill` from an async source: each submit goes out as soon as its action comes."""
+    room = run.room()
+    while room > 0:
+        try:
+            action = await anext(source)
+        except StopAsyncIteration:
+            run.exhausted()
+            break
+        run.submit(action)
+        conn.flush()
+        room -= 1
+    return run.head()
 
 
 class AsyncClient:
@@ -210,75 +161,64 @@ class AsyncClient:
     waiting in `submit` cancels its action in the daemon too."""
 
     def __init__(
-        self, path: Path, timeout: float | None, tasks: anyio.abc.TaskGroup, conn: _AsyncConnection
+        self,
+        path: Path,
+        timeout: float | None,
+        tasks: anyio.abc.TaskGroup,
+        stream: anyio.abc.SocketStream,
     ) -> None:
         self.path = path
         self.timeout = timeout
         self._tasks = tasks
         self._ids = itertools.count(1)
-        self._conn = conn
+        self._conn = self._serve(stream)
         self._connecting = anyio.Lock()
         self._closed = False
 
+    def _serve(self, stream: anyio.abc.SocketStream) -> _AsyncConnection:
+        conn = _AsyncConnection(stream, ClientProtocol(self.path, self._ids))
+        self._tasks.start_soon(conn.serve)
+        return conn
+
     async def _connection(self) -> _AsyncConnection:
-        conn = self._conn
-        if conn.failure is None:
-            return conn
+        if self._conn.protocol.failure is None:
+            return self._conn
         async with self._connecting:
             if self._closed:
-                raise ConnectError("the client is closed", path=str(self.path))
-            if self._conn.failure is not None:
-                stream = await _connect_stream(self.path, self.timeout)
-                self._conn = _AsyncConnection(stream, self.path)
-                self._tasks.start_soon(self._conn.serve)
+                raise closed(self.path)
+            if self._conn.protocol.failure is not None:
+                self._conn = self._serve(await _connect_stream(self.path, self.timeout))
             return self._conn
 
-    async def _call(
-        self, op: str, params: dict[str, Any] | None = None, *, bounded: bool = True
-    ) -> Any:
+    async def _call(self, request: _ops.Request[T]) -> T:
+        op, body = request
         conn = await self._connection()
-        rid = next(self._ids)
-        slot = _Slot()
-        conn.queue(_request_line(rid, op, params or {}), rid, slot)
-        return await self._wait(conn, rid, slot, self.timeout if bounded else None, False)
-
-    async def _wait(
-        self,
-        conn: _AsyncConnection,
-        rid: int,
-        slot: _Slot,
-        timeout: float | None,
-        cancel_on_exit: bool,
-    ) -> Any:
+        protocol = conn.protocol
+        rid = protocol.send(body)
+        conn.flush()
+        timeout = self.timeout if op.bounded else None
         answered = False
         try:
             with anyio.fail_after(timeout):
-                await slot.event.wait()
+                await conn.wait(rid)
             answered = True
         except TimeoutError:
-            raise _timed_out(self.path, timeout) from None
+            raise _connect.timed_out(self.path, timeout) from None
         finally:
-            if not answered and conn.waiters.pop(rid, None) is not None and cancel_on_exit:
-                conn.queue_nowait(_cancel_line(next(self._ids), rid))
-        if slot.response is None:
-            assert conn.failure is not None
-            raise _again(conn.failure)
-        return _outcome(slot.response)
+            # Timed out, lost, or cancelled: a cancelled submit cancels its action.
+            if not answered and protocol.give_up((rid,), cancel=op.cancels):
+                conn.flush()
+        return protocol.outcome(rid, op)
 
     async def hello(self) -> dict[str, Any]:
         """See `Client.hello`."""
-        result: dict[str, Any] = await self._call("hello")
-        return result
+        return await self._call(_ops.hello())
 
     async def submit(
         self, action: Any, *, timeout: float | None = None, max_attempts: int | None = None
     ) -> Any:
         """See `Client.submit`. Cancelling the caller cancels the action."""
-        conn = await self._connection()
-        rid = next(self._ids)
-        slot = _Slot()
-        conn.queue(_submit_line(rid, _submit_fields(timeout, max_attempts), action), rid, slot)
-        return await self._wait(conn, rid, slot, None, True)
+        return await self._call(_ops.submit(action, timeout, max_attempts))
 
     def map(
         self,
@@ -288,92 +228,67 @@ class AsyncClient:
         return_exceptions: bool = False,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        on_wait: Callable[[], object] | None = None,
     ) -> AsyncGenerator[Any, None]:
-        """See `Client.map`; `actions` may be an async iterable too."""
-        _check_window(window)
-        return self._map(actions, window, return_exceptions, timeout, max_attempts)
+        """See `Client.map`; `actions` may be an async iterable too, and `on_wait` is called
+        (a plain function, not awaited) each time the next result is not in yet."""
+        run = MapRun(FixedWindow(window), return_exceptions, timeout, max_attempts)
+        return self._map(actions, run, on_wait)
 
     async def _map(
         self,
         actions: Iterable[Any] | AsyncIterable[Any],
-        window: int,
-        return_exceptions: bool,
-        timeout: float | None,
-        max_attempts: int | None,
+        run: MapRun,
+        on_wait: Callable[[], object] | None,
     ) -> AsyncGenerator[Any, None]:
         conn = await self._connection()
-        fields = _submit_fields(timeout, max_attempts)
-        ids = self._ids
-        collector = _Collector()
-        responses = collector.responses
-        pending: deque[int] = deque()
+        run.start(conn.protocol)
+        responses = conn.protocol.responses
         if isinstance(actions, AsyncIterable):
             asource: AsyncIterator[Any] | None = aiter(actions)
             source: Iterator[Any] = iter(())
         else:
             asource = None
             source = iter(actions)
-        more = True
         try:
             while True:
-                while more and len(pending) < window:
-                    try:
-                        action = await anext(asource) if asource is not None else next(source)
-                    except (StopIteration, StopAsyncIteration):
-                        more = False
-                        break
-                    rid = next(ids)
-                    conn.queue(_submit_line(rid, fields, action), rid, collector)
-                    pending.append(rid)
-                if not pending:
+                head = run.fill(source) if asource is None else await _fill(run, asource, conn)
+                if head is None:
                     return
-                head = collector.head = pending[0]
-                while head not in responses:
-                    if conn.failure is not None:
-                        raise _again(conn.failure)
-                    collector.event = anyio.Event()
-                    await collector.event.wait()
-                collector.event = None
-                response = responses.pop(pending.popleft())
-                if response.ok:
-                    yield response.result
-                elif return_exceptions:
-                    yield _error(response)
-                else:
-                    raise _error(response)
+                conn.flush()
+                if head not in responses:
+                    if on_wait is not None:
+                        on_wait()
+                    await conn.wait(head)
+                yield run.take()
         finally:
             # No awaits here: this may run as the generator is collected, outside any task.
-            for rid in pending:
-                if responses.pop(rid, None) is None and conn.waiters.pop(rid, None) is not None:
-                    conn.queue_nowait(_cancel_line(next(ids), rid))
+            if run.abandon():
+                conn.flush()
 
     async def cancel(self, target_id: RequestId) -> bool:
         """See `Client.cancel`."""
-        result: dict[str, Any] = await self._call("cancel", {"target": target_id})
-        return bool(result.get("cancelled"))
+        return await self._call(_ops.cancel(target_id))
 
     async def status(self) -> dict[str, Any]:
         """See `Client.status`."""
-        result: dict[str, Any] = await self._call("status")
-        return result
+        return await self._call(_ops.status())
 
     async def scale(self, size: int) -> dict[str, Any]:
         """See `Client.scale`."""
-        result: dict[str, Any] = await self._call("scale", {"size": size})
-        return result
+        return await self._call(_ops.scale(size))
 
     async def reload(self) -> list[str]:
         """See `Client.reload`."""
-        result: dict[str, Any] = await self._call("reload", bounded=False)
-        return [str(line) for line in result.get("changed", [])]
+        return await self._call(_ops.reload())
 
     async def drain(self) -> None:
         """See `Client.drain`."""
-        await self._call("drain", bounded=False)
+        await self._call(_ops.drain())
 
     async def shutdown(self, grace: float | None = None) -> None:
         """See `Client.shutdown`."""
-        await self._call("shutdown", {} if grace is None else {"grace": float(grace)})
+        await self._call(_ops.shutdown(grace))
 
     def __repr__(self) -> str:
         return f"AsyncClient({os.fspath(self.path)!r})"
@@ -392,11 +307,10 @@ async def open_client(
     the connection; requests still waiting in other tasks then raise `ConnectError`.
     """
     path = resolve_socket_path(socket, config)
-    conn = _AsyncConnection(await _connect_stream(path, timeout), path)
+    stream = await _connect_stream(path, timeout)
     error: Exception | None = None
     async with anyio.create_task_group() as tasks:
-        client = AsyncClient(path, timeout, tasks, conn)
-        tasks.start_soon(conn.serve)
+        client = AsyncClient(path, timeout, tasks, stream)
         try:
             yield client
         except Exception as exc:

@@ -4,7 +4,9 @@ Both speak docs/protocol.md and nothing else, so they show what any client has t
 
 - Requests carry ids from a counter; responses come in any order and are matched by id.
   Many requests share one connection, so `map` pipelines: it keeps up to `window` submits
-  in flight, writes the ones it has queued in one go, and yields results in input order.
+  in flight, writes the ones it has queued in one go, and yields results in input order;
+  its `on_wait` hook runs whenever the next result is not in yet (`qoper8ctl submit`
+  flushes its output and redraws its progress bar there).
 - An error response becomes the `qoper8d` exception for its code (`error_from_wire`), so
   a caller catches `qoper8d.WorkerLost` exactly as an in-process caller of the pool does.
 - Failing to reach the daemon is a `ConnectError`: `NotRunning` (no socket, nothing
@@ -23,9 +25,16 @@ Both speak docs/protocol.md and nothing else, so they show what any client has t
   `cancel` for its action. Closing a client (leaving `open_client`'s block, even a
   cancelled one) sends such cancels first and ends the connection cleanly: it shuts down
   its sending side and reads until the daemon, having answered, hangs up (for at most
-  `_CLOSE_GRACE` seconds).
+  `CLOSE_GRACE` seconds, in `qoper8d._connect`).
 - A connection the daemon closed is replaced by a new one on the next request, so a
   long-lived client outlives a daemon restart; requests in flight on the old one fail.
+
+Both clients are I/O loops around one sans-IO protocol, in the manner of hypercorn's
+`protocol/h11.py` and its trio and asyncio servers: `qoper8d._protocol` holds a
+connection's state (ids, the responses waited for, the output buffer, decoding, a `map`'s
+window, order and abandonment, the cancels of requests given up on), and `qoper8d._ops`
+what each op sends and how its result reads. The clients differ only in how they move
+bytes and wait; finding the socket and explaining a failed connect is `qoper8d._connect`.
 
 The blocking client keeps its socket non-blocking and waits with poll(2) for readable *or*
 writable, never for one alone: a client blocked writing a large batch while the daemon
@@ -42,85 +51,48 @@ import os
 import select
 import socket as socketlib
 import time
-from collections import deque
-from collections.abc import (
-    Callable,
-    Generator,
-    Iterable,
-)
+from collections.abc import Callable, Generator, Iterable
 from contextlib import suppress
 from functools import partial
-from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
+from qoper8d import _connect, _ops
 from qoper8d._aclient import AsyncClient, open_client
-from qoper8d._client_common import (
-    _CLOSE_GRACE,
-    _MAX_IOV,
-    _RECV_SIZE,
-    RequestId,
-    StrPath,
-    _again,
-    _cancel_line,
-    _check_window,
-    _connect_error,
-    _error,
-    _LineDecoder,
-    _outcome,
-    _request_line,
-    _Response,
-    _submit_fields,
-    _submit_line,
-    _timed_out,
-    resolve_socket_path,
-)
-from qoper8d.errors import (
-    ConnectError,
-    Qoper8Error,
-)
+from qoper8d._connect import StrPath, resolve_socket_path
+from qoper8d._protocol import ClientProtocol, FixedWindow, MapRun, RequestId, again, closed
+from qoper8d.errors import Qoper8Error
 
 __all__ = ["AsyncClient", "Client", "open_client", "resolve_socket_path"]
 
+T = TypeVar("T")
 
-# -- blocking ----------------------------------------------------------------------------------
+#: Buffers per sendmsg(2), under Linux's IOV_MAX of 1024.
+_MAX_IOV = 512
 
 
 class _Connection:
-    """One socket to the daemon: lines waiting to be sent, responses waiting to be claimed.
+    """One socket to the daemon, and its `ClientProtocol`: the poll(2) loop that moves the
+    bytes between them."""
 
-    Only responses to ids in `wanted` are kept; the rest (cancels, requests given up on)
-    are dropped as they arrive.
-    """
-
-    def __init__(self, sock: socketlib.socket, path: Path) -> None:
+    def __init__(self, sock: socketlib.socket, protocol: ClientProtocol) -> None:
         self.sock = sock
-        self.path = path
+        self.protocol = protocol
         self.fd = sock.fileno()
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLIN)
-        self.out: list[bytes] = []
-        self.sent = 0  # bytes of out[0] already written
-        self.decoder = _LineDecoder(path)
-        self.wanted: set[RequestId] = set()
-        self.responses: dict[RequestId, _Response] = {}
-        self.failure: Qoper8Error | None = None
-
-    def queue(self, line: bytes, rid: RequestId | None = None) -> None:
-        self.out.append(line)
-        if rid is not None:
-            self.wanted.add(rid)
 
     def pump(self, ready: Callable[[], bool], deadline: float | None) -> bool:
-        """Write queued lines and read responses until `ready()`; False if `deadline`
-        (a `time.monotonic()` value) passed first. Raises if the connection is lost."""
+        """Send and receive until `ready()`; False if `deadline` (a `time.monotonic()`
+        value) passed first. Raises the connection's failure if it is lost."""
+        protocol = self.protocol
         poller = self.poller
-        if self.out:
+        if protocol.out:
             # The socket is almost always writable: try before asking poll(2).
             self._send()
         while not ready():
-            if self.failure is not None:
-                raise _again(self.failure)
+            if protocol.failure is not None:
+                raise again(protocol.failure)
             if deadline is None:
                 wait: float | None = None
             else:
@@ -128,7 +100,9 @@ class _Connection:
                 if left <= 0:
                     return False
                 wait = math.ceil(left * 1000)
-            poller.modify(self.fd, select.POLLIN | select.POLLOUT if self.out else select.POLLIN)
+            poller.modify(
+                self.fd, select.POLLIN | select.POLLOUT if protocol.out else select.POLLIN
+            )
             for _, events in poller.poll(wait):
                 if events & select.POLLOUT:
                     self._send()
@@ -136,9 +110,18 @@ class _Connection:
                     self._receive()
         return True
 
+    def flush(self, deadline: float | None) -> None:
+        """Best effort: send what is queued (the cancels of abandoned submits, say) by
+        `deadline`. Never raises: it runs on the way out of another exception."""
+        protocol = self.protocol
+        if protocol.failure is None and protocol.out:
+            with suppress(Qoper8Error):
+                self.pump(lambda: not protocol.out, deadline)
+
     def _send(self) -> None:
-        out = self.out
-        first = memoryview(out[0])[self.sent :]
+        protocol = self.protocol
+        out = protocol.out
+        first = memoryview(out[0])[protocol.sent :]
         try:
             if len(out) == 1:
                 count = self.sock.send(first, socketlib.MSG_NOSIGNAL)
@@ -147,61 +130,38 @@ class _Connection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            # The daemon hung up. Send nothing more, but keep reading: its last words (an
-            # error line with id null, say `forbidden`) may still be waiting to be read.
-            out.clear()
-            self.sent = 0
+            protocol.cannot_send()
             return
-        count += self.sent
-        done = 0
-        for line in out:
-            if count < len(line):
-                break
-            count -= len(line)
-            done += 1
-        del out[:done]
-        self.sent = count
+        protocol.written(count)
 
     def _receive(self) -> None:
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            data = self.sock.recv(_connect.RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if not data:
-            self.fail(self.decoder.ended())
-            return
-        try:
-            responses = self.decoder.feed(data)
-        except ConnectError as exc:
-            self.fail(exc)
-            return
-        wanted = self.wanted
-        for response in responses:
-            if response.id in wanted:
-                wanted.discard(response.id)
-                self.responses[response.id] = response
-
-    def fail(self, failure: Qoper8Error) -> None:
-        if self.failure is None:
-            self.failure = failure
+        self.protocol.receive_data(data)
+        if self.protocol.failure is not None:
             self.sock.close()
 
     def close(self) -> None:
-        """Close cleanly, within `_CLOSE_GRACE` seconds: send what is queued (cancels of
+        """Close cleanly, within `CLOSE_GRACE` seconds: send what is queued (cancels of
         abandoned submits, say), say we are done (SHUT_WR), read until the daemon hangs up.
 
         Closing a Unix socket with answers still unread in it resets the other end; the
         daemon answers the last requests and closes first, so that never happens here.
         """
-        if self.failure is None:
-            deadline = time.monotonic() + _CLOSE_GRACE
+        protocol = self.protocol
+        if protocol.failure is None:
+            deadline = time.monotonic() + _connect.CLOSE_GRACE
             with suppress(Qoper8Error, OSError):
-                if self.pump(lambda: not self.out, deadline):
+                if self.pump(lambda: not protocol.out, deadline):
+                    protocol.closing = True
                     self.sock.shutdown(socketlib.SHUT_WR)
-                    self.pump(lambda: self.failure is not None, deadline)
-        self.fail(ConnectError("the client is closed", path=str(self.path)))
+                    self.pump(lambda: protocol.failure is not None, deadline)
+        protocol.connection_lost(closed(protocol.path))
+        self.sock.close()
 
 
 class Client:
@@ -233,37 +193,43 @@ class Client:
             sock.connect(os.fspath(self.path))
         except OSError as exc:
             sock.close()
-            raise _connect_error(exc, self.path, self.timeout) from None
+            raise _connect.connect_error(exc, self.path, self.timeout) from None
         sock.setblocking(False)
-        return _Connection(sock, self.path)
+        return _Connection(sock, ClientProtocol(self.path, self._ids))
 
     def _connection(self) -> _Connection:
         if self._closed:
-            raise ConnectError("the client is closed", path=str(self.path))
+            raise closed(self.path)
         conn = self._conn
-        if conn is None or conn.failure is not None:
+        if conn is None or conn.protocol.failure is not None:
             conn = self._conn = self._connect()
         return conn
 
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
 
-    def _call(self, op: str, params: dict[str, Any] | None = None, *, bounded: bool = True) -> Any:
+    def _call(self, request: _ops.Request[T]) -> T:
+        op, body = request
         conn = self._connection()
-        rid = next(self._ids)
-        conn.queue(_request_line(rid, op, params or {}), rid)
-        responses = conn.responses
-        if not conn.pump(lambda: rid in responses, self._deadline() if bounded else None):
-            conn.wanted.discard(rid)
-            raise _timed_out(self.path, self.timeout)
-        return _outcome(responses.pop(rid))
+        protocol = conn.protocol
+        rid = protocol.send(body)
+        try:
+            ready = partial(protocol.responses.__contains__, rid)
+            if not conn.pump(ready, self._deadline() if op.bounded else None):
+                raise _connect.timed_out(self.path, self.timeout)
+        except BaseException:
+            # Timed out, lost, or interrupted (Ctrl-C): an interrupted submit is cancelled,
+            # as a cancelled one is in the async client.
+            if protocol.give_up((rid,), cancel=op.cancels):
+                conn.flush(self._deadline())
+            raise
+        return protocol.outcome(rid, op)
 
     # -- operations --------------------------------------------------------------------
 
     def hello(self) -> dict[str, Any]:
         """The daemon's protocol and version, its pid, its ops and its line limit."""
-        result: dict[str, Any] = self._call("hello")
-        return result
+        return self._call(_ops.hello())
 
     def submit(
         self, action: Any, *, timeout: float | None = None, max_attempts: int | None = None
@@ -273,16 +239,7 @@ class Client:
         `timeout` limits how long it may *run* (0: no limit; default `pool.action_timeout`);
         `max_attempts` overrides `pool.max_attempts` for it.
         """
-        conn = self._connection()
-        rid = next(self._ids)
-        conn.queue(_submit_line(rid, _submit_fields(timeout, max_attempts), action), rid)
-        responses = conn.responses
-        try:
-            conn.pump(lambda: rid in responses, None)
-        except BaseException:
-            self._abandon(conn, [rid])  # interrupted (Ctrl-C): cancel it, as the async one does
-            raise
-        return _outcome(responses.pop(rid))
+        return self._call(_ops.submit(action, timeout, max_attempts))
 
     def map(
         self,
@@ -292,6 +249,7 @@ class Client:
         return_exceptions: bool = False,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        on_wait: Callable[[], object] | None = None,
     ) -> Generator[Any, None, None]:
         """Run `actions` (consumed lazily) and yield their results in order, pipelined.
 
@@ -299,98 +257,63 @@ class Client:
         position, or yielded in its place with `return_exceptions` (refusals such as
         `QueueFull` too); losing the daemon always raises. Leaving early cancels the rest.
         `timeout` and `max_attempts` apply to every action, as in `submit`.
+
+        `on_wait`, if given, is called with no arguments each time the map is about to wait
+        for the daemon because the next result is not in yet: the moment to flush output
+        buffered from earlier results or redraw a progress report (`qoper8ctl submit` does
+        both there). It is not called while results are already waiting to be yielded.
         """
-        _check_window(window)
-        return self._map(actions, window, return_exceptions, timeout, max_attempts, None)
+        run = MapRun(FixedWindow(window), return_exceptions, timeout, max_attempts)
+        return self._map(actions, run, on_wait)
 
     def _map(
         self,
         actions: Iterable[Any],
-        window: int,
-        return_exceptions: bool,
-        timeout: float | None,
-        max_attempts: int | None,
-        on_block: Callable[[], None] | None,
+        run: MapRun,
+        on_wait: Callable[[], object] | None,
     ) -> Generator[Any, None, None]:
-        """`map`, plus `on_block`: called whenever the next result is not in yet (qoper8ctl
-        flushes its output and redraws its progress bar there)."""
         conn = self._connection()
-        fields = _submit_fields(timeout, max_attempts)
-        ids = self._ids
-        responses = conn.responses
-        pending: deque[int] = deque()
+        run.start(conn.protocol)
+        responses = conn.protocol.responses
         source = iter(actions)
-        more = True
+        fill = run.fill
+        take = run.take
         try:
-            while True:
-                while more and len(pending) < window:
-                    try:
-                        action = next(source)
-                    except StopIteration:
-                        more = False
-                        break
-                    rid = next(ids)
-                    conn.queue(_submit_line(rid, fields, action), rid)
-                    pending.append(rid)
-                if not pending:
-                    return
-                head = pending[0]
+            while (head := fill(source)) is not None:
                 if head not in responses:
-                    if on_block is not None:
-                        on_block()
+                    if on_wait is not None:
+                        on_wait()
                     conn.pump(partial(responses.__contains__, head), None)
-                response = responses.pop(pending.popleft())
-                if response.ok:
-                    yield response.result
-                elif return_exceptions:
-                    yield _error(response)
-                else:
-                    raise _error(response)
+                yield take()
         finally:
-            if pending:
-                self._abandon(conn, pending)
-
-    def _abandon(self, conn: _Connection, pending: Iterable[int]) -> None:
-        """Cancel submits nobody waits for any more, and drop their responses."""
-        for rid in pending:
-            if conn.responses.pop(rid, None) is None and rid in conn.wanted:
-                conn.wanted.discard(rid)
-                conn.queue(_cancel_line(next(self._ids), rid))
-        if conn.failure is None and conn.out:
-            # Best effort: the cancels are worth sending now, but never worth an exception
-            # that would hide the one that brought us here.
-            with suppress(Qoper8Error):
-                conn.pump(lambda: not conn.out, self._deadline())
+            if run.abandon():
+                conn.flush(self._deadline())
 
     def cancel(self, target_id: RequestId) -> bool:
         """Cancel an earlier submit on this connection; True if it had not ended yet."""
-        result: dict[str, Any] = self._call("cancel", {"target": target_id})
-        return bool(result.get("cancelled"))
+        return self._call(_ops.cancel(target_id))
 
     def status(self) -> dict[str, Any]:
         """The pool snapshot, as `qoper8ctl status --json` prints it."""
-        result: dict[str, Any] = self._call("status")
-        return result
+        return self._call(_ops.status())
 
     def scale(self, size: int) -> dict[str, Any]:
         """Change the number of workers; returns once the pool has `size` of them:
         `{"size": n}`, or `{"size": n, "superseded": True}` when a later resize overtook
         this one (n is then the size the pool had)."""
-        result: dict[str, Any] = self._call("scale", {"size": size})
-        return result
+        return self._call(_ops.scale(size))
 
     def reload(self) -> list[str]:
         """Re-read the daemon's configuration file; the changed keys, one line each."""
-        result: dict[str, Any] = self._call("reload", bounded=False)
-        return [str(line) for line in result.get("changed", [])]
+        return self._call(_ops.reload())
 
     def drain(self) -> None:
         """Wait until every accepted action has ended; the daemon then stops."""
-        self._call("drain", bounded=False)
+        self._call(_ops.drain())
 
     def shutdown(self, grace: float | None = None) -> None:
         """Ask the daemon to stop gracefully (running actions get `grace` seconds)."""
-        self._call("shutdown", {} if grace is None else {"grace": float(grace)})
+        self._call(_ops.shutdown(grace))
 
     # -- life ----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """`qoper8ctl`: one command to a running qoper8d, and an exit code that says how it went.
 
 `ctl_main(argv=None) -> int` is the console script's entry point (also reachable as
-`qoper8d.cli.ctl_main`). It speaks to the daemon through the blocking `qoper8d.Client`.
+`qoper8d.cli.ctl_main`). It speaks to the daemon through the public API of the blocking
+`qoper8d.Client`.
 """
 
 from __future__ import annotations
@@ -444,8 +445,13 @@ def _submit_stream(client: Client, args: argparse.Namespace) -> int:
     window = 1 if stdin.isatty() else max(1, args.window)
     encode = msgspec.json.encode
     try:
-        for result in client._map(
-            lines, window, True, args.action_timeout, args.max_attempts, results.flush
+        for result in client.map(
+            lines,
+            window=window,
+            return_exceptions=True,
+            timeout=args.action_timeout,
+            max_attempts=args.max_attempts,
+            on_wait=results.flush,  # nothing sits in a buffer, the bar moves, while we wait
         ):
             if isinstance(result, Qoper8Error):
                 results.add(b'{"error":%b}\n' % encode(result.to_wire()), failed=True)

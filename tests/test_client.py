@@ -89,6 +89,31 @@ def test_map_with_a_failing_action(short_tmp: Path) -> None:
         assert client.submit(ok(-1)) == ok(-1)
 
 
+class WaitLog:
+    """A map's results as they come, and how many had come each time it was about to wait."""
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+        self.waits: list[int] = []
+
+    def add(self, result: Any) -> None:
+        self.results.append(result)
+
+    def on_wait(self) -> None:
+        self.waits.append(len(self.results))
+
+
+def test_on_wait_runs_whenever_the_next_result_is_not_in(short_tmp: Path) -> None:
+    # With a window of 1 the next result is never in before its submit has gone out, so the
+    # hook runs once per action, after the results before it were yielded.
+    with running_daemon(short_tmp, **ECHO) as d, Client(d.socket, timeout=10) as client:
+        log = WaitLog()
+        for result in client.map(({"x": i} for i in range(20)), window=1, on_wait=log.on_wait):
+            log.add(result)
+        assert log.results == list(range(1, 21))
+        assert log.waits == list(range(20))
+
+
 def test_each_outcome_raises_its_error_class(short_tmp: Path) -> None:
     with running_daemon(short_tmp) as d, Client(d.socket, timeout=10) as client:
         with pytest.raises(HandlerError) as raised:
@@ -290,6 +315,21 @@ def test_open_client_under_asyncio(short_tmp: Path) -> None:
 
     with running_daemon(short_tmp) as d:
         anyio.run(main, d.socket, backend="asyncio")
+
+
+async def test_on_wait_in_the_async_client(short_tmp: Path) -> None:
+    async def actions() -> Any:
+        for i in range(20):
+            yield {"x": i}
+
+    with running_daemon(short_tmp, **ECHO) as d, trio.fail_after(30):
+        async with open_client(d.socket, timeout=10) as client:
+            for source in (({"x": i} for i in range(20)), actions()):
+                log = WaitLog()
+                async for result in client.map(source, window=1, on_wait=log.on_wait):
+                    log.add(result)
+                assert log.results == list(range(1, 21))
+                assert log.waits == list(range(20))
 
 
 async def test_cancelling_a_submit_cancels_the_action(short_tmp: Path) -> None:
