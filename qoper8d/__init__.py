@@ -14,7 +14,8 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 2 | `daemon` `ctl` | the service in one trio run; qoper8ctl's commands |
 | 3 | `control` | the control socket's server and its ops |
 | 4 | `_connection` | one client of the socket, as the server sees it |
-| 4 | `client` `_aclient` `_client_common` | the clients |
+| 4 | `client` `_aclient` | the clients: blocking, async (anyio) |
+| 4 | `_protocol` `_ops` `_connect` | their sans-IO protocol; each op once; finding the socket |
 | 5 | `pool` | open_pool() and Pool: the API over the engine and the supervisor |
 | 6 | `_supervise` | slots: start, watch, replace and stop workers |
 | 6 | `_classic` `_map` `_calls` | Q-Oper8's API and sessions; map; run |
@@ -26,6 +27,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `wire` `errors` `_version` | the channel's frames; the error tree; the version |
 | 11 | `_policy` `_fds` `_socketfile` | restart policy; descriptors; the socket's file |
 | 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
+| 11 | `_chunks` | output waiting as byte chunks, sent a prefix at a time |
 | worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
 """
 

@@ -36,6 +36,7 @@ import msgspec
 import structlog
 import trio
 
+from qoper8d._chunks import consume
 from qoper8d._jobs import Job
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ServerConfig
@@ -231,15 +232,9 @@ class Connection:
         self.progress_at = trio.current_time()
         self.unsent -= count
         out = self.out
-        done = 0
-        for chunk in out:
-            if count < len(chunk):
-                break
-            count -= len(chunk)
-            done += 1
-        del out[:done]
-        if count:
-            out[0] = out[0][count:]
+        rest = consume(out, count)
+        if rest:
+            out[0] = out[0][rest:]
         if self.held and self.unsent < self.max_unsent // 2:
             self.held = False
             self.front.release(self)

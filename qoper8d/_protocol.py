@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from qoper8d import _ops
+from qoper8d._chunks import consume
 from qoper8d.errors import ConnectError, NotRunning, Qoper8Error, error_from_wire
 
 __all__ = ["ClientProtocol", "FixedWindow", "MapRun", "RequestId", "Response", "Window"]
@@ -195,16 +196,7 @@ class ClientProtocol:
 
     def written(self, count: int) -> None:
         """`count` more bytes from the front of `out` were sent."""
-        out = self.out
-        count += self.sent
-        done = 0
-        for line in out:
-            if count < len(line):
-                break
-            count -= len(line)
-            done += 1
-        del out[:done]
-        self.sent = count
+        self.sent = consume(self.out, count + self.sent)
 
     def cannot_send(self) -> None:
         """The daemon takes nothing more (it hung up): drop `out`, but keep reading, for its

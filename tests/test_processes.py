@@ -206,7 +206,7 @@ async def test_the_pool_survives_its_fork_server_being_killed() -> None:
                 forkserver = parent_of(worker)
                 assert forkserver not in (zygote, os.getpid())
                 cmdline = await trio.Path(f"/proc/{forkserver}/cmdline").read_bytes()
-                assert b"qoper8d.zygote" in cmdline
+                assert cmdline.startswith(b"qoper8d: fork server")
     assert any(e["event"] == "forkserver.exit" for e in logs)
 
 
