@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["OUTCOMES", "PoolStatistics", "WorkerStatistics"]
+__all__ = [
+    "DURATION_BOUNDS",
+    "OUTCOMES",
+    "Durations",
+    "PoolStatistics",
+    "WorkerExit",
+    "WorkerStatistics",
+]
 
 #: Every way an accepted action can end, in the order `status` prints them.
 OUTCOMES: tuple[str, ...] = (
@@ -19,6 +26,35 @@ OUTCOMES: tuple[str, ...] = (
     "poisoned",
     "shutting_down",
 )
+
+#: Upper bounds, in seconds, of the buckets that count how long actions ran on a worker:
+#: powers of two from 4 µs to about 33 s, then one bucket for everything longer.
+DURATION_BOUNDS: tuple[float, ...] = tuple(2**k / 1_000_000 for k in range(2, 26))
+
+
+class Durations(msgspec.Struct, frozen=True, kw_only=True):
+    """How long actions ran on a worker, as counts per bucket of `DURATION_BOUNDS`."""
+
+    #: Actions per bucket (not cumulative): `len(DURATION_BOUNDS) + 1` counts, the last one
+    #: for actions longer than every bound. Empty until the first action is timed.
+    counts: tuple[int, ...] = ()
+    #: The sum of all timed actions' durations, in seconds.
+    total: float = 0.0
+
+
+class WorkerExit(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker process that ended, as the last few are remembered for operators."""
+
+    #: The slot it ran in.
+    slot: int
+    #: Its pid.
+    pid: int
+    #: Its exit code, or the name of the signal that ended it ("SIGKILL").
+    exit: int | str
+    #: Why it ended: "crash", "timeout", "cancelled", "retired", "stopped", ...
+    reason: str
+    #: When, in seconds since the epoch.
+    at: float
 
 
 class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +108,10 @@ class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     uptime: float
     #: One record per slot, by slot number.
     workers: tuple[WorkerStatistics, ...]
+    #: How long actions ran on workers, over the pool's life.
+    durations: Durations = Durations()
+    #: The most recent worker exits, oldest first (a bounded few).
+    recent_exits: tuple[WorkerExit, ...] = ()
 
     @property
     def healthy(self) -> bool:
