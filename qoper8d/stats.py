@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import msgspec
 
+from qoper8d.wire import DURATION_BOUNDS, ProtocolError, Timed, duration_bucket
+
 __all__ = [
     "DURATION_BOUNDS",
     "OUTCOMES",
+    "DurationCounts",
     "Durations",
     "PoolStatistics",
     "WorkerExit",
@@ -27,19 +30,41 @@ OUTCOMES: tuple[str, ...] = (
     "shutting_down",
 )
 
-#: Upper bounds, in seconds, of the buckets that count how long actions ran on a worker:
-#: powers of two from 4 µs to about 33 s, then one bucket for everything longer.
-DURATION_BOUNDS: tuple[float, ...] = tuple(2**k / 1_000_000 for k in range(2, 26))
-
-
 class Durations(msgspec.Struct, frozen=True, kw_only=True):
     """How long actions ran on a worker, as counts per bucket of `DURATION_BOUNDS`."""
 
     #: Actions per bucket (not cumulative): `len(DURATION_BOUNDS) + 1` counts, the last one
-    #: for actions longer than every bound. Empty until the first action is timed.
+    #: for actions longer than every bound (a pool's are always that many, zeros at first).
     counts: tuple[int, ...] = ()
     #: The sum of all timed actions' durations, in seconds.
     total: float = 0.0
+
+
+class DurationCounts:
+    """The pool's durations so far: the workers' `Timed` frames, merged as they come."""
+
+    __slots__ = ("counts", "total_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BOUNDS) + 1)
+        self.total_ns = 0
+
+    def add(self, timed: Timed) -> None:
+        """Merge one worker's frame; `ProtocolError` for one no honest worker sends (the
+        counts stay as they were)."""
+        pairs = timed.counts
+        if len(pairs) % 2 or len(pairs) > 128 or timed.total < 0:
+            raise ProtocolError(f"a malformed Timed frame: {len(pairs)} counts, {timed.total} ns")
+        bits, actions = pairs[::2], pairs[1::2]
+        if not all(0 <= b < 64 for b in bits) or not all(n > 0 for n in actions):
+            raise ProtocolError(f"a Timed frame with counts out of range: {pairs[:20]}")
+        counts = self.counts
+        for b, n in zip(bits, actions, strict=True):
+            counts[duration_bucket(b)] += n
+        self.total_ns += timed.total
+
+    def snapshot(self) -> Durations:
+        return Durations(counts=tuple(self.counts), total=self.total_ns / 1e9)
 
 
 class WorkerExit(msgspec.Struct, frozen=True, kw_only=True):

@@ -23,8 +23,10 @@ Master → worker: `Batch` (actions to run in order, one at a time), `Stop` (gra
 Worker → master: `Ready` (the handshake, after `setup()`), `StartFailed`, then exactly one of
 `Done` / `Raised` / `Unencodable` per action of a batch, in batch order, each written before
 the next action starts (so a dead worker's first unanswered action is the one that may have
-run), plus `Log` (the worker's own structured events), `Retire` (asks to be recycled) and
-`Cut` (the rest of this batch did not start: its results so far passed the batch's budget).
+run), plus `Log` (the worker's own structured events), `Retire` (asks to be recycled), `Cut`
+(the rest of this batch did not start: its results so far passed the batch's budget),
+`Timed` (how long the actions answered since the last `Timed` ran) and `Progress` (what
+the handler reported of the action now running: the next one to be answered).
 Handler output on stdout/stderr never touches the channel: it has descriptors of its own.
 """
 
@@ -35,7 +37,9 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "DURATION_BOUNDS",
     "MAX_FRAME",
+    "MAX_PROGRESS_BYTES",
     "Batch",
     "Cut",
     "Done",
@@ -43,6 +47,7 @@ __all__ = [
     "FromMaster",
     "FromWorker",
     "Log",
+    "Progress",
     "ProtocolError",
     "Raised",
     "RawBatch",
@@ -51,16 +56,26 @@ __all__ = [
     "Retire",
     "StartFailed",
     "Stop",
+    "Timed",
     "Unencodable",
     "WorkerSpec",
     "ZygoteSpec",
+    "duration_bucket",
     "encode_batch",
     "encode_frame",
+    "encode_timed",
     "join_done",
 ]
 
 #: The longest frame either side accepts; anything longer means the stream is corrupt.
 MAX_FRAME = 1 << 30
+#: The longest progress value (as JSON) a handler may report; a longer one is refused in the
+#: handler, and a `Progress` frame carrying one is a protocol error.
+MAX_PROGRESS_BYTES = 1 << 16
+
+#: Upper bounds, in seconds, of the buckets that count how long actions ran on a worker:
+#: powers of two from 4 µs to about 33 s, then one bucket for everything longer.
+DURATION_BOUNDS: tuple[float, ...] = tuple(2**k / 1_000_000 for k in range(2, 26))
 
 
 class ProtocolError(Exception):
@@ -158,6 +173,24 @@ class Cut(_Message, tag=17):
     The rest of the batch never started; the worker takes the next batch as usual."""
 
 
+class Progress(_Message, tag=19):
+    """The handler reported `value` (raw JSON text) on the action now running."""
+
+    value: msgspec.Raw
+
+
+class Timed(_Message, tag=30):
+    """How long the actions answered since the previous `Timed` ran in their handler: `total`
+    nanoseconds in all, and `counts` as flat pairs `[bits, actions, bits, actions, ...]`,
+    where `bits` is the bit length of `(ns - 1) // 1000`, an action's nanoseconds as whole
+    microseconds rounded up, minus one (see `duration_bucket`). A worker sends one with the
+    last answer of each batch, and with an earlier answer once its actions since the last
+    one ran for a millisecond or more; one per batch, whatever its length."""
+
+    total: int
+    counts: list[int]
+
+
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker process needs to start, handed to it by the master."""
 
@@ -216,7 +249,9 @@ class ZygoteSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 FromMaster = Batch | Stop
-FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Refused | Log | Retire | Cut
+FromWorker = (
+    Ready | StartFailed | Done | Raised | Unencodable | Refused | Log | Retire | Cut | Progress | Timed
+)
 ToZygote = Fork | Stop
 FromZygote = Ready | Forked | Exited | Log
 
@@ -236,6 +271,20 @@ def encode_batch(seq: int, actions: list[bytes]) -> bytes:
 def encode_done(result: bytes) -> bytes:
     """A `Done` frame from a result already encoded as JSON."""
     return b"[12,%b]\n" % result
+
+
+def encode_timed(total: int, counts: list[int]) -> bytes:
+    """A `Timed` frame (its fields as `Timed` has them)."""
+    return b"[30,%d,[%b]]\n" % (total, b",".join(b"%d" % n for n in counts))
+
+
+def duration_bucket(bits: int) -> int:
+    """The bucket, an index into `DURATION_BOUNDS` (its length: longer than every bound),
+    of actions counted under `bits` in a `Timed` frame. Such an action ran more than
+    `2**(bits-1)` and at most `2**bits` µs (to the nanosecond: the worker computes `bits`
+    in integers), so it lands in the bucket whose bound is `2**bits` µs, the first one if
+    that is below 4 µs, the last if it is past every bound."""
+    return min(max(bits - 2, 0), len(DURATION_BOUNDS))
 
 
 _DONE_START = b"[12,"
