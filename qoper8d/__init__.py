@@ -29,6 +29,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
 | 11 | `_chunks` | output waiting as byte chunks, sent a prefix at a time |
 | worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
+| worker | `_report` | what a worker reports besides results: durations, progress, errors |
 """
 
 from __future__ import annotations
@@ -63,14 +64,17 @@ from qoper8d.errors import (
 )
 
 if TYPE_CHECKING:
+    from qoper8d._report import progress
     from qoper8d.client import Client, open_client
     from qoper8d.config import PoolConfig, SupervisorConfig
     from qoper8d.pool import Pool, Session, open_pool
     from qoper8d.stats import PoolStatistics, WorkerStatistics
+    from qoper8d.wire import MAX_PROGRESS_BYTES
 
 from qoper8d._version import __version__
 
 __all__ = [
+    "MAX_PROGRESS_BYTES",
     "AccessDenied",
     "ActionCancelled",
     "ActionError",
@@ -105,6 +109,7 @@ __all__ = [
     "__version__",
     "open_client",
     "open_pool",
+    "progress",
 ]
 
 _LAZY = {
@@ -117,6 +122,9 @@ _LAZY = {
     "WorkerStatistics": "qoper8d.stats",
     "Client": "qoper8d.client",
     "open_client": "qoper8d.client",
+    # A worker's module: a handler importing it imports no trio.
+    "progress": "qoper8d._report",
+    "MAX_PROGRESS_BYTES": "qoper8d.wire",
 }
 
 

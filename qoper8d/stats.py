@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import msgspec
 
-from qoper8d.wire import DURATION_BOUNDS, ProtocolError, Timed, duration_bucket
+from qoper8d.wire import DURATION_BOUNDS, ProtocolError, Timed
 
 __all__ = [
     "DURATION_BOUNDS",
     "OUTCOMES",
+    "RECENT_EXITS",
     "DurationCounts",
     "Durations",
     "PoolStatistics",
@@ -30,6 +31,10 @@ OUTCOMES: tuple[str, ...] = (
     "shutting_down",
 )
 
+
+_decode_timed = msgspec.json.Decoder(Timed).decode
+
+
 class Durations(msgspec.Struct, frozen=True, kw_only=True):
     """How long actions ran on a worker, as counts per bucket of `DURATION_BOUNDS`."""
 
@@ -41,7 +46,8 @@ class Durations(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DurationCounts:
-    """The pool's durations so far: the workers' `Timed` frames, merged as they come."""
+    """The pool's durations so far: the workers' `Timed` frames, merged as they come (a
+    batch's worth of counts at a time, never an action at a time)."""
 
     __slots__ = ("counts", "total_ns")
 
@@ -53,18 +59,31 @@ class DurationCounts:
         """Merge one worker's frame; `ProtocolError` for one no honest worker sends (the
         counts stay as they were)."""
         pairs = timed.counts
-        if len(pairs) % 2 or len(pairs) > 128 or timed.total < 0:
-            raise ProtocolError(f"a malformed Timed frame: {len(pairs)} counts, {timed.total} ns")
-        bits, actions = pairs[::2], pairs[1::2]
-        if not all(0 <= b < 64 for b in bits) or not all(n > 0 for n in actions):
-            raise ProtocolError(f"a Timed frame with counts out of range: {pairs[:20]}")
         counts = self.counts
-        for b, n in zip(bits, actions, strict=True):
-            counts[duration_bucket(b)] += n
+        if len(pairs) % 2 or len(pairs) > 2 * len(counts) or timed.total < 0:
+            raise ProtocolError(f"a malformed Timed frame: {len(pairs)} counts, {timed.total} ns")
+        buckets, actions = pairs[::2], pairs[1::2]
+        if not all(0 <= b < len(counts) for b in buckets) or not all(n > 0 for n in actions):
+            raise ProtocolError(f"a Timed frame with counts out of range: {pairs[:20]}")
+        for b, n in zip(buckets, actions, strict=True):
+            counts[b] += n
         self.total_ns += timed.total
+
+    def add_frames(self, frames: list[bytes]) -> None:
+        """Merge `Timed` frames still undecoded (see `wire.split_timed`)."""
+        for frame in frames:
+            try:
+                timed = _decode_timed(frame)
+            except msgspec.DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            self.add(timed)
 
     def snapshot(self) -> Durations:
         return Durations(counts=tuple(self.counts), total=self.total_ns / 1e9)
+
+
+#: How many worker exits a pool remembers for `PoolStatistics.recent_exits`.
+RECENT_EXITS = 20
 
 
 class WorkerExit(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,8 +93,8 @@ class WorkerExit(msgspec.Struct, frozen=True, kw_only=True):
     slot: int
     #: Its pid.
     pid: int
-    #: Its exit code, or the name of the signal that ended it ("SIGKILL").
-    exit: int | str
+    #: Its exit code, or the name of the signal that ended it ("SIGKILL"); None if unknown.
+    exit: int | str | None
     #: Why it ended: "crash", "timeout", "cancelled", "retired", "stopped", ...
     reason: str
     #: When, in seconds since the epoch.
@@ -135,7 +154,7 @@ class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     workers: tuple[WorkerStatistics, ...]
     #: How long actions ran on workers, over the pool's life.
     durations: Durations = Durations()
-    #: The most recent worker exits, oldest first (a bounded few).
+    #: The most recent worker exits, oldest first: the last `RECENT_EXITS` (20).
     recent_exits: tuple[WorkerExit, ...] = ()
 
     @property

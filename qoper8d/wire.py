@@ -40,6 +40,7 @@ __all__ = [
     "DURATION_BOUNDS",
     "MAX_FRAME",
     "MAX_PROGRESS_BYTES",
+    "REPORT_INTERVAL",
     "Batch",
     "Cut",
     "Done",
@@ -60,18 +61,25 @@ __all__ = [
     "Unencodable",
     "WorkerSpec",
     "ZygoteSpec",
+    "bucket_of_bits",
     "duration_bucket",
     "encode_batch",
     "encode_frame",
+    "encode_progress",
     "encode_timed",
     "join_done",
+    "split_timed",
 ]
 
 #: The longest frame either side accepts; anything longer means the stream is corrupt.
 MAX_FRAME = 1 << 30
-#: The longest progress value (as JSON) a handler may report; a longer one is refused in the
-#: handler, and a `Progress` frame carrying one is a protocol error.
-MAX_PROGRESS_BYTES = 1 << 16
+#: The longest progress value (as JSON) a handler may report: a status, not a payload. A
+#: longer one raises `ValueError` in the handler; a `Progress` frame carrying one is a
+#: protocol error.
+MAX_PROGRESS_BYTES = 4096
+#: Seconds between a worker's unprompted reports: its `Timed` frames during a long batch,
+#: and the progress frames a handler's reports are coalesced into.
+REPORT_INTERVAL = 0.05
 
 #: Upper bounds, in seconds, of the buckets that count how long actions ran on a worker:
 #: powers of two from 4 µs to about 33 s, then one bucket for everything longer.
@@ -180,12 +188,12 @@ class Progress(_Message, tag=19):
 
 
 class Timed(_Message, tag=30):
-    """How long the actions answered since the previous `Timed` ran in their handler: `total`
-    nanoseconds in all, and `counts` as flat pairs `[bits, actions, bits, actions, ...]`,
-    where `bits` is the bit length of `(ns - 1) // 1000`, an action's nanoseconds as whole
-    microseconds rounded up, minus one (see `duration_bucket`). A worker sends one with the
-    last answer of each batch, and with an earlier answer once its actions since the last
-    one ran for a millisecond or more; one per batch, whatever its length."""
+    """How long the actions counted since the previous `Timed` ran on the worker: `total`
+    nanoseconds in all, and `counts` as flat pairs `[bucket, actions, bucket, actions,
+    ...]`, `bucket` an index into `DURATION_BOUNDS` (its length for actions longer than
+    every bound). A worker counts each action where it times it and sends one `Timed` just
+    before the answer that ends a batch (so a batch's last outcome never overtakes its
+    timings), and one mid-batch at most every `REPORT_INTERVAL` seconds."""
 
     total: int
     counts: list[int]
@@ -250,7 +258,17 @@ class ZygoteSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 FromMaster = Batch | Stop
 FromWorker = (
-    Ready | StartFailed | Done | Raised | Unencodable | Refused | Log | Retire | Cut | Progress | Timed
+    Ready
+    | StartFailed
+    | Done
+    | Raised
+    | Unencodable
+    | Refused
+    | Log
+    | Retire
+    | Cut
+    | Progress
+    | Timed
 )
 ToZygote = Fork | Stop
 FromZygote = Ready | Forked | Exited | Log
@@ -278,13 +296,54 @@ def encode_timed(total: int, counts: list[int]) -> bytes:
     return b"[30,%d,[%b]]\n" % (total, b",".join(b"%d" % n for n in counts))
 
 
-def duration_bucket(bits: int) -> int:
-    """The bucket, an index into `DURATION_BOUNDS` (its length: longer than every bound),
-    of actions counted under `bits` in a `Timed` frame. Such an action ran more than
-    `2**(bits-1)` and at most `2**bits` µs (to the nanosecond: the worker computes `bits`
-    in integers), so it lands in the bucket whose bound is `2**bits` µs, the first one if
-    that is below 4 µs, the last if it is past every bound."""
+def encode_progress(value: bytes) -> bytes:
+    """A `Progress` frame from a value already encoded as JSON."""
+    return b"[19,%b]\n" % value
+
+
+def duration_bucket(ns: int) -> int:
+    """The bucket (an index into `DURATION_BOUNDS`, its length past every bound) of an
+    action that ran `ns` nanoseconds: exact to the nanosecond, in integers. A worker counts
+    `((ns - 1) // 1000).bit_length()`, the least `k` with `2**k` µs >= `ns`, and maps it
+    here (`bucket_of_bits`) once per batch rather than once per action."""
+    return bucket_of_bits(((ns - 1) // 1000).bit_length())
+
+
+def bucket_of_bits(bits: int) -> int:
+    """The bucket of actions a worker counted under `bits` (see `duration_bucket`): the
+    bound `2**bits` µs is `DURATION_BOUNDS[bits - 2]`; below 4 µs is the first bucket."""
     return min(max(bits - 2, 0), len(DURATION_BOUNDS))
+
+
+_TIMED = b"[30,"
+_TIMED_SEAM = b"\n[30,"
+
+
+def _timed_after(chunk: bytes, offset: int) -> int:
+    """Where the first `Timed` frame after the newline at or past `offset` starts, or -1."""
+    at = chunk.find(_TIMED_SEAM, offset)
+    return at + 1 if at >= 0 else -1
+
+
+def split_timed(chunk: bytes) -> tuple[bytes, list[bytes]] | None:
+    """The complete frames of `chunk` without their `Timed` frames, and those (None if it
+    has none): what lets a read that ends a batch, its answers and one `Timed`, still take
+    `join_done`'s path. A frame starts `[30,` only if it is a `Timed` (no raw newline occurs
+    inside a frame, so `\\n[30,` is always a frame's start)."""
+    at = 0 if chunk.startswith(_TIMED) else _timed_after(chunk, 0)
+    if at < 0:
+        return None
+    rest: list[bytes] = []
+    timed: list[bytes] = []
+    start = 0
+    while at >= 0:
+        end = chunk.index(b"\n", at) + 1
+        rest.append(chunk[start:at])
+        timed.append(chunk[at:end])
+        start = end
+        at = _timed_after(chunk, end - 1)
+    rest.append(chunk[start:])
+    return b"".join(rest), timed
 
 
 _DONE_START = b"[12,"
