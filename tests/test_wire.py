@@ -171,7 +171,9 @@ def test_durations_merge_a_batch_at_a_time_and_refuse_what_no_worker_sends() -> 
     counts.add(wire.Timed(3000, [0, 2, 24, 1]))
     counts.add(wire.Timed(1000, [0, 1]))
     snap = counts.snapshot()
-    assert snap.counts[0] == 3 and snap.counts[24] == 1 and sum(snap.counts) == 4
+    assert snap.counts[0] == 3
+    assert snap.counts[24] == 1
+    assert sum(snap.counts) == 4
     assert len(snap.counts) == len(wire.DURATION_BOUNDS) + 1
     assert snap.total == pytest.approx(4e-6)
     for forged in ([0], [25, 1], [-1, 1], [0, 0], [0, -3], [0, 1] * 26):
