@@ -8,6 +8,7 @@
 | `{"mode": "flood", "n": n}`         | report 0 .. n-1 in a tight loop; return the seconds   |
 | `{"mode": "modules"}`               | report once; the names of the trio modules imported   |
 | `{"mode": "bad"}`                   | report what cannot be sent; the exceptions' types     |
+| `{"mode": "big", "bytes": n}`       | report nothing, return a string of n bytes            |
 | `{"mode": "quiet"}`                 | report nothing, return the action                     |
 """
 
@@ -50,6 +51,8 @@ def handle(action: dict[str, Any]) -> Any:
             except Exception as exc:
                 caught.append(type(exc).__name__)
         return caught
+    if mode == "big":
+        return "x" * int(action["bytes"])
     return action
 
 
