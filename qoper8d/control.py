@@ -31,6 +31,7 @@ import trio
 from qoper8d._connection import Connection, Request, error_line, result_line
 from qoper8d._fds import SPARE, connection_room, short_of_fds
 from qoper8d._socketfile import SocketInUse, bind, group_id, lock, removed, secure_directory, watch
+from qoper8d._systemd import socket_name
 from qoper8d._version import __version__
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ServerConfig
@@ -474,6 +475,7 @@ async def _serve_inherited(
             server.nursery = nursery
             nursery.start_soon(server.serve_changes)
             nursery.start_soon(server.accept_loop, listener, nursery)
+            log.info("control.listening", socket=socket_name(sock), inherited=True)
             task_status.started(server)
 
 

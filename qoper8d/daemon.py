@@ -173,6 +173,8 @@ class Daemon:
             await self._run()
         except BaseExceptionGroup as group:
             raise single_error(group) from None
+        finally:
+            self._systemd.close()
 
     async def _run(self) -> None:
         async with trio.open_nursery() as background:
