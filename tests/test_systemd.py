@@ -139,6 +139,11 @@ def test_socket_activation_serves_the_socket_as_handed_over(short_tmp: Path) -> 
             assert status["daemon"]["socket"] == str(path)
             # Every systemd variable reached the master; none reached a worker.
             keys = c.request({"id": 2, "op": "submit", "action": "environ"})["result"]
+            assert c.request({"id": 3, "op": "reload"})["ok"]
+        # RELOADING=1 then READY=1 (a watchdog ping may come in between).
+        reloading = service.notifications(until="READY=1")[:-1]
+        assert [m["RELOADING"] for m in reloading if "RELOADING" in m] == ["1"]
+        assert all(int(m["MONOTONIC_USEC"]) > 0 for m in reloading if "RELOADING" in m)
         assert SYSTEMD_VARIABLES.isdisjoint(keys)
         assert "PATH" in keys
         assert service.stop() == 0
