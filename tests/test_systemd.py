@@ -186,9 +186,14 @@ def test_a_handed_over_descriptor_that_cannot_serve_stops_the_start(
         theirs.close()
 
 
-def test_a_listen_pid_not_ours_is_ignored_and_unset() -> None:
+def test_variables_for_another_pid_are_ignored_and_unset() -> None:
     env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x", "HOME": "/"}
     assert listen_socket(env) is None
+    env.update(NOTIFY_SOCKET="@qoper8-test", WATCHDOG_USEC="1000000", WATCHDOG_PID="1")
+    notifier = Notifier.from_environ(env)
+    assert notifier.enabled
+    assert notifier.watchdog is None
+    notifier.close()
     assert env == {"HOME": "/"}
 
 
@@ -286,3 +291,17 @@ def test_the_unit_files_verify(tmp_path: Path) -> None:
     service = textwrap.dedent((ROOT / "etc" / "qoper8d.service").read_text())
     for line in ("Type=notify", "NotifyAccess=main", "KillMode=mixed", "Restart=on-failure"):
         assert f"\n{line}\n" in service
+
+
+def test_an_abstract_notify_socket_gets_one_bounded_status_line() -> None:
+    name = f"qoper8-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind("\0" + name)
+        notifier = Notifier("@" + name)
+        assert notifier.notify("READY=1", status="a line\nand another " + "x" * 500)
+        fields = receiver.recv(4096).decode().split("\n")
+        notifier.close()
+    assert fields[0] == "READY=1"
+    assert fields[1].startswith("STATUS=a line and another xxx")
+    assert fields[1].endswith("...")
+    assert len(fields[1].removeprefix("STATUS=").encode()) == 200
