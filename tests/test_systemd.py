@@ -63,7 +63,8 @@ def write_handler(directory: Path) -> dict[str, Any]:
 
 class Service(harness.Daemon):
     """`harness.Daemon` started as systemd would: `env` on top of ours and NOTIFY_SOCKET;
-    with `listener`, that socket handed over as fd 3 (LISTEN_FDS=1, LISTEN_PID its pid)."""
+    with `listener`, that socket handed over as fd 3 (LISTEN_FDS=1, LISTEN_PID its pid);
+    `prefix` execs the daemon (`systemd-socket-activate ...`)."""
 
     def __init__(
         self,
@@ -71,6 +72,7 @@ class Service(harness.Daemon):
         config: dict[str, Any],
         env: dict[str, str],
         listener: socket.socket | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.tmp = tmp
         self.config = config
@@ -83,7 +85,7 @@ class Service(harness.Daemon):
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(tmp / "notify"))
         env = {**os.environ, **env, "NOTIFY_SOCKET": str(tmp / "notify")}
-        command = [sys.executable, "-m", "qoper8d", "--config", str(self.config_path)]
+        command = [*prefix, sys.executable, "-m", "qoper8d", "--config", str(self.config_path)]
         if listener is not None:
             env.update(LISTEN_FDS="1", LISTEN_FDNAMES="qoper8d.socket")
             command = ["sh", "-c", ACTIVATE, "sh", *command]
@@ -123,43 +125,69 @@ def test_socket_activation_serves_the_socket_as_handed_over(short_tmp: Path) -> 
     # The socket as a socket unit makes it: bound and listening before the daemon exists,
     # with modes the daemon would never give one of its own (so a chmod would show).
     path = short_tmp / "activated.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(16)
-    os.chmod(path, 0o640)
-    before = os.stat(path)
-    config = base_config(short_tmp, pool=write_handler(short_tmp))
-    service = Service(short_tmp, config, {"WATCHDOG_USEC": "30000000"}, listener)
-    try:
-        ready = service.notifications(until="READY=1")[-1]
-        assert ready["MAINPID"] == str(service.proc.pid)
-        assert ready["STATUS"].startswith("serving: 2 workers")
-        with Connection(path) as c:
-            status = c.request({"id": 1, "op": "status"})["result"]
-            assert status["daemon"]["socket"] == str(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(16)
+        os.chmod(path, 0o640)
+        before = os.stat(path)
+        config = base_config(short_tmp, pool=write_handler(short_tmp))
+        service = Service(short_tmp, config, {"WATCHDOG_USEC": "30000000"}, listener)
+        try:
+            ready = service.notifications(until="READY=1")[-1]
+            assert ready["MAINPID"] == str(service.proc.pid)
+            assert ready["STATUS"].startswith("serving: 2 workers")
+            with open(f"/proc/{service.proc.pid}/environ", "rb") as f:
+                given = {entry.partition(b"=")[0].decode() for entry in f.read().split(b"\0")}
+            with Connection(path) as c:
+                status = c.request({"id": 1, "op": "status"})["result"]
+                assert status["daemon"]["socket"] == str(path)
+                keys = c.request({"id": 2, "op": "submit", "action": "environ"})["result"]
+                assert c.request({"id": 3, "op": "reload"})["ok"]
             # Every systemd variable reached the master; none reached a worker.
-            keys = c.request({"id": 2, "op": "submit", "action": "environ"})["result"]
-            assert c.request({"id": 3, "op": "reload"})["ok"]
-        # RELOADING=1 then READY=1 (a watchdog ping may come in between).
-        reloading = service.notifications(until="READY=1")[:-1]
-        assert [m["RELOADING"] for m in reloading if "RELOADING" in m] == ["1"]
-        assert all(int(m["MONOTONIC_USEC"]) > 0 for m in reloading if "RELOADING" in m)
-        assert SYSTEMD_VARIABLES.isdisjoint(keys)
-        assert "PATH" in keys
+            assert given >= SYSTEMD_VARIABLES
+            assert SYSTEMD_VARIABLES.isdisjoint(keys)
+            assert "PATH" in keys
+            # RELOADING=1 then READY=1 (a watchdog ping may come in between).
+            reloading = service.notifications(until="READY=1")[:-1]
+            assert [m["RELOADING"] for m in reloading if "RELOADING" in m] == ["1"]
+            assert all(int(m["MONOTONIC_USEC"]) > 0 for m in reloading if "RELOADING" in m)
+            assert service.stop() == 0
+            assert service.notifications(until="STOPPING=1")
+        finally:
+            service.close()
+        # Never locked against, bound, chmod-ed or unlinked: the file is the one we made,
+        # and server.socket's path was never touched.
+        after = os.stat(path)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+        assert not service.socket.exists()
+        assert not Path(f"{service.socket}.lock").exists()
+        # Still listening for the next daemon: a client now waits in the backlog.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="no systemd here")
+def test_systemds_own_socket_activation(short_tmp: Path) -> None:
+    """The same through the tool systemd ships, which sets the variables its own way."""
+    path = short_tmp / "activated.sock"
+    # Its children get no environment but what it is told to pass.
+    activate = ("systemd-socket-activate", "--listen", str(path), "--setenv=NOTIFY_SOCKET")
+    service = Service(short_tmp, base_config(short_tmp), {}, prefix=activate)
+    try:
+        # It execs the daemon only once a client knocks: the client waits in the backlog.
+        with service._changed:
+            assert service._changed.wait_for(
+                lambda: any("Listening" in x for x in service.lines), 20
+            )
+        with Connection(path) as c:
+            service.notifications(until="READY=1")
+            ok = {"mode": "ok"}
+            assert c.request({"id": 1, "op": "submit", "action": ok})["result"] == ok
         assert service.stop() == 0
-        assert service.notifications(until="STOPPING=1")
     finally:
         service.close()
-    # Never locked against, bound, chmod-ed or unlinked: the file is the one we made, and
-    # server.socket's path was never touched.
-    after = os.stat(path)
-    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert path.exists()
     assert not service.socket.exists()
-    assert not Path(f"{service.socket}.lock").exists()
-    # Still listening for the next daemon: a client now waits in the backlog.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.connect(str(path))
-    listener.close()
 
 
 @pytest.mark.parametrize(
