@@ -5,7 +5,9 @@ so a client that can connect can be served. The socket path is checked before th
 worker starts, though (its length, its directory, what is in the way, the lock), so a path
 that cannot work fails the start at once, not after every worker was started for nothing.
 Then `daemon.started` (the banner, unless `monitor.silent_start`) and, under systemd
-(`NOTIFY_SOCKET`), READY=1.
+(`NOTIFY_SOCKET`), READY=1, then a watchdog ping every half `WATCHDOG_USEC` while the pool's
+nursery answers (see `_systemd`). A control socket systemd hands over (`LISTEN_FDS`) is used
+as it is, and nothing about `server.socket` is checked then.
 
 Stopping: SIGTERM, SIGINT, the `shutdown` op or the end of a `drain` closes intake (new
 submissions end `shutting_down`), lets running and queued work finish for
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ import trio
 
 from qoper8d._fds import ensure_fd_limit, open_fd_count
 from qoper8d._socketfile import group_id, preflight
+from qoper8d._systemd import Notifier, listen_socket, serve_watchdog, socket_name, status_line
 from qoper8d._version import __version__
 from qoper8d.config import Config, changes, load_config
 from qoper8d.control import ControlServer, serve_control
@@ -47,20 +52,6 @@ def config_changes(old: Config, new: Config) -> list[str]:
 
 def _section_changes(old: Config, new: Config, name: str) -> list[str]:
     return changes(getattr(old, name), getattr(new, name), name)
-
-
-def _sd_notify(message: str) -> None:
-    """Tell systemd (or whoever set NOTIFY_SOCKET) how we are doing."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:  # the socket too: out of descriptors, systemd goes without news, not the daemon down
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as exc:
-        log.warning("daemon.notify_failed", error=str(exc))
 
 
 def _set_title(title: str) -> None:
@@ -84,6 +75,14 @@ class Daemon:
         self._grace: float | None = None
         self._graceful: trio.CancelScope | None = None
         self._reloading = trio.Lock()
+        # systemd's hand-over first, before anything opens a descriptor that could take fd 3
+        # had systemd passed none; both take their variables out of the environment.
+        self._listener = listen_socket()
+        self._systemd = Notifier.from_environ()
+        #: The control socket's path, as `status` reports it.
+        self.socket = (
+            socket_name(self._listener) if self._listener else str(config.server.socket_path())
+        )
 
     # -- the control hooks -----------------------------------------------------------------
 
@@ -93,7 +92,7 @@ class Daemon:
         snapshot["daemon"] = {
             "pid": os.getpid(),
             "version": __version__,
-            "socket": str(self.config.server.socket_path()),
+            "socket": self.socket,
             "config": str(self.config_path) if self.config_path else None,
             # Leak indicators an operator (and the fault tests) can watch over time.
             "connections": len(self._control.connections) if self._control else 0,
@@ -126,7 +125,7 @@ class Daemon:
         assert self._pool is not None
         if self.config_path is None:
             return []
-        async with self._reloading:
+        async with self._reloading, self._told_reloading():
             new = load_config(self.config_path)
             ensure_fd_limit(new.pool.size, self.config.server.max_connections)
             applied = await self._pool.reconfigure(new.pool, new.supervisor)
@@ -141,6 +140,17 @@ class Daemon:
             if notes:
                 log.info("daemon.reloaded", changes=notes)
             return notes
+
+    @asynccontextmanager
+    async def _told_reloading(self) -> AsyncIterator[None]:
+        """RELOADING=1 for systemd while a reload runs; READY=1 once it is over, applied or
+        refused (the daemon serves on either way)."""
+        assert self._pool is not None
+        self._systemd.reloading()
+        try:
+            yield
+        finally:
+            self._systemd.ready(status_line(self._pool.statistics()))
 
     async def drain(self) -> None:
         assert self._pool is not None
@@ -163,6 +173,8 @@ class Daemon:
             await self._run()
         except BaseExceptionGroup as group:
             raise single_error(group) from None
+        finally:
+            self._systemd.close()
 
     async def _run(self) -> None:
         async with trio.open_nursery() as background:
@@ -176,26 +188,43 @@ class Daemon:
 
     async def _serve(self) -> None:
         cfg = self.config
-        _set_title(f"qoper8d: master {cfg.server.socket_path()}")
-        preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
+        _set_title(f"qoper8d: master {self.socket}")
+        if self._listener is None:
+            preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
+        else:  # systemd's: server.socket only says where qoper8ctl --config looks
+            log.info("daemon.socket_inherited", socket=self.socket, fd=self._listener.fileno())
         async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
             self._pool = pool
             async with trio.open_nursery() as nursery:
-                self._control = await nursery.start(serve_control, pool, self, cfg.server)
+                serve = partial(serve_control, inherited=self._listener)
+                self._control = await nursery.start(serve, pool, self, cfg.server)
                 nursery.start_soon(
                     serve_snapshots, self.status, lambda: self.config.monitor.interval
                 )
                 if not cfg.monitor.silent_start:
                     self._banner()
-                _sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {pool.size} workers")
+                self._systemd_ready(pool, nursery)
                 await self._stop.wait()
-                _sd_notify("STOPPING=1")
                 await self._stop_gracefully(pool)
                 nursery.cancel_scope.cancel()
+
+    def _systemd_ready(self, pool: Pool, nursery: trio.Nursery) -> None:
+        """READY=1 (the socket accepts work now), then the watchdog and STATUS= updates."""
+        if not self._systemd.enabled:
+            return
+        self._systemd.ready(status_line(pool.statistics()))
+
+        def status() -> str:
+            if self._reloading.locked():
+                return "reloading the configuration"
+            return status_line(pool.statistics())
+
+        nursery.start_soon(serve_watchdog, self._systemd, pool.heartbeat, status)
 
     async def _stop_gracefully(self, pool: Pool) -> None:
         grace = self.config.pool.grace_period if self._grace is None else self._grace
         log.info("daemon.stopping", grace_period=grace)
+        self._systemd.stopping(f"stopping: {grace:g} s for the work accepted to finish")
         if self._control is not None:
             self._control.refuse_changes()
         with trio.move_on_after(grace) as self._graceful:
@@ -231,7 +260,7 @@ class Daemon:
             "daemon.started",
             version=__version__,
             pid=os.getpid(),
-            socket=str(cfg.server.socket_path()),
+            socket=self.socket,
             config=str(self.config_path) if self.config_path else None,
             size=cfg.pool.size,
             handler=cfg.pool.handler,
