@@ -24,7 +24,14 @@ import trio
 
 from qoper8d._wakeup import Wakeup
 
-__all__ = ["LogWriter", "configure_logging", "level_number", "relay", "serve_snapshots"]
+__all__ = [
+    "LogWriter",
+    "configure_logging",
+    "level_number",
+    "relay",
+    "serve_snapshots",
+    "set_level",
+]
 
 #: Lines held for a slow stderr before new ones are dropped.
 MAX_BACKLOG = 10_000
@@ -32,6 +39,11 @@ MAX_BACKLOG = 10_000
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 #: Keys of a log event that fields relayed from another process must not overwrite.
 _OWN_KEYS = frozenset({"event", "level", "slot", "pid", "timestamp", "exc_info"})
+
+
+def set_level(name: str) -> None:
+    """Log from level `name` up from now on (a reload's `monitor.log_level`)."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level_number(name)))
 
 
 def level_number(name: str) -> int:

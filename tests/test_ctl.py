@@ -328,3 +328,48 @@ def test_stop(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert capsys.readouterr().out == "stopping (grace 1 s)\n"
         assert d.wait() == 0
         d.wait_event("daemon.stopping", lambda e: e.get("grace_period") == 1.0)
+
+
+def test_qoper8_socket_names_the_socket(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qoper8d import Client
+
+    elsewhere = short_tmp / "elsewhere.sock"
+    other = short_tmp / "other.toml"
+    other.write_text(tomli_w.dumps({"server": {"socket": str(short_tmp / "from-config.sock")}}))
+    with running_daemon(short_tmp) as d:
+        monkeypatch.setenv("QOPER8_SOCKET", str(d.socket))
+        assert ctl_main(["status"]) == CTL_OK
+        # It beats --config's server.socket...
+        assert ctl_main(["--config", str(other), "status"]) == CTL_OK
+        with Client() as client:
+            assert client.status()["daemon"]["socket"] == str(d.socket)
+        capsys.readouterr()
+
+        # ...and --socket beats it.
+        monkeypatch.setenv("QOPER8_SOCKET", str(elsewhere))
+        assert ctl_main(["--socket", str(d.socket), "status"]) == CTL_OK
+        assert ctl_main(["status"]) == CTL_NOT_RUNNING
+        assert capsys.readouterr().err == f"no daemon: no socket at {elsewhere}\n"
+        # A --config file is still read (a bad one is reported) though the variable wins.
+        assert ctl_main(["--config", str(short_tmp / "typo.toml"), "status"]) == CTL_USAGE
+        assert "typo.toml: cannot read the file" in capsys.readouterr().err
+
+        # Empty is unset: --config decides again.
+        monkeypatch.setenv("QOPER8_SOCKET", "")
+        assert ctl_main(["--config", str(d.config_path), "status"]) == CTL_OK
+
+
+async def test_qoper8_socket_for_the_async_client(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio
+
+    from qoper8d import open_client
+
+    with running_daemon(short_tmp) as d:
+        monkeypatch.setenv("QOPER8_SOCKET", str(d.socket))
+        with trio.fail_after(20):
+            async with open_client() as client:
+                assert (await client.status())["daemon"]["socket"] == str(d.socket)
