@@ -28,6 +28,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `_policy` `_fds` `_socketfile` | restart policy; descriptors; the socket's file |
 | 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
 | 11 | `_chunks` | output waiting as byte chunks, sent a prefix at a time |
+| 11 | `_console` | log events for people: short lines, blocks, no raw control characters |
 | worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
 """
 

@@ -1,14 +1,16 @@
 """Structured logs that never block the master, and periodic pool snapshots.
 
 Every event is a structlog event: JSON lines when stderr is not a terminal (or
-`monitor.log_format = "json"`), readable console lines otherwise. Inside the daemon's trio
+`monitor.log_format = "json"`), short readable lines otherwise (`qoper8d._console`). Inside the daemon's trio
 run, a rendered line is only appended to a bounded in-memory queue; one task writes the queue
 to stderr through a non-blocking descriptor. A slow or stuck reader of stderr (a full pipe,
 a paused terminal) therefore delays log lines, never supervision; past `MAX_BACKLOG` lines
 the newest are dropped and counted, and a `log.dropped` event says how many.
 
 `serve_snapshots` logs one `pool.snapshot` event every `monitor.interval` seconds, with the
-same fields as `qoper8ctl status --json`.
+same fields as `qoper8ctl status --json` plus `rates`: submits and outcomes per second since
+the previous snapshot (`status` has the counters; rates need an interval, which only the
+monitor has). On a console the event is one sentence (`qoper8d._console`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import IO, Any
 import structlog
 import trio
 
+from qoper8d._console import ConsoleRenderer, use_colour
 from qoper8d._wakeup import Wakeup
 
 __all__ = [
     "LogWriter",
+    "Rates",
     "configure_logging",
     "level_number",
     "relay",
@@ -126,9 +130,7 @@ def configure_logging(
     stream = stream or sys.stderr
     use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.processors.JSONRenderer() if use_json else ConsoleRenderer(use_colour(stream))
     )
     writer = LogWriter(stream)
     structlog.configure(
@@ -145,12 +147,45 @@ def configure_logging(
     return writer
 
 
+class Rates:
+    """Per-second rates of submits and of each outcome between one snapshot and the next
+    (the first: since the pool started), measured on the snapshots' own `uptime`."""
+
+    def __init__(self) -> None:
+        self._uptime = 0.0
+        self._submitted = 0
+        self._outcomes: dict[str, int] = {}
+
+    def __call__(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        """The `rates` of `snapshot`: `seconds` covered, `submitted` and `outcomes` (by
+        name, as in the snapshot) per second."""
+        uptime = float(snapshot.get("uptime", 0.0))
+        submitted = int(snapshot.get("submitted", 0))
+        outcomes: dict[str, int] = dict(snapshot.get("outcomes", {}))
+        seconds = uptime - self._uptime
+        per = 1.0 / seconds if seconds > 0 else 0.0
+        rates = {
+            "seconds": round(seconds, 3),
+            "submitted": round((submitted - self._submitted) * per, 3),
+            "outcomes": {
+                name: round((count - self._outcomes.get(name, 0)) * per, 3)
+                for name, count in outcomes.items()
+            },
+        }
+        self._uptime, self._submitted, self._outcomes = uptime, submitted, outcomes
+        return rates
+
+
 async def serve_snapshots(
     snapshot: Callable[[], dict[str, Any]],
     interval: Callable[[], float],
 ) -> None:
-    """Log `pool.snapshot` every `interval()` seconds (read each time: reload may change it)."""
+    """Log `pool.snapshot` every `interval()` seconds (read each time: reload may change it),
+    with the `rates` since the previous one."""
     log = structlog.get_logger("qoper8d.monitor")
+    rates = Rates()
     while True:
         await trio.sleep(interval())
-        log.info("pool.snapshot", **snapshot())
+        fields = snapshot()
+        fields["rates"] = rates(fields)
+        log.info("pool.snapshot", **fields)
