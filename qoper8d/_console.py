@@ -1,21 +1,21 @@
 """Log events for people: what the daemon writes when stderr is a terminal (or
-`monitor.log_format = "console"`).
+`monitor.log_format = "console"`, or `FORCE_COLOR`).
 
 Each event is one short line: the time (UTC), the level, the event's name, then its fields
-as `key=value`. A `pool.snapshot` is a sentence (`pool running 4 workers: 2 busy 2 idle,
-queue 17, 1,240/s in 1,238/s done 2 failed/s, 0 restarts`), a line a worker printed is shown
-as it was printed, after its slot, pid and stream; a field that holds several lines (a
-traceback, an exception) follows on lines of its own, indented, never as one escaped line.
+as `key=value`. A `pool.snapshot` is one sentence (`running: 2 busy, 2 idle, queue 17, in
+1,240/s, done 1,238/s, failed 2.0/s, 0 restarts`), a line a worker printed is shown as it was
+printed, after its slot, pid and stream; a field that holds several lines (a traceback, an
+exception) follows on lines of its own, indented, never as one escaped line.
 
 Everything shown comes from handlers and clients as much as from us, so nothing reaches
 the terminal raw: control characters (escape sequences, carriage returns, C1 controls) and
 the characters that reorder text (bidi overrides) are shown as `\\xNN` / `\\uNNNN` escapes.
 
-Colour follows the conventions of no-color.org and force-color.org, as CPython's own
-`_colorize` does: `NO_COLOR` set and not empty, no colour; else `FORCE_COLOR` set and not
-empty, colour even when stderr is not a terminal; else `TERM=dumb`, none; else colour when
-the stream is a terminal. `FORCE_COLOR` never turns JSON logs into console ones: it colours
-console output only.
+Colour follows no-color.org and force-color.org, as CPython's own `_colorize` does:
+`NO_COLOR` set and not empty, no colour; else `FORCE_COLOR` set and not empty, colour even
+when stderr is not a terminal; else `TERM=dumb`, none; else colour when the stream is a
+terminal. Under `log_format = "auto"`, `FORCE_COLOR` also picks these lines over JSON
+(`console_wanted`); an explicit `"json"` always wins.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping, MutableMapping
 from typing import IO, Any
 
-__all__ = ["ConsoleRenderer", "snapshot_line", "use_colour"]
+__all__ = ["ConsoleRenderer", "clean", "console_wanted", "snapshot_line", "use_colour"]
 
 #: The longest a field's value is shown on its line, in characters; the JSON log has it all.
 MAX_VALUE = 1000
@@ -63,6 +63,17 @@ def use_colour(stream: IO[str]) -> bool:
         return False
 
 
+def console_wanted(stream: IO[str]) -> bool:
+    """Whether `log_format = "auto"` means console lines on `stream`: a terminal, or
+    `FORCE_COLOR` set and not empty."""
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _escape(match: re.Match[str]) -> str:
     code = ord(match[0])
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
@@ -90,26 +101,23 @@ def _rate(per_second: float) -> str:
 
 
 def snapshot_line(snapshot: Mapping[str, Any]) -> str:
-    """A `pool.snapshot` as one sentence: state, workers, queue, rates, restarts."""
+    """A `pool.snapshot` as one sentence: state, workers by state, queue, rates, restarts."""
     states: dict[str, int] = {"busy": 0, "idle": 0}
     for worker in snapshot.get("workers", ()):
         state = str(worker.get("state"))
         states[state] = states.get(state, 0) + 1
-    workers = " ".join(f"{count} {state}" for state, count in states.items())
-    parts = [
-        f"pool {snapshot.get('state')} {snapshot.get('size')} workers: {workers}",
-        f"queue {snapshot.get('queued', 0):,}",
-    ]
+    parts = [f"{count} {state}" for state, count in states.items()]
+    parts[0] = f"{snapshot.get('state')}: {parts[0]}"
+    parts.append(f"queue {int(snapshot.get('queued', 0)):,}")
     rates = snapshot.get("rates")
     if isinstance(rates, Mapping):
         outcomes = rates.get("outcomes", {})
         done = float(outcomes.get("result", 0))
         failed = sum(float(v) for k, v in outcomes.items() if k != "result")
-        parts.append(
-            f"{_rate(float(rates.get('submitted', 0)))}/s in {_rate(done)}/s done "
-            f"{_rate(failed)} failed/s"
-        )
-    parts.append(f"{snapshot.get('restarts', 0):,} restarts")
+        parts.append(f"in {_rate(float(rates.get('submitted', 0)))}/s")
+        parts.append(f"done {_rate(done)}/s")
+        parts.append(f"failed {_rate(failed)}/s")
+    parts.append(f"{int(snapshot.get('restarts', 0)):,} restarts")
     return clean(", ".join(parts))
 
 

@@ -1,11 +1,12 @@
 """Structured logs that never block the master, and periodic pool snapshots.
 
 Every event is a structlog event: JSON lines when stderr is not a terminal (or
-`monitor.log_format = "json"`), short readable lines otherwise (`qoper8d._console`). Inside the daemon's trio
-run, a rendered line is only appended to a bounded in-memory queue; one task writes the queue
-to stderr through a non-blocking descriptor. A slow or stuck reader of stderr (a full pipe,
-a paused terminal) therefore delays log lines, never supervision; past `MAX_BACKLOG` lines
-the newest are dropped and counted, and a `log.dropped` event says how many.
+`monitor.log_format = "json"`), short readable lines otherwise, or under `FORCE_COLOR`
+(`qoper8d._console`). Inside the daemon's trio run, a rendered line is only appended to a
+bounded in-memory queue; one task writes the queue to stderr through a non-blocking
+descriptor. A slow or stuck reader of stderr (a full pipe, a paused terminal) therefore
+delays log lines, never supervision; past `MAX_BACKLOG` lines the newest are dropped and
+counted, and a `log.dropped` event says how many.
 
 `serve_snapshots` logs one `pool.snapshot` event every `monitor.interval` seconds, with the
 same fields as `qoper8ctl status --json` plus `rates`: submits and outcomes per second since
@@ -24,7 +25,7 @@ from typing import IO, Any
 import structlog
 import trio
 
-from qoper8d._console import ConsoleRenderer, use_colour
+from qoper8d._console import ConsoleRenderer, console_wanted, use_colour
 from qoper8d._wakeup import Wakeup
 
 __all__ = [
@@ -128,7 +129,7 @@ def configure_logging(
     """Set up structlog for the daemon; returns the writer whose `serve()` task must run
     inside the trio run for logging to stay non-blocking."""
     stream = stream or sys.stderr
-    use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
+    use_json = log_format == "json" or (log_format == "auto" and not console_wanted(stream))
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else ConsoleRenderer(use_colour(stream))
     )
@@ -164,6 +165,10 @@ class Rates:
         outcomes: dict[str, int] = dict(snapshot.get("outcomes", {}))
         seconds = uptime - self._uptime
         per = 1.0 / seconds if seconds > 0 else 0.0
+        # Counters only grow; a smaller one (a pool started afresh) starts the count again.
+        if submitted < self._submitted or seconds < 0:
+            self._submitted, self._outcomes = 0, {}
+            seconds, per = uptime, (1.0 / uptime if uptime > 0 else 0.0)
         rates = {
             "seconds": round(seconds, 3),
             "submitted": round((submitted - self._submitted) * per, 3),

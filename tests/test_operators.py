@@ -3,14 +3,23 @@ reloads that keep the command line's overrides and always say how they went."""
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import select
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
 
+from qoper8d._console import ConsoleRenderer, snapshot_line
 from qoper8d.cli import CTL_FAILED, CTL_OK, ctl_main
-from tests.harness import Connection, Daemon, Event, base_config, running_daemon
+from tests.harness import ROOT, Connection, Daemon, Event, base_config, running_daemon
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,3 +144,162 @@ def test_a_reload_keeps_the_command_lines_overrides_and_logs_every_outcome(
         assert daemon.stop() == 0
     finally:
         daemon.close()
+
+
+# -- snapshots: rates, and one short line on a console -----------------------------------------
+
+
+def test_snapshot_rates_add_up_to_the_counters(short_tmp: Path) -> None:
+    """Off a terminal each snapshot is a JSON line with `rates`; rate x seconds, summed over
+    the snapshots, gives back what the counters say was submitted and how it ended."""
+    with running_daemon(short_tmp, monitor={"interval": 0.2}) as d, Connection(d.socket) as c:
+        c.send(*[{"id": i, "op": "submit", "action": {"mode": "ok"}} for i in range(6)])
+        c.send(*[{"id": i, "op": "submit", "action": {"mode": "raise"}} for i in range(6, 8)])
+        c.receive_all(8)
+        last = d.wait_event("pool.snapshot", lambda e: e["submitted"] == 8)
+        snapshots = d.of("pool.snapshot")
+        snapshots = snapshots[: snapshots.index(last) + 1]
+    assert all(set(e["rates"]) == {"seconds", "submitted", "outcomes"} for e in snapshots)
+
+    def total(rate: Any) -> float:
+        return sum(float(rate(e["rates"])) * float(e["rates"]["seconds"]) for e in snapshots)
+
+    assert total(lambda r: r["submitted"]) == pytest.approx(8, abs=0.05)
+    assert total(lambda r: r["outcomes"].get("result", 0)) == pytest.approx(6, abs=0.05)
+    assert total(lambda r: r["outcomes"].get("handler_error", 0)) == pytest.approx(2, abs=0.05)
+    assert sum(e["rates"]["seconds"] for e in snapshots) == pytest.approx(last["uptime"], abs=0.01)
+
+
+def test_the_console_snapshot_line() -> None:
+    snapshot = {
+        "state": "running",
+        "queued": 1700,
+        "restarts": 3,
+        "workers": [{"state": "busy"}, {"state": "busy"}, {"state": "idle"}, {"state": "backoff"}],
+        "rates": {
+            "seconds": 30.0,
+            "submitted": 1240.4,
+            "outcomes": {"result": 1238.0, "handler_error": 1.5, "timeout": 0.5},
+        },
+    }
+    assert snapshot_line(snapshot) == (
+        "running: 2 busy, 1 idle, 1 backoff, queue 1,700, in 1,240/s, done 1,238/s, "
+        "failed 2/s, 3 restarts"
+    )
+
+
+def test_the_console_shows_blocks_on_their_own_lines_and_no_raw_control_characters() -> None:
+    render = ConsoleRenderer(colours=False)
+    text = render(
+        None,
+        "debug",
+        {
+            "event": "action.failed.traceback",
+            "level": "debug",
+            "timestamp": "2026-12-02T02:00:00.123456Z",
+            "slot": 1,
+            "traceback": "Traceback (most recent call last):\n  x\nValueError: \x1b[2Jgone\n",
+            "note": "\x1b]0;title\x07\u202e",
+        },
+    )
+    assert text.splitlines() == [
+        "02:00:00.123 debug    action.failed.traceback slot=1 note=\\x1b]0;title\\x07\\u202e",
+        "    Traceback (most recent call last):",
+        "      x",
+        "    ValueError: \\x1b[2Jgone",
+    ]
+
+
+def _console_daemon(tmp: Path, stderr: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    config = base_config(tmp, monitor={"log_format": "auto", "interval": 0.2, "log_level": "debug"})
+    path = tmp / "qoper8.toml"
+    path.write_text(tomli_w.dumps(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "qoper8d", "--config", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "NO_COLOR": "", "FORCE_COLOR": "", **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+
+
+def _read_until(fd: int, done: Any, deadline: float) -> str:
+    """What the daemon wrote to `fd` until `done(text)` holds (or the deadline fails)."""
+    shown = b""
+    while not done(shown.decode("utf-8", "replace")):
+        left = deadline - time.monotonic()
+        assert left > 0, shown.decode("utf-8", "replace")[-3000:]
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 65536)
+            assert chunk, shown.decode("utf-8", "replace")[-3000:]
+            shown += chunk
+    return shown.decode("utf-8", "replace")
+
+
+def _watch_console(tmp: Path, read: int, proc: subprocess.Popen[bytes]) -> str:
+    """Wait for the daemon's start, fail one action, and return the log up to the first
+    snapshot that counts the failure."""
+    deadline = time.monotonic() + 30
+    try:
+        _read_until(read, lambda t: "daemon.started" in t, deadline)
+        with Connection(tmp / "q.sock") as c:
+            answer = c.request(
+                {"id": 1, "op": "submit", "action": {"mode": "raise", "message": "boom"}}
+            )
+            assert answer["error"]["code"] == "handler_error"
+        plain = re.compile(r"\x1b\[[0-9;]*m")
+        text = _read_until(
+            read,
+            lambda t: re.search(r"pool\.snapshot.* failed [1-9]", plain.sub("", t)) is not None,
+            deadline,
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    return text
+
+
+def test_on_a_terminal_a_snapshot_is_one_coloured_line_and_a_traceback_its_own_lines(
+    short_tmp: Path,
+) -> None:
+    main, terminal = pty.openpty()
+    try:
+        proc = _console_daemon(short_tmp, terminal, {})
+        os.close(terminal)
+        terminal = -1
+        shown = _watch_console(short_tmp, main, proc)
+    finally:
+        os.close(main)
+        if terminal >= 0:
+            os.close(terminal)
+    assert "\x1b[" in shown, "colour on a terminal"
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in shown.split("\r\n")]
+    assert not [line for line in lines if line.startswith("{")], "no JSON on a terminal"
+    snapshot = next(line for line in lines if "pool.snapshot" in line and "failed 0/s" not in line)
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d\.\d{3} info     pool\.snapshot running: 0 busy, 2 idle, queue 0, "
+        r"in [\d.]+/s, done 0/s, failed [\d.]+/s, 0 restarts",
+        snapshot,
+    ), snapshot
+    start = lines.index("    Traceback (most recent call last):")
+    assert "action.failed.traceback" in lines[start - 1]
+    assert "    ValueError: boom" in lines[start:]
+
+
+def test_no_color_and_force_color(short_tmp: Path) -> None:
+    """On a pipe, FORCE_COLOR picks console lines over JSON; NO_COLOR still takes the colour
+    away (no-color.org: any non-empty value)."""
+    read, write = os.pipe()
+    try:
+        proc = _console_daemon(short_tmp, write, {"FORCE_COLOR": "1", "NO_COLOR": "1"})
+        os.close(write)
+        write = -1
+        shown = _watch_console(short_tmp, read, proc)
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+    assert "\x1b" not in shown
+    assert re.search(r"^\S+ info     pool\.snapshot running: ", shown, re.M)
+    assert "\n    ValueError: boom\n" in shown
