@@ -59,7 +59,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 #: Bad command-line arguments.
 EXIT_USAGE = 2
-#: The configuration is invalid (`--check-config` exits with this too).
+#: The configuration is invalid (`--check-config` exits with this for any problem it finds,
+#: a handler's `setup()` that raises included).
 EXIT_CONFIG = 3
 #: The control socket cannot be used: another daemon has it, or its path is unsafe.
 EXIT_SOCKET = 4
@@ -90,7 +91,8 @@ def _daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration (and import the handler in a throwaway worker), exit",
+        help="validate the configuration, load the handlers and run their setup() in a "
+        "throwaway worker, exit",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the effective configuration, exit"

@@ -18,7 +18,7 @@ import pytest
 import tomli_w
 
 from qoper8d._console import ConsoleRenderer, snapshot_line
-from qoper8d.cli import CTL_FAILED, CTL_OK, ctl_main
+from qoper8d.cli import CTL_FAILED, CTL_OK, EXIT_CONFIG, EXIT_OK, ctl_main
 from tests.harness import ROOT, Connection, Daemon, Event, base_config, running_daemon
 
 pytestmark = pytest.mark.timeout(60)
@@ -303,3 +303,60 @@ def test_no_color_and_force_color(short_tmp: Path) -> None:
     assert "\x1b" not in shown
     assert re.search(r"^\S+ info     pool\.snapshot running: ", shown, re.M)
     assert "\n    ValueError: boom\n" in shown
+
+
+# -- --check-config runs what a worker runs before it is ready -----------------------------------
+
+
+def _check_config(tmp: Path, pool: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    path = tmp / "check.toml"
+    path.write_text(tomli_w.dumps({"pool": pool}))
+    return subprocess.run(
+        [sys.executable, "-m", "qoper8d", "--config", str(path), "--check-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_config_runs_setup_and_fails_on_one_line_when_it_raises(short_tmp: Path) -> None:
+    path = short_tmp / "check.toml"
+    done = _check_config(short_tmp, {"handler": "handlers.broken_setup:handle"})
+    assert done.returncode == EXIT_CONFIG
+    assert done.stderr == (
+        f"{path}: pool.handler: handlers.broken_setup.setup() raised RuntimeError: "
+        "setup failed on purpose\n"
+    )
+    # A route's module is set up too, and named by its key.
+    done = _check_config(
+        short_tmp,
+        {"handler": "handlers.echo:handle", "routes": {"boom": "handlers.broken_setup:handle"}},
+    )
+    assert done.returncode == EXIT_CONFIG
+    assert done.stderr.startswith(f"{path}: pool.routes.boom: handlers.broken_setup.setup()")
+    # A setup that succeeds (and its teardown) passes; an async module's runs on its loop.
+    done = _check_config(short_tmp, {"handler": "handlers.lifecycle:handle"})
+    assert (done.returncode, done.stdout) == (EXIT_OK, f"{path}: ok\n"), done.stderr
+
+
+def test_check_config_notices_a_trio_route_under_asyncio(short_tmp: Path) -> None:
+    path = short_tmp / "check.toml"
+    pool: dict[str, Any] = {
+        "handler": "handlers.sleep:handle_async",  # anyio: fine on either loop
+        "routes": {"t": "handlers.trio_only:handle"},
+        "async_backend": "asyncio",
+    }
+    done = _check_config(short_tmp, pool)
+    assert done.returncode == EXIT_CONFIG
+    assert done.stderr == (
+        f"{path}: pool.routes.t: 'handlers.trio_only:handle' is an async handler that calls "
+        'trio, but pool.async_backend is "asyncio" (set it to "trio", or write it with anyio)\n'
+    )
+    done = _check_config(short_tmp, {**pool, "async_backend": "trio"})
+    assert done.returncode == EXIT_OK, done.stderr
+    done = _check_config(
+        short_tmp, {"handler": "handlers.sleep:handle_async", "async_backend": "asyncio"}
+    )
+    assert done.returncode == EXIT_OK, done.stderr
