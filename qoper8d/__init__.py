@@ -12,6 +12,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 |---|---|---|
 | 1 | `__main__` `cli` | the command lines, qoper8d and qoper8ctl |
 | 2 | `daemon` `ctl` | the service in one trio run; qoper8ctl's commands |
+| 2 | `_submit` | qoper8ctl submit's stream: NDJSON in, results in order out, a bar |
 | 3 | `control` | the control socket's server and its ops |
 | 4 | `_connection` | one client of the socket, as the server sees it |
 | 4 | `client` `_aclient` | the clients: blocking, async (anyio) |
