@@ -20,6 +20,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import IO, Any
 
 import structlog
@@ -73,6 +74,10 @@ class LogWriter:
         self._writer = Wakeup()
         self._serving = False
         self.dropped = 0
+        #: The line that says how many lines were dropped, in the log's own format.
+        self.dropped_line: Callable[[int], str] = lambda count: (
+            f'{{"event": "log.dropped", "level": "warning", "lines": {count}}}'
+        )
 
     def msg(self, message: str) -> None:
         if not self._serving:
@@ -98,7 +103,7 @@ class LogWriter:
             while True:
                 if self.dropped:
                     count, self.dropped = self.dropped, 0
-                    self._lines.append(f'{{"event": "log.dropped", "lines": {count}}}')
+                    self._lines.append(self.dropped_line(count))
                 if not self._lines:
                     await self._writer.wait()
                     continue
@@ -134,6 +139,17 @@ def configure_logging(
         structlog.processors.JSONRenderer() if use_json else ConsoleRenderer(use_colour(stream))
     )
     writer = LogWriter(stream)
+    if not use_json:
+        writer.dropped_line = lambda count: renderer(
+            None,
+            "warning",
+            {
+                "timestamp": datetime.now(UTC).isoformat(),
+                "level": "warning",
+                "event": "log.dropped",
+                "lines": count,
+            },
+        )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 import tomli_w
+import trio
+import trio.testing
 
+from qoper8d import monitor
 from qoper8d._console import ConsoleRenderer, snapshot_line
 from qoper8d.cli import CTL_FAILED, CTL_OK, EXIT_CONFIG, EXIT_OK, ctl_main
 from tests.harness import ROOT, Connection, Daemon, Event, base_config, running_daemon
@@ -360,3 +363,29 @@ def test_check_config_notices_a_trio_route_under_asyncio(short_tmp: Path) -> Non
         short_tmp, {"handler": "handlers.sleep:handle_async", "async_backend": "asyncio"}
     )
     assert done.returncode == EXIT_OK, done.stderr
+
+
+async def test_lines_past_the_backlog_are_dropped_and_counted_in_the_logs_own_format(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(monitor, "MAX_BACKLOG", 5)
+    read, write = os.pipe()
+    stream = os.fdopen(write, "w")
+    shown = b""
+    async with trio.lowlevel.FdStream(read) as pipe:
+        writer = monitor.configure_logging("console", stream=stream)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.serve)
+                await trio.testing.wait_all_tasks_blocked()
+                writer.msg("x" * 100_000)  # more than the pipe holds: the writer parks
+                await trio.testing.wait_all_tasks_blocked()
+                for i in range(12):
+                    writer.msg(f"line {i}")
+                while b"log.dropped" not in shown:
+                    shown += await pipe.receive_some()
+                nursery.cancel_scope.cancel()
+        stream.close()
+    tail = shown.decode().split("\n")[1:-1]
+    assert tail[:5] == [f"line {i}" for i in range(5)], "the oldest lines are kept"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} warning  log\.dropped lines=7", tail[5]), tail
