@@ -220,7 +220,7 @@ def submit_stream(client: Client, args: argparse.Namespace) -> int:
     results = _Results(sys.stdout.buffer, progress, eager=typing)
     lines = _ActionLines(stdin, results, keep_going=args.keep_going)
     # Typed input: one action at a time, so each result shows before the next line is read.
-    window = {"window": 1} if typing else {} if args.window is None else {"window": args.window}
+    window = 1 if typing else args.window  # None: the client's own, which adapts
     encode = msgspec.json.encode
     try:
         for result in client.map(
@@ -228,8 +228,8 @@ def submit_stream(client: Client, args: argparse.Namespace) -> int:
             return_exceptions=True,
             timeout=args.action_timeout,
             max_attempts=args.max_attempts,
+            window=window,
             on_wait=results.flush,  # nothing sits in a buffer, the bar moves, while we wait
-            **window,
         ):
             if isinstance(result, Qoper8Error):
                 results.add(b'{"error":%b}\n' % encode(result.to_wire()), failed=True)
