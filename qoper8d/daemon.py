@@ -18,6 +18,7 @@ the grace period short. SIGHUP reloads the configuration file, like the `reload`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -34,10 +35,10 @@ from qoper8d._fds import ensure_fd_limit, open_fd_count
 from qoper8d._socketfile import group_id, preflight
 from qoper8d._systemd import Notifier, listen_socket, serve_watchdog, socket_name, status_line
 from qoper8d._version import __version__
-from qoper8d.config import Config, changes, load_config
+from qoper8d.config import Config, Overrides, apply_overrides, changes, load_config
 from qoper8d.control import ControlServer, serve_control
-from qoper8d.errors import ConfigError, single_error
-from qoper8d.monitor import LogWriter, serve_snapshots
+from qoper8d.errors import Qoper8Error, single_error
+from qoper8d.monitor import LogWriter, serve_snapshots, set_level
 from qoper8d.pool import Pool, open_pool
 
 __all__ = ["Daemon", "config_changes"]
@@ -65,9 +66,17 @@ class Daemon:
     """Runs the service until it is told to stop. `run()` raises what prevents a start:
     `WorkerStartError`, `SocketInUse`; and `RestartIntensityExceeded` if the pool fails."""
 
-    def __init__(self, config: Config, config_path: Path | None, logs: LogWriter) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None,
+        logs: LogWriter,
+        overrides: Overrides | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        #: The command line's keys: they beat the file at the start and at every reload.
+        self.overrides: Overrides = overrides or {}
         self._logs = logs
         self._pool: Pool | None = None
         self._control: ControlServer | None = None
@@ -114,31 +123,58 @@ class Daemon:
         assert self._pool is not None
         return self._pool.size
 
-    async def reload(self) -> list[str]:
-        """Re-read the configuration file and apply it; the changes, one line each.
+    async def reload(self, via: str = "socket") -> list[str]:
+        """Re-read the configuration file, apply the command line's overrides on top again,
+        and apply the result; the changes, one line each. Every outcome is logged, changed
+        or not (`daemon.reloaded`, `changes` empty when nothing changed), failed or not
+        (`daemon.reload_failed`), with `via`: what asked for it.
 
-        The pool compares the file with what it runs (a `scale` since the start included)
-        and applies the difference by replacing workers one at a time, its turn taken among
-        resizes; `server.*` needs a restart. An invalid file raises `ConfigError` and
-        changes nothing.
+        The pool compares the result with what it runs (a `scale` since the start included,
+        so a reload undoes a scale the file and the flags do not agree with) and applies the
+        difference by replacing workers one at a time, its turn taken among resizes.
+        `server.*` and `monitor.log_format` need a restart; `monitor.log_level` applies at
+        once. An invalid file raises `ConfigError` and changes nothing.
         """
         assert self._pool is not None
+        try:
+            notes = await self._reload()
+        except Qoper8Error as exc:
+            errors = exc.details.get("errors", [exc.message])
+            log.error("daemon.reload_failed", via=via, errors=errors)
+            raise
         if self.config_path is None:
-            return []
+            log.info("daemon.reloaded", via=via, changes=[], config=None)
+        else:
+            log.info("daemon.reloaded", via=via, changes=notes, config=str(self.config_path))
+        return notes
+
+    async def _reload(self) -> list[str]:
+        assert self._pool is not None
+        if self.config_path is None:
+            return []  # started from the defaults and flags: nothing to re-read
         async with self._reloading, self._told_reloading():
-            new = load_config(self.config_path)
+            new = apply_overrides(
+                load_config(self.config_path),
+                self.overrides,
+                f"{self.config_path} + command line",
+            )
             ensure_fd_limit(new.pool.size, self.config.server.max_connections)
             applied = await self._pool.reconfigure(new.pool, new.supervisor)
-            later = [
-                f"{change} (takes effect after a restart)"
-                for change in _section_changes(self.config, new, "server")
+            old = self.config
+            # What the running daemon cannot take on is kept as it is, and reported each time.
+            kept = msgspec.structs.replace(new.monitor, log_format=old.monitor.log_format)
+            restart = _section_changes(old, new, "server") + [
+                change
+                for change in changes(old.monitor, new.monitor, "monitor")
+                if change.startswith("monitor.log_format:")
             ]
-            notes = applied + later + _section_changes(self.config, new, "monitor")
+            later = [f"{change} (takes effect after a restart)" for change in restart]
+            notes = applied + later + changes(old.monitor, kept, "monitor")
+            if kept.log_level != old.monitor.log_level:
+                set_level(kept.log_level)
             self.config = msgspec.structs.replace(
-                new, server=self.config.server, pool=self._pool.config
+                new, server=old.server, monitor=kept, pool=self._pool.config
             )
-            if notes:
-                log.info("daemon.reloaded", changes=notes)
             return notes
 
     @asynccontextmanager
@@ -249,10 +285,8 @@ class Daemon:
                     self.shutdown(None)
 
     async def _reload_logged(self) -> None:
-        try:
-            await self.reload()
-        except ConfigError as exc:
-            log.error("daemon.reload_failed", errors=exc.details.get("errors", [exc.message]))
+        with contextlib.suppress(Qoper8Error):  # reload() logged it
+            await self.reload(via="SIGHUP")
 
     def _banner(self) -> None:
         cfg = self.config
