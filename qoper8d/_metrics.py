@@ -16,7 +16,7 @@ ever becomes a label or a value.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import (
@@ -40,7 +40,9 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 POOL_STATES = ("starting", "running", "draining", "stopping", "stopped", "failed")
 #: Every state a slot reports (`WorkerStatistics.state`), each a sample of `qoper8d_workers`.
 WORKER_STATES = ("starting", "idle", "busy", "retiring", "backoff", "stopped")
-_BUCKETS = [floatToGoString(bound) for bound in DURATION_BOUNDS]
+# prometheus-client's own spelling of a bound (untyped there), so `le` labels match its own.
+_go_float = cast("Callable[[float], str]", floatToGoString)
+_BUCKETS = [_go_float(bound) for bound in DURATION_BOUNDS]
 
 
 def duration_buckets(durations: Durations) -> list[tuple[str, float]]:
@@ -100,9 +102,7 @@ def _pool(stats: PoolStatistics) -> Iterator[Metric]:
         outcomes.add_metric([code], stats.outcomes.get(code, 0))
     yield outcomes
     yield _gauge("qoper8d_queue_depth", "Actions accepted and waiting for a worker.", stats.queued)
-    yield _gauge(
-        "qoper8d_queued_bytes", "Bytes of the queued actions (JSON).", stats.queued_bytes
-    )
+    yield _gauge("qoper8d_queued_bytes", "Bytes of the queued actions (JSON).", stats.queued_bytes)
     yield _gauge(
         "qoper8d_in_flight", "Actions sent to workers and not yet answered.", stats.in_flight
     )
@@ -149,7 +149,6 @@ _DAEMON_GAUGES = {
     "connections": ("qoper8d_connections", "Control socket clients connected."),
     "unsent_bytes": ("qoper8d_unsent_bytes", "Bytes of answers waiting for clients to read."),
     "tasks": ("qoper8d_tasks", "Trio tasks alive in the master."),
-    "http_connections": ("qoper8d_http_connections", "HTTP connections open."),
     "http_event_clients": ("qoper8d_http_event_clients", "Clients of /events connected."),
 }
 

@@ -19,6 +19,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
@@ -160,14 +161,17 @@ class HttpConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True
 
     listen: ListenAddress = ""  # "host:port", host an IP address or localhost; "": off
     allow_remote: bool = False  # may `listen` name an address other machines can reach?
-    allowed_hosts: list[HostName] = []  # Host names accepted besides the listener's own
-    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
-    max_clients: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8  # event streams at once
-    push_interval: Annotated[
-        float, msgspec.Meta(ge=0.01, le=3600, extra={"unit": "seconds"})
-    ] = 1.0  # between snapshots on /events
-    read_timeout: PositiveSeconds = 10.0  # for a request to arrive (idle keep-alive included)
-    write_timeout: PositiveSeconds = 10.0  # a client taking this long to take bytes is dropped
+    allowed_hosts: list[HostName] = []  # Host header names accepted besides the listener's
+    max_clients: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16  # /events streams at once
+    push_interval: Annotated[float, msgspec.Meta(ge=0.01, le=3600, extra={"unit": "seconds"})] = (
+        1.0  # between snapshots on /events
+    )
+    # A connection's life without a request in progress (its first one included).
+    keep_alive_timeout: PositiveSeconds = 5.0
+    # Sent bytes a client leaves unacknowledged this long: the connection is aborted.
+    write_timeout: Annotated[float, msgspec.Meta(ge=0.01, le=3600, extra={"unit": "seconds"})] = (
+        10.0
+    )
 
     def address(self) -> tuple[str, int] | None:
         """`listen` as (host, port), the host without brackets; None when off."""
@@ -289,6 +293,12 @@ def _check_http(values: Mapping[str, Any], source: str, errors: list[str]) -> No
     if not listen:
         return
     shown = _show(listen)
+    missing = [name for name in ("hypercorn", "prometheus_client") if not find_spec(name)]
+    if missing:
+        errors.append(
+            f"{source}: http.listen: needs the http extra ({', '.join(missing)} missing): "
+            "pip install 'qoper8d[http]'"
+        )
     try:
         host, _ = parse_listen(listen)
     except ValueError as exc:

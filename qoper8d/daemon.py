@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -34,6 +34,9 @@ from qoper8d.control import ControlServer, serve_control
 from qoper8d.errors import ConfigError, single_error
 from qoper8d.monitor import LogWriter, serve_snapshots
 from qoper8d.pool import Pool, open_pool
+
+if TYPE_CHECKING:
+    from qoper8d._http import HttpServer
 
 __all__ = ["Daemon", "config_changes"]
 
@@ -70,6 +73,13 @@ def _set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
+def _bind_http(config: Config) -> socket.socket:
+    # Imported only when asked for: hypercorn and prometheus-client are the http extra.
+    from qoper8d._http import bind_http
+
+    return bind_http(config.http)
+
+
 class Daemon:
     """Runs the service until it is told to stop. `run()` raises what prevents a start:
     `WorkerStartError`, `SocketInUse`; and `RestartIntensityExceeded` if the pool fails."""
@@ -80,6 +90,7 @@ class Daemon:
         self._logs = logs
         self._pool: Pool | None = None
         self._control: ControlServer | None = None
+        self._http: HttpServer | None = None
         self._stop = trio.Event()
         self._grace: float | None = None
         self._graceful: trio.CancelScope | None = None
@@ -90,18 +101,24 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         assert self._pool is not None
         snapshot: dict[str, Any] = msgspec.to_builtins(self._pool.statistics())
-        snapshot["daemon"] = {
+        snapshot["daemon"] = self._numbers() | {
             "pid": os.getpid(),
             "version": __version__,
             "socket": str(self.config.server.socket_path()),
             "config": str(self.config_path) if self.config_path else None,
-            # Leak indicators an operator (and the fault tests) can watch over time.
+            "open_fds": open_fd_count(),  # even with none left to count them with
+            # Where the operators' listener is (its port, when `http.listen` asked for 0).
+            "http": self._http.url if self._http else None,
+        }
+        return snapshot
+
+    def _numbers(self) -> dict[str, int]:
+        """Leak indicators an operator (and the fault tests) can watch over time."""
+        return {
             "connections": len(self._control.connections) if self._control else 0,
             "unsent_bytes": self._control.unsent_bytes() if self._control else 0,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
-            "open_fds": open_fd_count(),  # even with none left to count them with
-        }
-        return snapshot
+        } | (self._http.numbers() if self._http else {})
 
     async def scale(self, size: int) -> int:
         assert self._pool is not None
@@ -132,11 +149,12 @@ class Daemon:
             applied = await self._pool.reconfigure(new.pool, new.supervisor)
             later = [
                 f"{change} (takes effect after a restart)"
-                for change in _section_changes(self.config, new, "server")
+                for name in ("server", "http")
+                for change in _section_changes(self.config, new, name)
             ]
             notes = applied + later + _section_changes(self.config, new, "monitor")
             self.config = msgspec.structs.replace(
-                new, server=self.config.server, pool=self._pool.config
+                new, server=self.config.server, http=self.config.http, pool=self._pool.config
             )
             if notes:
                 log.info("daemon.reloaded", changes=notes)
@@ -178,10 +196,21 @@ class Daemon:
         cfg = self.config
         _set_title(f"qoper8d: master {cfg.server.socket_path()}")
         preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
+        # Bound before any worker starts, like the socket's checks: a taken port fails fast.
+        http_socket = _bind_http(cfg) if cfg.http.listen else None
+        try:
+            await self._serve_pool(cfg, http_socket)
+        finally:
+            if http_socket is not None:
+                http_socket.close()
+
+    async def _serve_pool(self, cfg: Config, http_socket: socket.socket | None) -> None:
         async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
             self._pool = pool
             async with trio.open_nursery() as nursery:
                 self._control = await nursery.start(serve_control, pool, self, cfg.server)
+                if http_socket is not None:
+                    self._http = await nursery.start(self._serve_http, http_socket)
                 nursery.start_soon(
                     serve_snapshots, self.status, lambda: self.config.monitor.interval
                 )
@@ -192,6 +221,15 @@ class Daemon:
                 _sd_notify("STOPPING=1")
                 await self._stop_gracefully(pool)
                 nursery.cancel_scope.cancel()
+
+    async def _serve_http(
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[HttpServer]
+    ) -> None:
+        from qoper8d._http import HttpServer, serve_http
+
+        assert self._pool is not None
+        server = HttpServer(self.config.http, self.status, self._pool.statistics, self._numbers)
+        await serve_http(server, sock, task_status=task_status)
 
     async def _stop_gracefully(self, pool: Pool) -> None:
         grace = self.config.pool.grace_period if self._grace is None else self._grace
