@@ -187,7 +187,10 @@ class HttpServer:
             await _lifespan(receive, send)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
-        # Anything else (a WebSocket) is refused by hypercorn once we return unanswered.
+        elif scope["type"] == "websocket":
+            # Closed before it is accepted: hypercorn answers the handshake with 403.
+            await receive()
+            await send({"type": "websocket.close"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         host = next((v for k, v in scope["headers"] if k == b"host"), b"")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from qoper8d._http import MAX_HEAD_BYTES
@@ -194,6 +195,20 @@ def test_hosts_methods_and_paths_other_than_the_listeners_are_refused(short_tmp:
             status, headers, _ = web.request("/metrics", method)
             assert (status, headers["allow"]) == (405, "GET"), method
         assert web.request("/nowhere")[0] == 404
+        with socket.create_connection(("127.0.0.1", web.port), timeout=20) as raw:
+            raw.sendall(
+                f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert raw.recv(100).startswith(b"HTTP/1.1 403"), "no WebSocket"
+        # [http] is read at the start only; a reload says so and the listener stays put.
+        d.config["http"]["push_interval"] = 2.0
+        d.config_path.write_text(tomli_w.dumps(d.config))
+        with Connection(d.socket) as c:
+            changed = c.request({"id": 1, "op": "reload"})["result"]["changed"]
+        assert changed == ["http.push_interval: 1.0 -> 2.0 (takes effect after a restart)"]
+        assert web.status()["daemon"]["http"] == web.url
         # A request head past hypercorn's bound is answered without growing it further.
         with socket.create_connection(("127.0.0.1", web.port), timeout=20) as raw:
             raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * MAX_HEAD_BYTES)
@@ -216,6 +231,10 @@ def test_event_streams_are_bounded_and_one_ending_frees_its_place(short_tmp: Pat
             for snapshot in three:
                 if snapshot["daemon"]["http_event_clients"] == 1:
                     break
+            # An open page does not hold up a stop: its stream ends with the daemon.
+            assert d.stop() == 0
+            left = list(three)  # ends (no read timeout): the daemon closed the stream
+            assert all(snapshot["submitted"] == 0 for snapshot in left)
 
 
 def test_a_client_that_stops_reading_is_dropped_by_the_kernel(short_tmp: Path) -> None:
