@@ -17,6 +17,11 @@ named where it is set:
 - The `Host` header must name the listener (DNS rebinding): its own address and port, on
   loopback `localhost`/`127.0.0.1`/`[::1]` with that port, or an `http.allowed_hosts`
   name with that port; anything else is 421 before the path is even looked at.
+- At most `http.max_connections` connections at once (counted in the daemon's descriptor
+  budget); the next one is answered 503 and closed before a byte of it is read. hypercorn's
+  `serve()` has no such bound, so `serve_http` runs hypercorn's own per-connection server
+  (`TCPServer`) under trio's `serve_listeners` itself, with one; that is hypercorn's
+  internal API, hence the extra's upper bound on its version.
 - At most `http.max_clients` event streams at once; the next client gets 503.
 - A stream holds one rendered snapshot at a time, sent and awaited before the next is
   made: a client that stops reading fills its socket buffers, never the daemon's memory.
@@ -35,14 +40,16 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState
+from hypercorn.utils import wrap_app
 
 from qoper8d._metrics import CONTENT_TYPE, open_registry, render
 from qoper8d._socketfile import SocketInUse
@@ -106,26 +113,20 @@ def bind_http(config: HttpConfig) -> socket.socket:
 
 
 class _Hypercorn(HypercornConfig):
-    """hypercorn's configuration, serving the socket we bound rather than binding its own."""
+    """hypercorn's configuration: its limits, its logs in ours."""
 
-    def __init__(self, sock: socket.socket, config: HttpConfig) -> None:
+    def __init__(self, config: HttpConfig) -> None:
         super().__init__()
-        self._socket = sock
         self.h11_max_incomplete_size = MAX_HEAD_BYTES
         self.h2_max_concurrent_streams = MAX_STREAMS
         self.h2_max_header_list_size = MAX_HEAD_BYTES
         self.keep_alive_timeout = config.keep_alive_timeout
         # No read timeout: an event stream's client sends nothing after its request.
         self.read_timeout = None
-        self.graceful_timeout = 1.0
-        self.backlog = 128
         self.include_server_header = False
         self.accesslog = None
         self.errorlog = _error_logger()
         self.loglevel = "WARNING"
-
-    def create_sockets(self) -> Sockets:
-        return Sockets(secure_sockets=[], insecure_sockets=[self._socket], quic_sockets=[])
 
 
 class _ToStructlog(logging.Handler):
@@ -169,6 +170,7 @@ class HttpServer:
     ) -> None:
         self.config = config
         self.url: str | None = None
+        self.connections = 0
         self.event_clients = 0
         self._status = status
         self._hosts: frozenset[str] = frozenset()
@@ -180,7 +182,7 @@ class HttpServer:
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def numbers(self) -> dict[str, int]:
-        return {"http_event_clients": self.event_clients}
+        return {"http_connections": self.connections, "http_event_clients": self.event_clients}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -279,6 +281,11 @@ async def _plain(
     await _whole(send, status, body, [(b"content-type", b"text/plain; charset=utf-8"), *headers])
 
 
+#: Pending connections the kernel holds for the listener.
+BACKLOG = 128
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
 async def serve_http(
     server: HttpServer,
     sock: socket.socket,
@@ -289,7 +296,28 @@ async def serve_http(
     where (the port chosen, for port 0)."""
     host, port = sock.getsockname()[:2]
     server.listening(host, port)
+    config = _Hypercorn(server.config)
+    app = wrap_app(cast("ASGIFramework", server), config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    limit = server.config.max_connections
+
+    async def connection(stream: trio.SocketStream) -> None:
+        if server.connections >= limit:
+            with trio.move_on_after(1):
+                await stream.send_all(_BUSY)
+            await stream.aclose()
+            return
+        server.connections += 1
+        try:
+            # Typed as TLS streams only, it serves plain ones too (hypercorn's serve() does).
+            tcp = cast("trio.SSLStream[trio.SocketStream]", stream)
+            await TCPServer(app, config, context, ConnectionState({}), tcp)
+        finally:
+            server.connections -= 1
+
+    sock.listen(BACKLOG)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve, server, _Hypercorn(sock, server.config))
+        await nursery.start(trio.serve_listeners, connection, [listener])
         log.info("http.listening", url=server.url, host=host, port=port)
         task_status.started(server)

@@ -149,6 +149,7 @@ _DAEMON_GAUGES = {
     "connections": ("qoper8d_connections", "Control socket clients connected."),
     "unsent_bytes": ("qoper8d_unsent_bytes", "Bytes of answers waiting for clients to read."),
     "tasks": ("qoper8d_tasks", "Trio tasks alive in the master."),
+    "http_connections": ("qoper8d_http_connections", "HTTP connections open."),
     "http_event_clients": ("qoper8d_http_event_clients", "Clients of /events connected."),
 }
 

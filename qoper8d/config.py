@@ -162,6 +162,7 @@ class HttpConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True
     listen: ListenAddress = ""  # "host:port", host an IP address or localhost; "": off
     allow_remote: bool = False  # may `listen` name an address other machines can reach?
     allowed_hosts: list[HostName] = []  # Host header names accepted besides the listener's
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64  # TCP connections at once
     max_clients: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16  # /events streams at once
     push_interval: Annotated[float, msgspec.Meta(ge=0.01, le=3600, extra={"unit": "seconds"})] = (
         1.0  # between snapshots on /events
@@ -172,6 +173,10 @@ class HttpConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True
     write_timeout: Annotated[float, msgspec.Meta(ge=0.01, le=3600, extra={"unit": "seconds"})] = (
         10.0
     )
+
+    def connections(self) -> int:
+        """Descriptors the listener's connections may take (none when it is off)."""
+        return self.max_connections if self.listen else 0
 
     def address(self) -> tuple[str, int] | None:
         """`listen` as (host, port), the host without brackets; None when off."""

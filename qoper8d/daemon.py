@@ -123,7 +123,7 @@ class Daemon:
     async def scale(self, size: int) -> int:
         assert self._pool is not None
         # The descriptors the new workers need, or a refusal naming the limit (ConfigError).
-        ensure_fd_limit(size, self.config.server.max_connections)
+        ensure_fd_limit(size, self.config.server.max_connections + self.config.http.connections())
         reached = await self._pool.scale(size)
         log.info("daemon.scaled", size=reached)
         return reached
@@ -145,7 +145,9 @@ class Daemon:
             return []
         async with self._reloading:
             new = load_config(self.config_path)
-            ensure_fd_limit(new.pool.size, self.config.server.max_connections)
+            ensure_fd_limit(
+                new.pool.size, self.config.server.max_connections + self.config.http.connections()
+            )
             applied = await self._pool.reconfigure(new.pool, new.supervisor)
             later = [
                 f"{change} (takes effect after a restart)"

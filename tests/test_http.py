@@ -6,9 +6,11 @@ the listener asks for port 0 and the test reads the port back from `http.listeni
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,6 +237,31 @@ def test_event_streams_are_bounded_and_one_ending_frees_its_place(short_tmp: Pat
             assert d.stop() == 0
             left = list(three)  # ends (no read timeout): the daemon closed the stream
             assert all(snapshot["submitted"] == 0 for snapshot in left)
+
+
+def raw_get(port: int, path: str = "/status") -> bytes:
+    """The first bytes of the answer to a GET on a fresh connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        # A refusal may be sent, and the connection closed, before the request is read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            raw.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        return raw.recv(100)
+
+
+def test_connections_are_bounded_and_one_closing_frees_its_place(short_tmp: Path) -> None:
+    # Event streams hold their connections (a request in progress: no keep-alive timeout);
+    # a closed connection's place is free once hypercorn's keep-alive timer for it ran out.
+    with listening(short_tmp, max_connections=2, keep_alive_timeout=0.2) as d:
+        web = Web(d)
+        with web.events() as one, web.events() as two:
+            next(one)
+            assert next(two)["daemon"]["http_connections"] == 2
+            assert raw_get(web.port).startswith(b"HTTP/1.1 503")
+            assert next(one)["daemon"]["http_connections"] == 2, "a refusal takes no place"
+        deadline = time.monotonic() + 20
+        while not (answer := raw_get(web.port)).startswith(b"HTTP/1.1 200"):
+            assert answer.startswith(b"HTTP/1.1 503"), answer
+            assert time.monotonic() < deadline, "the closed connections' places stayed taken"
 
 
 def test_a_client_that_stops_reading_is_dropped_by_the_kernel(short_tmp: Path) -> None:
