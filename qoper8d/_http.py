@@ -185,9 +185,8 @@ class HttpServer:
         return {"http_connections": self.connections, "http_event_clients": self.event_clients}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-        elif scope["type"] == "http":
+        # No lifespan scope: serve_http runs no lifespan (the daemon is the application's life).
+        if scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
             # Closed before it is accepted: hypercorn answers the handshake with 403.
@@ -256,16 +255,6 @@ async def _until_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def _whole(
