@@ -29,6 +29,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `_policy` `_fds` `_socketfile` | restart policy; descriptors; the socket's file |
 | 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
 | 11 | `_chunks` | output waiting as byte chunks, sent a prefix at a time |
+| 11 | `_window` | how many of a map's submits are in flight: fixed, or learnt |
 | worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
 """
 
