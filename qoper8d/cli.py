@@ -148,7 +148,9 @@ def daemon_main(argv: list[str] | None = None) -> int:
         from qoper8d.pool import check_handlers
 
         problems = check_handlers(config.pool)
-        fd_problem = fd_limit_problem(config.pool.size, config.server.max_connections)
+        fd_problem = fd_limit_problem(
+            config.pool.size, config.server.max_connections + config.http.connections()
+        )
         if fd_problem is not None:
             problems.append(fd_problem)
         for line in problems:
@@ -173,7 +175,9 @@ def _run_daemon(config: Config, path: Path | None, overrides: Overrides) -> int:
     # Descriptors for every worker and every client the configuration allows, or no start:
     # running out of them half-way costs connections and workers, at the worst moment.
     try:
-        was, soft = ensure_fd_limit(config.pool.size, config.server.max_connections)
+        was, soft = ensure_fd_limit(
+            config.pool.size, config.server.max_connections + config.http.connections()
+        )
     except ConfigError as exc:
         print(f"{path or '<defaults>'}: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG

@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -40,6 +41,9 @@ from qoper8d.control import ControlServer, serve_control
 from qoper8d.errors import Qoper8Error, single_error
 from qoper8d.monitor import LogWriter, serve_snapshots, set_level
 from qoper8d.pool import Pool, open_pool
+
+if TYPE_CHECKING:
+    from qoper8d._http import HttpServer
 
 __all__ = ["Daemon", "config_changes"]
 
@@ -62,6 +66,13 @@ def _set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
+def _bind_http(config: Config) -> socket.socket:
+    # Imported only when asked for: hypercorn and prometheus-client are the http extra.
+    from qoper8d._http import bind_http
+
+    return bind_http(config.http)
+
+
 class Daemon:
     """Runs the service until it is told to stop. `run()` raises what prevents a start:
     `WorkerStartError`, `SocketInUse`; and `RestartIntensityExceeded` if the pool fails."""
@@ -80,6 +91,7 @@ class Daemon:
         self._logs = logs
         self._pool: Pool | None = None
         self._control: ControlServer | None = None
+        self._http: HttpServer | None = None
         self._stop = trio.Event()
         self._grace: float | None = None
         self._graceful: trio.CancelScope | None = None
@@ -98,23 +110,29 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         assert self._pool is not None
         snapshot: dict[str, Any] = msgspec.to_builtins(self._pool.statistics())
-        snapshot["daemon"] = {
+        snapshot["daemon"] = self._numbers() | {
             "pid": os.getpid(),
             "version": __version__,
             "socket": self.socket,
             "config": str(self.config_path) if self.config_path else None,
-            # Leak indicators an operator (and the fault tests) can watch over time.
+            "open_fds": open_fd_count(),  # even with none left to count them with
+            # Where the operators' listener is (its port, when `http.listen` asked for 0).
+            "http": self._http.url if self._http else None,
+        }
+        return snapshot
+
+    def _numbers(self) -> dict[str, int]:
+        """Leak indicators an operator (and the fault tests) can watch over time."""
+        return {
             "connections": len(self._control.connections) if self._control else 0,
             "unsent_bytes": self._control.unsent_bytes() if self._control else 0,
             "tasks": trio.lowlevel.current_statistics().tasks_living,
-            "open_fds": open_fd_count(),  # even with none left to count them with
-        }
-        return snapshot
+        } | (self._http.numbers() if self._http else {})
 
     async def scale(self, size: int) -> int:
         assert self._pool is not None
         # The descriptors the new workers need, or a refusal naming the limit (ConfigError).
-        ensure_fd_limit(size, self.config.server.max_connections)
+        ensure_fd_limit(size, self.config.server.max_connections + self.config.http.connections())
         reached = await self._pool.scale(size)
         log.info("daemon.scaled", size=reached)
         return reached
@@ -158,12 +176,16 @@ class Daemon:
                 self.overrides,
                 f"{self.config_path} + command line",
             )
-            ensure_fd_limit(new.pool.size, self.config.server.max_connections)
+            ensure_fd_limit(
+                new.pool.size, self.config.server.max_connections + self.config.http.connections()
+            )
             applied = await self._pool.reconfigure(new.pool, new.supervisor)
             old = self.config
             # What the running daemon cannot take on is kept as it is, and reported each time.
             kept = msgspec.structs.replace(new.monitor, log_format=old.monitor.log_format)
-            restart = _section_changes(old, new, "server") + [
+            restart = [
+                change for name in ("server", "http") for change in _section_changes(old, new, name)
+            ] + [
                 change
                 for change in changes(old.monitor, new.monitor, "monitor")
                 if change.startswith("monitor.log_format:")
@@ -173,7 +195,7 @@ class Daemon:
             if kept.log_level != old.monitor.log_level:
                 set_level(kept.log_level)
             self.config = msgspec.structs.replace(
-                new, server=old.server, monitor=kept, pool=self._pool.config
+                new, server=old.server, http=old.http, monitor=kept, pool=self._pool.config
             )
             return notes
 
@@ -229,11 +251,22 @@ class Daemon:
             preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
         else:  # systemd's: server.socket only says where qoper8ctl --config looks
             log.info("daemon.socket_inherited", socket=self.socket, fd=self._listener.fileno())
+        # Bound before any worker starts, like the socket's checks: a taken port fails fast.
+        http_socket = _bind_http(cfg) if cfg.http.listen else None
+        try:
+            await self._serve_pool(cfg, http_socket)
+        finally:
+            if http_socket is not None:
+                http_socket.close()
+
+    async def _serve_pool(self, cfg: Config, http_socket: socket.socket | None) -> None:
         async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
             self._pool = pool
             async with trio.open_nursery() as nursery:
                 serve = partial(serve_control, inherited=self._listener)
                 self._control = await nursery.start(serve, pool, self, cfg.server)
+                if http_socket is not None:
+                    self._http = await nursery.start(self._serve_http, http_socket)
                 nursery.start_soon(
                     serve_snapshots, self.status, lambda: self.config.monitor.interval
                 )
@@ -256,6 +289,15 @@ class Daemon:
             return status_line(pool.statistics())
 
         nursery.start_soon(serve_watchdog, self._systemd, pool.heartbeat, status)
+
+    async def _serve_http(
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[HttpServer]
+    ) -> None:
+        from qoper8d._http import HttpServer, serve_http
+
+        assert self._pool is not None
+        server = HttpServer(self.config.http, self.status, self._pool.statistics, self._numbers)
+        await serve_http(server, sock, task_status=task_status)
 
     async def _stop_gracefully(self, pool: Pool) -> None:
         grace = self.config.pool.grace_period if self._grace is None else self._grace
