@@ -36,7 +36,9 @@ named where it is set:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -60,7 +62,7 @@ __all__ = ["MAX_HEAD_BYTES", "MAX_STREAMS", "HttpServer", "bind_http", "serve_ht
 
 log = structlog.get_logger("qoper8d.http")
 
-#: Bytes of request line and headers hypercorn buffers before it answers 400.
+#: Bytes of request line and headers hypercorn buffers before it answers 431.
 MAX_HEAD_BYTES = 16 * 1024
 #: Concurrent streams on one HTTP/2 connection.
 MAX_STREAMS = 8
@@ -146,7 +148,7 @@ def _error_logger() -> logging.Logger:
 
 def _accepted_hosts(config: HttpConfig, host: str, port: int) -> frozenset[str]:
     """Every `Host` header value naming this listener, lower case."""
-    names = {host.lower(), *(name.lower() for name in config.allowed_hosts)}
+    names = {host.lower(), *(name.lower().strip("[]") for name in config.allowed_hosts)}
     if is_loopback(host):
         names |= {"localhost", "127.0.0.1", "::1"}
     accepted: set[str] = set()
@@ -292,8 +294,10 @@ async def serve_http(
 
     async def connection(stream: trio.SocketStream) -> None:
         if server.connections >= limit:
-            with trio.move_on_after(1):
-                await stream.send_all(_BUSY)
+            # Answered without waiting (a fresh socket's buffer takes it), so that a flood
+            # past the bound holds no descriptor longer than it takes to close it.
+            with contextlib.suppress(OSError):
+                os.write(stream.socket.fileno(), _BUSY)
             await stream.aclose()
             return
         server.connections += 1
