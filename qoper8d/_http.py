@@ -27,7 +27,8 @@ named where it is set:
   made: a client that stops reading fills its socket buffers, never the daemon's memory.
   hypercorn's sends cannot be cancelled (it shields them), so the kernel ends such a
   connection: the listening socket carries `TCP_USER_TIMEOUT = http.write_timeout`, which
-  the accepted ones inherit.
+  the accepted ones inherit; and when the listener stops, every connection is shut down at
+  once, so that no such send holds up the daemon's stop.
 - hypercorn's own limits: a request head of at most `MAX_HEAD_BYTES`; a connection lives
   `http.keep_alive_timeout` without a request in progress (a slow head included); HTTP/2
   (prior knowledge on plain TCP) at most `MAX_STREAMS` streams and a bounded header list;
@@ -291,6 +292,7 @@ async def serve_http(
     app = wrap_app(cast("ASGIFramework", server), config.wsgi_max_body_size, "asgi")
     context = WorkerContext(None)
     limit = server.config.max_connections
+    streams: set[trio.SocketStream] = set()
 
     async def connection(stream: trio.SocketStream) -> None:
         if server.connections >= limit:
@@ -301,16 +303,30 @@ async def serve_http(
             await stream.aclose()
             return
         server.connections += 1
+        streams.add(stream)
         try:
             # Typed as TLS streams only, it serves plain ones too (hypercorn's serve() does).
             tcp = cast("trio.SSLStream[trio.SocketStream]", stream)
             await TCPServer(app, config, context, ConnectionState({}), tcp)
         finally:
+            streams.discard(stream)
             server.connections -= 1
 
     sock.listen(BACKLOG)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_abort_when_cancelled, streams)
         await nursery.start(trio.serve_listeners, connection, [listener])
         log.info("http.listening", url=server.url, host=host, port=port)
         task_status.started(server)
+
+
+async def _abort_when_cancelled(streams: set[trio.SocketStream]) -> None:
+    """When the listener stops, end every connection at once: a send hypercorn shields
+    would otherwise hold the daemon's stop until its client read or `http.write_timeout`."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        for stream in streams:
+            with contextlib.suppress(OSError):
+                stream.socket.shutdown(socket.SHUT_RDWR)

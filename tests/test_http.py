@@ -308,6 +308,21 @@ def test_a_client_that_stops_reading_is_dropped_by_the_kernel(short_tmp: Path) -
             stuck.close()
 
 
+def test_a_stop_does_not_wait_for_a_client_that_stopped_reading(short_tmp: Path) -> None:
+    with listening(short_tmp, push_interval=0.01, write_timeout=600) as d:
+        web = Web(d)
+        with socket.socket() as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.connect(("127.0.0.1", web.port))
+            stuck.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n\r\n".encode())
+            with web.events() as stream:
+                # 300 snapshots offered to the stuck client too: far past its window.
+                offered = list(zip(stream, range(300), strict=False))
+                assert offered[-1][0]["daemon"]["http_event_clients"] == 2
+            # Its send is stuck for good (600 s); the stop ends it rather than wait.
+            assert d.stop(timeout=20) == 0
+
+
 def _read_to_the_end(sock: socket.socket) -> None:
     while sock.recv(1 << 20):
         pass
