@@ -34,9 +34,11 @@ __all__ = [
     "HandlerName",
     "HttpConfig",
     "MonitorConfig",
+    "Overrides",
     "PoolConfig",
     "ServerConfig",
     "SupervisorConfig",
+    "apply_overrides",
     "changes",
     "config_from_mapping",
     "default_socket_path",
@@ -466,6 +468,24 @@ def _show(value: Any) -> str:
 
 def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+#: Keys set on the command line, by section: `{"pool": {"size": 2}}`.
+Overrides = Mapping[str, Mapping[str, Any]]
+
+
+def apply_overrides(config: Config, overrides: Overrides, source: str) -> Config:
+    """`config` with `overrides` applied, validated as a file is (`source` names it in error
+    lines). A relative `server.socket` among them is taken relative to the current
+    directory; the file's own was resolved when it was loaded."""
+    if not any(overrides.values()):
+        return config
+    data = msgspec.to_builtins(config)
+    for section, keys in overrides.items():
+        data.setdefault(section, {}).update(keys)
+    if not data["server"].get("socket"):
+        data["server"].pop("socket", None)  # the default path, looked up when it is used
+    return config_from_mapping(data, source)
 
 
 # -- output and checks -------------------------------------------------------------------------
