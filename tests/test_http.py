@@ -328,6 +328,20 @@ def _read_to_the_end(sock: socket.socket) -> None:
         pass
 
 
+def test_an_ipv6_loopback_listener_names_itself_in_brackets(short_tmp: Path) -> None:
+    with running_daemon(short_tmp, http={"listen": "[::1]:0"}) as d:
+        event = d.wait_event("http.listening")
+        port = event["port"]
+        assert event["url"] == f"http://[::1]:{port}"
+        for host, expected in ((f"[::1]:{port}", 200), (f"localhost:{port}", 200), ("::1", 421)):
+            conn = http.client.HTTPConnection("::1", port, timeout=20)
+            try:
+                conn.request("GET", "/metrics", headers={"Host": host})
+                assert conn.getresponse().status == expected, host
+            finally:
+                conn.close()
+
+
 def test_a_port_in_use_stops_the_start_before_any_worker(short_tmp: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
