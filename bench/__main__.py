@@ -30,6 +30,7 @@ from bench import (
     faults,
     memory,
     physical,
+    pipelining,
     qoper8_table,
     qoper8d_pools,
     report,
@@ -55,6 +56,7 @@ SUITES: dict[str, Callable[[bool], dict[str, Figure]]] = {
         else None
     ),
     "service": service.run,
+    "pipelining": pipelining.run,
     "qoper8_table": qoper8_table.run,
     "faults": faults.run,
     # In a fresh interpreter of its own, so the suites before it do not skew its RSS.
@@ -83,6 +85,8 @@ TARGETS: list[tuple[str, str, str | None, str, float, str]] = [
      "Client.map over the socket / imap_unordered(chunksize=1)"),
     ("socket_latency_vs_pingpong", "socket_latency_vs_pingpong", None, "<=", 2.5,
      "idle submit p50 over the socket / pinned cross-CPU pipe ping-pong p50"),
+    ("pipelining_default", "pipelining_worst_ratio", None, ">=", 0.9,
+     "the clients' default window / the best fixed window, worst of sizes, results, clients"),
     ("master_rss_bounded", "master_rss_growth", None, "<=", 5.0,
      "master RSS growth over 1,000,000 trivial actions through pool.map, %"),
 ]  # fmt: skip
