@@ -11,7 +11,8 @@ import pytest
 import trio
 
 import qoper8d
-from qoper8d import open_pool
+from qoper8d import Client, open_client, open_pool
+from qoper8d.cli import CTL_OK, CTL_USAGE, ctl_main
 from qoper8d.wire import REPORT_INTERVAL
 from tests.harness import Connection, running_daemon
 
@@ -127,3 +128,40 @@ def test_a_client_not_reading_gets_one_coalesced_progress_line(short_tmp: Path) 
         assert first["id"] == 1
         assert len(first["result"]) == big
         assert _read_until_answer(c, 2)[0] == [299_999]
+
+
+def test_both_clients_and_qoper8ctl_hear_progress(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    count = {"mode": "count", "n": 1000}
+    with running_daemon(short_tmp, pool={"size": 1, "handler": PROGRESS}) as d:
+        seen: list[Any] = []
+        with Client(d.socket) as client:
+            assert client.submit(count, on_progress=seen.append) == 1000
+            assert client.submit({"mode": "count", "n": 5}) == 5  # no flag, no lines
+        assert seen
+        assert seen == sorted(set(seen))
+        assert seen[-1] == 999
+
+        async def async_client() -> list[Any]:
+            heard: list[Any] = []
+
+            async def on_progress(value: Any) -> None:
+                heard.append(value)
+                await trio.lowlevel.checkpoint()
+
+            with trio.fail_after(20):
+                async with open_client(d.socket) as client:
+                    assert await client.submit(count, on_progress=on_progress) == 1000
+            return heard
+
+        heard = trio.run(async_client)
+        assert heard
+        assert heard[-1] == 999
+
+        ctl = ["--socket", str(d.socket), "submit"]
+        assert ctl_main([*ctl, "--progress", '{"mode": "count", "n": 3}']) == CTL_OK
+        out, err = capsys.readouterr()
+        assert out == "3\n"
+        assert err.splitlines()[-1] == "progress: 2"
+        assert ctl_main([*ctl, "--progress"]) == CTL_USAGE
