@@ -452,16 +452,16 @@ def default_launcher(config: PoolConfig) -> Launcher:
 
 
 def check_handlers(config: PoolConfig) -> list[str]:
-    """Import the handler and every route as a worker would; one line per problem.
+    """Load the handler and every route as a worker would, `setup()` included; one line
+    per problem.
 
-    The import runs in a throwaway `python -m qoper8d.worker --check`, so the handler's import
-    side effects (threads, sockets, module state) never touch the caller.
+    It runs in a throwaway `python -m qoper8d._check`, so the handler's side effects
+    (threads, sockets, module state) never touch the caller.
     """
     command = [
         sys.executable,
         "-m",
-        "qoper8d.worker",
-        "--check",
+        "qoper8d._check",
         msgspec.json.encode(worker_spec(config)).decode(),
     ]
     try:
@@ -476,7 +476,7 @@ def check_handlers(config: PoolConfig) -> list[str]:
         )
     except subprocess.TimeoutExpired:
         return [
-            "pool.handler: importing took longer than pool.start_timeout "
+            "pool.handler: importing it and its setup() took longer than pool.start_timeout "
             f"({config.start_timeout} s)"
         ]
     if done.returncode == 0:
@@ -484,4 +484,4 @@ def check_handlers(config: PoolConfig) -> list[str]:
     # The worker's verdict is its last line; anything the handler printed while importing
     # comes before it.
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return [f"pool.handler: {lines[-1] if lines else f'the check exited with {done.returncode}'}"]
+    return [lines[-1] if lines else f"pool.handler: the check exited with {done.returncode}"]
