@@ -22,9 +22,10 @@ import pytest
 import tomli_w
 import trio
 
-from qoper8d import open_pool
+from qoper8d import PoolConfig, open_pool
 from qoper8d._systemd import SYSTEMD_VARIABLES, Notifier, listen_socket, serve_watchdog
 from qoper8d.cli import EXIT_SOCKET
+from qoper8d.pool import check_handlers
 from tests import harness
 from tests.harness import ROOT, Connection, base_config
 
@@ -295,6 +296,20 @@ async def test_open_pool_workers_never_see_systemds_variables(
             keys = await pool.run("environ")
     assert SYSTEMD_VARIABLES.isdisjoint(keys)
     assert "PATH" in keys
+
+
+def test_check_configs_throwaway_worker_never_sees_them(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (short_tmp / "sd_check.py").write_text(
+        "import os\n"
+        f"def setup():\n    assert not os.environ.keys() & set({sorted(SYSTEMD_VARIABLES)})\n"
+        "def handle(action):\n    return action\n"
+    )
+    for name in SYSTEMD_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    config = PoolConfig(handler="sd_check:handle", handler_path=[str(short_tmp)])
+    assert check_handlers(config) == []
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze here")
