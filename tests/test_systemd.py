@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -331,9 +330,20 @@ def test_the_unit_files_verify(tmp_path: Path) -> None:
     )
     # verify exits 0 even for an unknown key or a value it cannot parse: it only says so.
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
-    service = textwrap.dedent((ROOT / "etc" / "qoper8d.service").read_text())
-    for line in ("Type=notify", "NotifyAccess=main", "KillMode=mixed", "Restart=on-failure"):
-        assert f"\n{line}\n" in service
+
+
+def test_the_readme_shows_the_units_as_they_are() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Running under systemd") :]
+    excerpt = section[
+        section.index("```ini\n") + 7 : section.index("\n```\n", section.index("```ini"))
+    ]
+    unit = ""
+    for line in excerpt.splitlines():
+        if line.startswith("# "):
+            unit = (ROOT / "etc" / line[2:]).read_text()
+        elif line:
+            assert line in unit.splitlines(), line
 
 
 def test_an_abstract_notify_socket_gets_one_bounded_status_line() -> None:
