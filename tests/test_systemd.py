@@ -133,7 +133,8 @@ def test_socket_activation_serves_the_socket_as_handed_over(short_tmp: Path) -> 
         config = base_config(short_tmp, pool=write_handler(short_tmp))
         service = Service(short_tmp, config, {"WATCHDOG_USEC": "30000000"}, listener)
         try:
-            ready = service.notifications(until="READY=1")[-1]
+            starting, *_, ready = service.notifications(until="READY=1")
+            assert starting == {"STATUS": "starting 2 workers"}
             assert ready["MAINPID"] == str(service.proc.pid)
             assert ready["STATUS"].startswith("serving: 2 workers")
             with open(f"/proc/{service.proc.pid}/environ", "rb") as f:
