@@ -33,7 +33,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `_systemd` | readiness, the watchdog and the socket systemd hands over |
 | 11 | `_console` | log events for people: short lines, blocks, no raw control characters |
 | 11 | `_window` | how many of a map's submits are in flight: fixed, or learnt |
-| worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
+| worker | `worker` `zygote` | the child processes: stdlib, msgspec, setproctitle, wire, errors |
 | worker | `_check` | --check-config's throwaway worker: a worker's start, setup included |
 """
 
