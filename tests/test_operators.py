@@ -3,6 +3,8 @@ reloads that keep the command line's overrides and always say how they went."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pty
 import re
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import tomli_w
 import trio
 import trio.testing
@@ -339,6 +342,18 @@ def test_check_config_runs_setup_and_fails_on_one_line_when_it_raises(short_tmp:
     )
     assert done.returncode == EXIT_CONFIG
     assert done.stderr.startswith(f"{path}: pool.routes.boom: handlers.broken_setup.setup()")
+    # One that exits, or never returns, is named too.
+    done = _check_config(short_tmp, {"handler": "handlers.exiting_setup:handle"})
+    assert (done.returncode, done.stderr) == (
+        EXIT_CONFIG,
+        f"{path}: pool.handler: handlers.exiting_setup.setup() exited (SystemExit 3)\n",
+    )
+    done = _check_config(short_tmp, {"handler": "handlers.hang_setup:handle", "start_timeout": 0.5})
+    assert (done.returncode, done.stderr) == (
+        EXIT_CONFIG,
+        f"{path}: pool.handler: importing it and its setup() took longer than "
+        "pool.start_timeout (0.5 s)\n",
+    )
     # A setup that succeeds (and its teardown) passes; an async module's runs on its loop.
     done = _check_config(short_tmp, {"handler": "handlers.lifecycle:handle"})
     assert (done.returncode, done.stdout) == (EXIT_OK, f"{path}: ok\n"), done.stderr
@@ -389,3 +404,22 @@ async def test_lines_past_the_backlog_are_dropped_and_counted_in_the_logs_own_fo
     tail = shown.decode().split("\n")[1:-1]
     assert tail[:5] == [f"line {i}" for i in range(5)], "the oldest lines are kept"
     assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} warning  log\.dropped lines=7", tail[5]), tail
+
+
+def test_log_format_json_wins_over_force_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    shown: dict[str, str] = {}
+    for log_format in ("json", "auto", "console"):
+        stream = io.StringIO()  # not a terminal
+        monitor.configure_logging(log_format, stream=stream)
+        structlog.get_logger().info("e", a=1)
+        shown[log_format] = stream.getvalue()
+    assert json.loads(shown["json"])["a"] == 1
+    assert "\x1b[" in shown["auto"]
+    assert shown["auto"] == shown["console"]
+    monkeypatch.setenv("NO_COLOR", "1")
+    stream = io.StringIO()
+    monitor.configure_logging("auto", stream=stream)
+    structlog.get_logger().info("e", a=1)
+    assert re.fullmatch(r"\S+ info     e a=1\n", stream.getvalue())
