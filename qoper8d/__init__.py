@@ -35,6 +35,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `_window` | how many of a map's submits are in flight: fixed, or learnt |
 | worker | `worker` `zygote` | the child processes: stdlib, msgspec, setproctitle, wire, errors |
 | worker | `_check` | --check-config's throwaway worker: a worker's start, setup included |
+| worker | `_report` | what a worker reports besides results: durations, progress, errors |
 """
 
 from __future__ import annotations
@@ -69,14 +70,17 @@ from qoper8d.errors import (
 )
 
 if TYPE_CHECKING:
+    from qoper8d._report import progress
     from qoper8d.client import Client, open_client
     from qoper8d.config import PoolConfig, SupervisorConfig
     from qoper8d.pool import Pool, Session, open_pool
     from qoper8d.stats import PoolStatistics, WorkerStatistics
+    from qoper8d.wire import MAX_PROGRESS_BYTES
 
 from qoper8d._version import __version__
 
 __all__ = [
+    "MAX_PROGRESS_BYTES",
     "AccessDenied",
     "ActionCancelled",
     "ActionError",
@@ -111,6 +115,7 @@ __all__ = [
     "__version__",
     "open_client",
     "open_pool",
+    "progress",
 ]
 
 _LAZY = {
@@ -123,6 +128,9 @@ _LAZY = {
     "WorkerStatistics": "qoper8d.stats",
     "Client": "qoper8d.client",
     "open_client": "qoper8d.client",
+    # A worker's module: a handler importing it imports no trio.
+    "progress": "qoper8d._report",
+    "MAX_PROGRESS_BYTES": "qoper8d.wire",
 }
 
 

@@ -236,6 +236,7 @@ class ControlServer:
     async def submit_direct(self, conn: Connection, request: Request) -> None:
         """A lone submit on an idle pool: this task runs it on a worker and answers it."""
         id_json = _encode(request.id)
+        watched = False
         try:
             _check_submit(conn, request, id_json)
             job = self.pool.accept(
@@ -246,9 +247,14 @@ class ControlServer:
                 max_attempts=request.max_attempts,
             )
             conn.pending[id_json] = _ANSWERING
+            if request.progress:
+                conn.watch(id_json)
+                watched = True
             await self.pool.run_here(job)
         except (RequestError, ActionError) as exc:
             conn.pending.pop(id_json, None)
+            if watched:
+                conn.watching.discard(id_json)
             conn.send(error_line(id_json, exc.to_wire()))
             return
         if id_json in conn.pending:  # not answered yet: it was queued, or is being retried
@@ -341,6 +347,7 @@ def _plain_submit(request: Request) -> bool:
         and request.action is not msgspec.UNSET
         and request.timeout is None
         and request.max_attempts is None
+        and not request.progress
     )
 
 
@@ -360,6 +367,8 @@ def _submit(server: ControlServer, conn: Connection, request: Request, id_json: 
         request.action, conn, id_json, timeout=request.timeout, max_attempts=request.max_attempts
     )
     conn.pending[id_json] = job
+    if request.progress:
+        conn.watch(id_json)
     server.pool.enqueue(job)
 
 

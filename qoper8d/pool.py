@@ -65,14 +65,24 @@ class Pool:
         """ "starting", "running", "draining", "stopping", "stopped" or "failed"."""
         return self._engine.state
 
-    async def run(self, action: Any, *, timeout: float | None = None) -> Any:
+    async def run(
+        self,
+        action: Any,
+        *,
+        timeout: float | None = None,
+        on_progress: Callable[[Any], Any] | None = None,
+    ) -> Any:
         """Run one action on a worker; return its result or raise its `ActionError`.
 
         `timeout` (seconds; 0 for none) overrides `pool.action_timeout`. Cancelling the call
         cancels the action: a queued one is removed, a running one's worker is replaced.
         Raises `QueueFull` at once when `pool.max_queue` actions are waiting already.
+        `on_progress(value)` (sync or async) runs in this task for what the handler reports
+        with `qoper8d.progress()`: best-effort, coalesced (latest wins), the last value
+        reported always before the outcome. If it raises, the action is cancelled and the
+        exception propagates.
         """
-        return await _calls.run(self._engine, action, timeout)
+        return await _calls.run(self._engine, action, timeout, on_progress)
 
     def map(
         self,
@@ -351,6 +361,8 @@ class Pool:
             restarts=self._supervisor.restarts,
             uptime=now - self._started_at,
             workers=tuple(workers),
+            durations=engine.durations.snapshot(),
+            recent_exits=tuple(self._supervisor.recent_exits),
         )
 
 
