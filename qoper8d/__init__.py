@@ -17,6 +17,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 4 | `client` `_aclient` | the clients: blocking, async (anyio) |
 | 4 | `_protocol` `_ops` `_connect` | their sans-IO protocol; each op once; finding the socket |
 | 5 | `pool` | open_pool() and Pool: the API over the engine and the supervisor |
+| 5 | `_link` | a node's connection to Redis, reconnecting with backoff |
 | 6 | `_supervise` | slots: start, watch, replace and stop workers |
 | 6 | `_classic` `_map` `_calls` | Q-Oper8's API and sessions; map; run |
 | 7 | `_engine` | the lifecycle, the queue, dispatch, answers |
@@ -28,6 +29,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `_policy` `_fds` `_socketfile` | restart policy; descriptors; the socket's file |
 | 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
 | 11 | `_chunks` | output waiting as byte chunks, sent a prefix at a time |
+| 11 | `_streams` | the cluster's keys, entry and reply formats, Lua scripts |
 | worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
 """
 
@@ -57,6 +59,7 @@ from qoper8d.errors import (
     RestartIntensityExceeded,
     ShuttingDown,
     TooLarge,
+    Unavailable,
     UnknownOp,
     WorkerLost,
     WorkerStartError,
@@ -98,6 +101,7 @@ __all__ = [
     "ShuttingDown",
     "SupervisorConfig",
     "TooLarge",
+    "Unavailable",
     "UnknownOp",
     "WorkerLost",
     "WorkerStartError",
