@@ -13,6 +13,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 1 | `__main__` `cli` | the command lines, qoper8d and qoper8ctl |
 | 2 | `daemon` `ctl` | the service in one trio run; qoper8ctl's commands |
 | 3 | `control` | the control socket's server and its ops |
+| 4 | `_node` | a cluster node: submits into the shared stream, its entries onto the pool |
 | 4 | `_connection` | one client of the socket, as the server sees it |
 | 4 | `client` `_aclient` | the clients: blocking, async (anyio) |
 | 4 | `_protocol` `_ops` `_connect` | their sans-IO protocol; each op once; finding the socket |

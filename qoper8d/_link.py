@@ -10,6 +10,7 @@ ends. coredis's own retries are off: a command that may have run is never sent t
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -127,11 +128,8 @@ async def ensure_group(client: coredis.Redis[bytes], keys: Keys) -> None:
     """The stream and its group, created if missing; from the stream's start, so that
     entries added before any node ran are taken too."""
     with trio.fail_after(_ANSWER):
-        try:
+        with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
             await client.xgroup_create(keys.stream, keys.group, "0", mkstream=True)
-        except coredis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
 
 
 @asynccontextmanager

@@ -19,8 +19,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -34,6 +36,9 @@ from qoper8d.control import ControlServer, serve_control
 from qoper8d.errors import ConfigError, single_error
 from qoper8d.monitor import LogWriter, serve_snapshots
 from qoper8d.pool import Pool, open_pool
+
+if TYPE_CHECKING:
+    from qoper8d._node import Node
 
 __all__ = ["Daemon", "config_changes"]
 
@@ -70,6 +75,20 @@ def _set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
+@asynccontextmanager
+async def _cluster_link(cfg: Config) -> AsyncIterator[Any]:
+    """With `[cluster] backend = "redis"`: the connection to Redis, made before any worker
+    starts (`Unavailable`, exit 7, if it cannot be). Otherwise None, and nothing imported."""
+    if cfg.cluster.backend == "none":
+        yield None
+        return
+    from qoper8d._link import open_link
+    from qoper8d._node import node_name
+
+    async with open_link(cfg.cluster, node_name(cfg.cluster)) as link:
+        yield link
+
+
 class Daemon:
     """Runs the service until it is told to stop. `run()` raises what prevents a start:
     `WorkerStartError`, `SocketInUse`; and `RestartIntensityExceeded` if the pool fails."""
@@ -80,6 +99,7 @@ class Daemon:
         self._logs = logs
         self._pool: Pool | None = None
         self._control: ControlServer | None = None
+        self._node: Node | None = None
         self._stop = trio.Event()
         self._grace: float | None = None
         self._graceful: trio.CancelScope | None = None
@@ -101,6 +121,7 @@ class Daemon:
             "tasks": trio.lowlevel.current_statistics().tasks_living,
             "open_fds": open_fd_count(),  # even with none left to count them with
         }
+        snapshot["cluster"] = self._node.status() if self._node else {"backend": "none"}
         return snapshot
 
     async def scale(self, size: int) -> int:
@@ -178,10 +199,20 @@ class Daemon:
         cfg = self.config
         _set_title(f"qoper8d: master {cfg.server.socket_path()}")
         preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
-        async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
+        async with (
+            _cluster_link(cfg) as link,
+            open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool,
+        ):
             self._pool = pool
             async with trio.open_nursery() as nursery:
-                self._control = await nursery.start(serve_control, pool, self, cfg.server)
+                if link is not None:
+                    from qoper8d._node import Node
+
+                    self._node = Node(link, pool, cfg.cluster)
+                    await nursery.start(self._node.serve)
+                self._control = await nursery.start(
+                    serve_control, pool, self, cfg.server, self._node
+                )
                 nursery.start_soon(
                     serve_snapshots, self.status, lambda: self.config.monitor.interval
                 )
@@ -198,9 +229,18 @@ class Daemon:
         log.info("daemon.stopping", grace_period=grace)
         if self._control is not None:
             self._control.refuse_changes()
+        node = self._node
+        if node is not None:
+            node.stop_taking()
         with trio.move_on_after(grace) as self._graceful:
             await pool.drain()
+            if node is not None:
+                await node.drained()
         await pool.stop(0)
+        if node is not None:
+            with trio.move_on_after(5):  # what the pool cut short: replies, entries put back
+                await node.drained_held()
+            node.give_up()
         # Every accepted action has its outcome now; make sure its client hears it.
         if self._control is not None:
             with trio.move_on_after(5):
