@@ -21,8 +21,9 @@ one per action):
   renewal of the claims on what this node holds (no delivery counted), the takeover of
   entries silent nodes held past `claim_idle`, and the removal of dead nodes' consumers.
 
-Bounds: the submits waiting for an answer on this node (`pool.max_queue`, then
-`queue_full`), the submits waiting for the intake's next call (the same), the entries held
+Bounds: the submits waiting for an answer on this node (2 x `pool.max_queue`: as many
+waiting in the stream as it takes, as many running; then `queue_full`), the submits
+waiting for the intake's next call (the same), the entries held
 (`pool.size + cluster.prefetch`), the outcomes waiting for the replier (at most those held).
 """
 
@@ -142,7 +143,8 @@ class Node:
             raise Unavailable(
                 f"this node has lost Redis ({redacted(self.config.url)}); it is reconnecting"
             )
-        if len(self.tickets) >= self.pool.config.max_queue:
+        if len(self.tickets) >= 2 * self.pool.config.max_queue:
+            # As many waiting in the stream as it takes, and as many running on any node.
             raise QueueFull(
                 f"{len(self.tickets)} submits of this node wait for their answer",
                 max_queue=self.pool.config.max_queue,

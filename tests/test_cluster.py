@@ -7,6 +7,8 @@ sleeps), has a deadline through the harness's timeouts, and leaves no process be
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,3 +130,199 @@ def test_two_nodes_run_each_others_submits(short_tmp: Path, redis_session: Redis
         a.close()
         if b is not None:
             b.close()
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+def busy_with_gate(conn: Connection, daemon: Daemon, gate: Path) -> None:
+    """Keep `daemon`'s one worker busy until `gate` exists (its prefetch 0: it takes no more)."""
+    action = {"mode": "wait_for", "path": str(gate)}
+    conn.send({"id": "gate", "op": "submit", "action": action})
+    until(daemon, lambda s: s["busy"] == 1)
+
+
+@pytest.mark.parametrize("max_deliveries", [3, 1])
+def test_a_killed_nodes_entries_are_taken_over(
+    short_tmp: Path, redis_session: RedisServer, max_deliveries: int
+) -> None:
+    cluster = cluster_section(redis_session, claim_idle=0.3, max_deliveries=max_deliveries)
+    gate, held = short_tmp / "gate", short_tmp / "held"
+    record = short_tmp / "record"
+    a = node(short_tmp, "a", cluster, size=1)
+    b: Daemon | None = None
+    try:
+        with Connection(a.socket) as conn:
+            busy_with_gate(conn, a, gate)
+            b = node(short_tmp, "b", cluster, size=2)
+            action = {"mode": "wait_for", "path": str(held), "record": str(record)}
+            conn.send(*({"id": i, "op": "submit", "action": {**action, "id": i}} for i in (1, 2)))
+            until(b, lambda s: s["busy"] == 2)
+            b.kill()  # mid-batch: both entries taken, neither answered
+            held.touch()
+            gate.touch()
+            replies = conn.receive_all(3)
+            by_id = {r["id"]: r for r in replies}
+            assert sorted(by_id, key=str) == [1, 2, "gate"]
+            a_pid = {w["pid"] for w in status(a)["workers"]}
+            if max_deliveries == 1:
+                for i in (1, 2):
+                    assert by_id[i]["error"]["code"] == "poisoned", by_id[i]
+                dead = redis_session.cli("XLEN", f"{cluster['stream']}:dead")
+                assert dead == "2"
+                # Not run a second time: each ran once, on B.
+                assert sorted(record.read_text().split()) == ["1", "2"]
+            else:
+                assert {by_id[i]["result"] for i in (1, 2)} <= a_pid
+                assert sorted(record.read_text().split()) == ["1", "1", "2", "2"]
+            # Answered and gone from the stream: nothing pending, nothing waiting.
+            seen = until(a, lambda s: s["cluster"]["pending"] == 0)["cluster"]
+            assert seen["waiting"] == 0
+        assert a.stop() == 0
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+def test_redis_killed_and_restarted_under_load(short_tmp: Path, redis_own: RedisServer) -> None:
+    cluster = cluster_section(redis_own, claim_idle=1.0)
+    gate = short_tmp / "gate"
+    a = node(short_tmp, "a", cluster, size=2)
+    try:
+        with Connection(a.socket) as conn:
+            action = {"mode": "wait_for", "path": str(gate)}
+            conn.send(*({"id": i, "op": "submit", "action": action} for i in range(20)))
+            # Accepted: every one is in the stream (two taken, running).
+            until(a, lambda s: redis_own.cli("XLEN", cluster["stream"]) == "20")
+            redis_own.kill()
+            until(a, lambda s: not s["cluster"]["connected"])
+            refused = conn.request({"id": "late", "op": "submit", "action": {"mode": "pid"}})
+            assert refused["error"]["code"] == "unavailable", refused
+            redis_own.start()
+            until(a, lambda s: s["cluster"]["connected"], timeout=30)
+            gate.touch()
+            replies = conn.receive_all(20)
+            assert sorted(r["id"] for r in replies) == list(range(20))
+            assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
+            again = conn.request({"id": "again", "op": "submit", "action": {"mode": "pid"}})
+            assert again["ok"], again
+            assert status(a)["cluster"]["outages"] == 1
+            assert len(a.of("cluster.disconnected")) == len(a.of("cluster.connected")) == 1
+        assert a.stop() == 0
+    finally:
+        a.close()
+
+
+def test_a_stalled_node_loses_its_entries_and_its_late_reply_is_dropped(
+    short_tmp: Path, redis_session: RedisServer
+) -> None:
+    cluster = cluster_section(redis_session, claim_idle=0.3)
+    gate, held, record = short_tmp / "gate", short_tmp / "held", short_tmp / "record"
+    a = node(short_tmp, "a", cluster, size=1)
+    b: Daemon | None = None
+    try:
+        with Connection(a.socket) as conn:
+            busy_with_gate(conn, a, gate)
+            b = node(short_tmp, "b", cluster, size=1)
+            action = {"mode": "wait_for", "path": str(held), "record": str(record), "id": 1}
+            conn.send({"id": 1, "op": "submit", "action": action})
+            until(b, lambda s: s["busy"] == 1)
+            b_pid = status(b)["workers"][0]["pid"]
+            os.kill(b.proc.pid, signal.SIGSTOP)  # out of touch, its worker still running
+            try:
+                gate.touch()
+                assert conn.receive() is not None  # the gate's answer
+                # A takes the entry over once B has been silent past claim_idle.
+                until(a, lambda s: s["busy"] == 1)
+                held.touch()
+                first = conn.receive()
+                assert first is not None
+                assert first["id"] == 1
+                assert first["result"] != b_pid
+            finally:
+                os.kill(b.proc.pid, signal.SIGCONT)
+            # B's worker finished too; B's late reply is dropped: A answers nothing more.
+            until(b, lambda s: s["outcomes"]["result"] == 1)
+            assert record.read_text().split() == ["1", "1"]
+            conn.request({"id": "s", "op": "status"})  # the next line is this answer
+            assert b.stop() == 0
+        assert a.stop() == 0
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+def test_a_long_action_keeps_its_claim(short_tmp: Path, redis_session: RedisServer) -> None:
+    # Five times claim_idle on one node while another idles beside it: never taken over.
+    cluster = cluster_section(redis_session, claim_idle=0.2)
+    record = short_tmp / "record"
+    a = node(short_tmp, "a", cluster, size=1)
+    b: Daemon | None = None
+    try:
+        with Connection(a.socket) as conn:
+            busy_with_gate(conn, a, short_tmp / "never")
+            b = node(short_tmp, "b", cluster, size=1)
+            action = {"mode": "pid", "sleep": 1.0, "record": str(record), "id": 1}
+            reply = conn.request({"id": 1, "op": "submit", "action": action})
+            assert reply["result"] == status(b)["workers"][0]["pid"]
+            assert record.read_text().split() == ["1"]
+            assert status(b)["cluster"]["dead"] == 0
+        assert b.stop() == 0
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+def test_cancel_reaches_the_node_running_it(short_tmp: Path, redis_session: RedisServer) -> None:
+    cluster = cluster_section(redis_session, claim_idle=0.5)  # status's counts: fresh often
+    a = node(short_tmp, "a", cluster, size=1)
+    b: Daemon | None = None
+    try:
+        with Connection(a.socket) as conn:
+            busy_with_gate(conn, a, short_tmp / "never")
+            b = node(short_tmp, "b", cluster, size=1, grace_period=0.2)
+            conn.send({"id": 1, "op": "submit", "action": {"mode": "hang"}})
+            until(b, lambda s: s["busy"] == 1)
+            b_pid = status(b)["workers"][0]["pid"]
+            conn.send({"id": "c", "op": "cancel", "target": 1})
+            replies = {r["id"]: r for r in conn.receive_all(2)}
+            assert replies["c"]["result"] == {"cancelled": True}
+            assert replies[1]["error"]["code"] == "cancelled"
+            # B killed the worker running it and started another.
+            until(b, lambda s: s["workers"][0]["pid"] not in (None, b_pid))
+            assert status(b)["outcomes"]["cancelled"] == 1
+            # Not yet taken: removed from the stream, never run.
+            conn.send({"id": 2, "op": "submit", "action": {"mode": "hang"}})
+            conn.send({"id": 3, "op": "submit", "action": {"mode": "hang"}})
+            until(b, lambda s: s["busy"] == 1 and s["cluster"]["waiting"] == 1)
+            conn.send({"id": "c3", "op": "cancel", "target": 3})
+            replies = {r["id"]: r for r in conn.receive_all(2)}
+            assert replies[3]["error"]["code"] == "cancelled"
+            until(b, lambda s: s["cluster"]["waiting"] == 0)
+        assert b.stop() == 0
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+def test_queue_full_past_max_queue_entries_waiting(
+    short_tmp: Path, redis_session: RedisServer
+) -> None:
+    cluster = cluster_section(redis_session)
+    a = node(short_tmp, "a", cluster, size=1, max_queue=5)
+    try:
+        with Connection(a.socket) as conn:
+            busy_with_gate(conn, a, short_tmp / "never")
+            action = {"mode": "pid"}
+            conn.send(*({"id": i, "op": "submit", "action": action} for i in range(8)))
+            replies = {r["id"]: r for r in conn.receive_all(3)}
+            assert {r["error"]["code"] for r in replies.values()} == {"queue_full"}
+            assert sorted(replies) == [5, 6, 7]
+            length = redis_session.cli("XLEN", cluster["stream"])
+            assert length == "6"  # the gate, taken, and five waiting: no MAXLEN trimmed any
+    finally:
+        a.close()
