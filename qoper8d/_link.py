@@ -48,6 +48,8 @@ _FAILED_START: tuple[type[BaseException], ...] = (*LOST, coredis.exceptions.Redi
 #: Seconds to connect; a command's answer may take `_ANSWER` (a stalled Redis is lost).
 _CONNECT = 2.0
 _ANSWER = 10.0
+#: Seconds a task pauses after Redis refused a command.
+_REFUSED = 1.0
 #: Backoff between reconnection attempts: from `_FIRST` doubling to `_MOST` seconds.
 _FIRST = 0.05
 _MOST = 2.0
@@ -81,12 +83,26 @@ class Link:
         self._back.set()
 
     async def call(self, script: str, keys: list[Any], args: list[Any]) -> Any:
-        """Run one of `_streams`' scripts; `Unavailable` if Redis is lost meanwhile."""
+        """Run one of `_streams`' scripts; `Unavailable` if Redis is lost meanwhile, or if
+        it refuses (see `refused`)."""
         try:
             return await self.scripts[script](keys=keys, args=args)
         except LOST as exc:
             self.lost(exc)
             raise Unavailable(f"lost the connection to Redis: {exc}") from None
+        except coredis.exceptions.RedisError as exc:
+            await self.refused(exc, script)
+            raise Unavailable(f"Redis refused {script}: {exc}") from None
+
+    async def refused(self, exc: BaseException, what: str) -> None:
+        """Redis answered with an error, not for want of a connection: out of memory, a key
+        of ours deleted or overwritten by someone else. Logged, the stream and its group
+        made again if they are gone, and a pause, so that a task retrying does not spin;
+        the daemon carries on."""
+        log.error("cluster.redis_error", command=what, error=str(exc))
+        with contextlib.suppress(*_FAILED_START):
+            await ensure_group(self.client, self.keys)
+        await trio.sleep(_REFUSED)
 
     def lost(self, exc: BaseException) -> None:
         """A command failed for want of Redis: new submits are refused until it is back."""

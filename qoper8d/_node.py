@@ -34,6 +34,7 @@ import secrets
 import socket
 from typing import TYPE_CHECKING, Any
 
+import coredis.exceptions
 import msgspec
 import structlog
 import trio
@@ -261,6 +262,9 @@ class Node:
             except LOST as exc:
                 self.link.lost(exc)
                 continue
+            except coredis.exceptions.RedisError as exc:
+                await self.link.refused(exc, "BLPOP")
+                continue
             values = [value, *rest]
             if key == keys.control.encode():
                 self._stop_held(values)
@@ -332,6 +336,9 @@ class Node:
                 )
             except LOST as exc:
                 self.link.lost(exc)
+                continue
+            except coredis.exceptions.RedisError as exc:
+                await self.link.refused(exc, "XREADGROUP")
                 continue
             if got and self.taking:
                 for entries in got.values():

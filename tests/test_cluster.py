@@ -48,6 +48,12 @@ def until(daemon: Daemon, check: Any, timeout: float = 20.0) -> dict[str, Any]:
         assert time.monotonic() < deadline, f"status never matched: {snapshot}"
 
 
+def consumers(server: RedisServer, stream: str) -> list[str]:
+    """The names of the consumers in `stream`'s group."""
+    lines = server.cli("XINFO", "CONSUMERS", stream, stream).split("\n")
+    return sorted(lines[i + 1] for i, line in enumerate(lines) if line == "name")
+
+
 # -- configuration ------------------------------------------------------------------------
 
 
@@ -175,6 +181,8 @@ def test_a_killed_nodes_entries_are_taken_over(
             else:
                 assert {by_id[i]["result"] for i in (1, 2)} <= a_pid
                 assert sorted(record.read_text().split()) == ["1", "1", "2", "2"]
+                # B's consumer, its entries taken over, is removed from the group.
+                until(a, lambda s: consumers(redis_session, cluster["stream"]) == ["a"])
             # Answered and gone from the stream: nothing pending, nothing waiting.
             seen = until(a, lambda s: s["cluster"]["pending"] == 0)["cluster"]
             assert seen["waiting"] == 0
@@ -324,5 +332,20 @@ def test_queue_full_past_max_queue_entries_waiting(
             assert sorted(replies) == [5, 6, 7]
             length = redis_session.cli("XLEN", cluster["stream"])
             assert length == "6"  # the gate, taken, and five waiting: no MAXLEN trimmed any
+    finally:
+        a.close()
+
+
+def test_the_stream_deleted_under_a_node(short_tmp: Path, redis_session: RedisServer) -> None:
+    # Someone else's hand on our keys: logged, the stream and group made again, no crash.
+    cluster = cluster_section(redis_session, claim_idle=0.3)
+    a = node(short_tmp, "a", cluster, size=1)
+    try:
+        with Connection(a.socket) as conn:
+            assert conn.request({"id": 1, "op": "submit", "action": {"mode": "pid"}})["ok"]
+            redis_session.cli("DEL", cluster["stream"])
+            a.wait_event("cluster.redis_error")
+            assert conn.request({"id": 2, "op": "submit", "action": {"mode": "pid"}})["ok"]
+        assert a.stop() == 0
     finally:
         a.close()
