@@ -349,3 +349,10 @@ def test_the_stream_deleted_under_a_node(short_tmp: Path, redis_session: RedisSe
         assert a.stop() == 0
     finally:
         a.close()
+
+
+def test_the_node_configs_in_etc_are_valid() -> None:
+    configs = [load_config(ROOT / "etc" / f"node-{name}.toml") for name in "ab"]
+    assert [c.cluster.node for c in configs] == ["a", "b"]
+    assert {c.cluster.url for c in configs} == {"redis://127.0.0.1:6379/0"}
+    assert configs[0].server.socket != configs[1].server.socket
