@@ -104,8 +104,9 @@ def test_redis_unreachable_at_start_exits_7(short_tmp: Path) -> None:
 
 
 def test_two_nodes_run_each_others_submits(short_tmp: Path, redis_session: RedisServer) -> None:
-    cluster = cluster_section(redis_session)
-    gate = short_tmp / "gate"
+    # Claims renewed every 0.2 s: a node loses one only if stalled for 0.4 s (a loaded box).
+    cluster = cluster_section(redis_session, claim_idle=0.6)
+    gate, record = short_tmp / "gate", short_tmp / "record"
     a = node(short_tmp, "a", cluster, size=1)
     b: Daemon | None = None
     try:
@@ -130,6 +131,12 @@ def test_two_nodes_run_each_others_submits(short_tmp: Path, redis_session: Redis
             assert last["result"] in {w["pid"] for w in status(a)["workers"]}
             seen = status(a)["cluster"]
             assert (seen["backend"], seen["node"], seen["connected"]) == ("redis", "a", True)
+            assert sorted(n["node"] for n in seen["nodes"]) == ["a", "b"]
+            # A long action (three times claim_idle) keeps its claim: whichever node runs it,
+            # the other, idle beside it, never takes it over, so it runs once.
+            action = {"mode": "pid", "sleep": 1.8, "record": str(record), "id": "long"}
+            assert conn.request({"id": "long", "op": "submit", "action": action})["ok"]
+            assert record.read_text().split() == ["long"]
         assert a.stop() == 0
         assert b.stop() == 0
     finally:
@@ -152,7 +159,7 @@ def busy_with_gate(conn: Connection, daemon: Daemon, gate: Path) -> None:
 def test_a_killed_nodes_entries_are_taken_over(
     short_tmp: Path, redis_session: RedisServer, max_deliveries: int
 ) -> None:
-    cluster = cluster_section(redis_session, claim_idle=0.3, max_deliveries=max_deliveries)
+    cluster = cluster_section(redis_session, claim_idle=0.5, max_deliveries=max_deliveries)
     gate, held = short_tmp / "gate", short_tmp / "held"
     record = short_tmp / "record"
     a = node(short_tmp, "a", cluster, size=1)
@@ -217,6 +224,10 @@ def test_redis_killed_and_restarted_under_load(short_tmp: Path, redis_own: Redis
             assert again["ok"], again
             assert status(a)["cluster"]["outages"] == 1
             assert len(a.of("cluster.disconnected")) == len(a.of("cluster.connected")) == 1
+            # Someone else's hand on our keys: logged, stream and group made again, no crash.
+            redis_own.cli("DEL", cluster["stream"])
+            a.wait_event("cluster.redis_error")
+            assert conn.request({"id": "after", "op": "submit", "action": {"mode": "pid"}})["ok"]
         assert a.stop() == 0
     finally:
         a.close()
@@ -225,7 +236,7 @@ def test_redis_killed_and_restarted_under_load(short_tmp: Path, redis_own: Redis
 def test_a_stalled_node_loses_its_entries_and_its_late_reply_is_dropped(
     short_tmp: Path, redis_session: RedisServer
 ) -> None:
-    cluster = cluster_section(redis_session, claim_idle=0.3)
+    cluster = cluster_section(redis_session, claim_idle=0.5)
     gate, held, record = short_tmp / "gate", short_tmp / "held", short_tmp / "record"
     a = node(short_tmp, "a", cluster, size=1)
     b: Daemon | None = None
@@ -262,30 +273,8 @@ def test_a_stalled_node_loses_its_entries_and_its_late_reply_is_dropped(
             b.close()
 
 
-def test_a_long_action_keeps_its_claim(short_tmp: Path, redis_session: RedisServer) -> None:
-    # Five times claim_idle on one node while another idles beside it: never taken over.
-    cluster = cluster_section(redis_session, claim_idle=0.2)
-    record = short_tmp / "record"
-    a = node(short_tmp, "a", cluster, size=1)
-    b: Daemon | None = None
-    try:
-        with Connection(a.socket) as conn:
-            busy_with_gate(conn, a, short_tmp / "never")
-            b = node(short_tmp, "b", cluster, size=1)
-            action = {"mode": "pid", "sleep": 1.0, "record": str(record), "id": 1}
-            reply = conn.request({"id": 1, "op": "submit", "action": action})
-            assert reply["result"] == status(b)["workers"][0]["pid"]
-            assert record.read_text().split() == ["1"]
-            assert status(b)["cluster"]["dead"] == 0
-        assert b.stop() == 0
-    finally:
-        a.close()
-        if b is not None:
-            b.close()
-
-
 def test_cancel_reaches_the_node_running_it(short_tmp: Path, redis_session: RedisServer) -> None:
-    cluster = cluster_section(redis_session, claim_idle=0.5)  # status's counts: fresh often
+    cluster = cluster_section(redis_session, claim_idle=1.0)  # status: fresh every 1/3 s
     a = node(short_tmp, "a", cluster, size=1)
     b: Daemon | None = None
     try:
@@ -332,21 +321,6 @@ def test_queue_full_past_max_queue_entries_waiting(
             assert sorted(replies) == [5, 6, 7]
             length = redis_session.cli("XLEN", cluster["stream"])
             assert length == "6"  # the gate, taken, and five waiting: no MAXLEN trimmed any
-    finally:
-        a.close()
-
-
-def test_the_stream_deleted_under_a_node(short_tmp: Path, redis_session: RedisServer) -> None:
-    # Someone else's hand on our keys: logged, the stream and group made again, no crash.
-    cluster = cluster_section(redis_session, claim_idle=0.3)
-    a = node(short_tmp, "a", cluster, size=1)
-    try:
-        with Connection(a.socket) as conn:
-            assert conn.request({"id": 1, "op": "submit", "action": {"mode": "pid"}})["ok"]
-            redis_session.cli("DEL", cluster["stream"])
-            a.wait_event("cluster.redis_error")
-            assert conn.request({"id": 2, "op": "submit", "action": {"mode": "pid"}})["ok"]
-        assert a.stop() == 0
     finally:
         a.close()
 
