@@ -26,6 +26,7 @@ from typing import Any
 
 from bench import (
     baselines,
+    cluster,
     engine,
     faults,
     memory,
@@ -57,6 +58,7 @@ SUITES: dict[str, Callable[[bool], dict[str, Figure]]] = {
     "service": service.run,
     "qoper8_table": qoper8_table.run,
     "faults": faults.run,
+    "cluster": cluster.run,
     # In a fresh interpreter of its own, so the suites before it do not skew its RSS.
     "memory": memory.run,
 }
@@ -83,6 +85,10 @@ TARGETS: list[tuple[str, str, str | None, str, float, str]] = [
      "Client.map over the socket / imap_unordered(chunksize=1)"),
     ("socket_latency_vs_pingpong", "socket_latency_vs_pingpong", None, "<=", 2.5,
      "idle submit p50 over the socket / pinned cross-CPU pipe ping-pong p50"),
+    ("cluster_vs_celery", "cluster_map_rate", "celery_group_rate", ">=", 50.0,
+     "bulk through two cluster nodes / Celery prefork on the same Redis"),
+    ("cluster_latency_vs_raw", "cluster_latency_p50", "cluster_raw_round_trip_p50", "<=", 1.5,
+     "cluster submit p50 / raw XADD-XREADGROUP-reply round trip p50"),
     ("master_rss_bounded", "master_rss_growth", None, "<=", 5.0,
      "master RSS growth over 1,000,000 trivial actions through pool.map, %"),
 ]  # fmt: skip

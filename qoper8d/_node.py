@@ -95,6 +95,8 @@ class _Held(msgspec.Struct, gc=False):
     job: Job | None = None
     #: Its claim was lost (another node took it, or it was cancelled): nothing to reply.
     lost: bool = False
+    #: Its outcome is known (its reply may still wait for the replier).
+    done: bool = False
 
 
 class Node:
@@ -115,6 +117,8 @@ class Node:
         #: Entries this node holds (in its pool or waiting for the replier), by id.
         self.held: dict[bytes, _Held] = {}
         self._room = Wakeup()
+        #: Held entries whose outcome is not known yet: what room is counted against.
+        self._running = 0
         self._replies: list[tuple[_Held, bytes]] = []
         self._replier = Wakeup()
         self._cancels: list[tuple[bytes, bool]] = []
@@ -272,6 +276,8 @@ class Node:
                 self._replied(values)
 
     def _replied(self, values: list[bytes]) -> None:
+        # One write per connection for the whole read, not one per answer.
+        lines: dict[Any, list[bytes]] = {}
         for value in values:
             try:
                 reply = decode_reply(value)
@@ -283,11 +289,16 @@ class Node:
             ticket = self.tickets.pop(reply.tag, None)
             if ticket is None:
                 continue  # a late second reply, a cancelled submit's, or a past life's
+            conn: Any = ticket.sink
+            conn.pending.pop(ticket.tag, None)
             if reply.ok:
                 line = b'{"id":%b,"ok":true,"result":%b}\n' % (ticket.tag, reply.result)
             else:
                 line = b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, reply.error)
-            self._answer(ticket, line)
+            lines.setdefault(conn, []).append(line)
+        for conn, some in lines.items():
+            conn.send(b"".join(some))
+        self._check_quiet()
 
     def _stop_held(self, entries: list[bytes]) -> None:
         for entry in entries:
@@ -317,8 +328,15 @@ class Node:
 
     # -- the worker side: entries this node takes ------------------------------------------
 
+    def capacity(self) -> int:
+        return self.pool.size + self.config.prefetch
+
     def room(self) -> int:
-        return self.pool.size + self.config.prefetch - len(self.held)
+        """Entries this node may take now: one per worker plus the prefetch, minus those
+        whose outcome is not known yet; none while a full call's worth of replies waits."""
+        if len(self._replies) >= _CHUNK:
+            return 0
+        return self.capacity() - self._running
 
     async def feed(self) -> None:
         """Take entries as this node has room for them, each onto the pool."""
@@ -326,7 +344,9 @@ class Node:
         client = self.link.client
         while self.taking:
             room = self.room()
-            if room <= 0:
+            # Read in batches: while work is held, wait for half the room to be free, not
+            # for each outcome (a read per action costs what a batch read of a hundred does).
+            if room <= 0 or (self._running and room < self.capacity() // 2):
                 await self._room.wait()
                 continue
             await self.link.up()
@@ -351,6 +371,7 @@ class Node:
             fields = entry_fields(raw)
             held = _Held(entry, fields.get(b"reply_to", b""), fields.get(b"tag", b""))
             self.held[entry] = held
+            self._running += 1
             try:
                 action = decode_json(fields[b"action"])
                 timeout = float(fields[b"timeout"]) if b"timeout" in fields else None
@@ -392,18 +413,27 @@ class Node:
         elif isinstance(err, ShuttingDown):
             # Never started here, and this node stops: back in the stream for the others.
             held.job = None
+            self._done(held)
             self._replies.append((held, b""))
             self._replier.wake()
         else:
             self._reply(held, b'"ok":false,"error":%b' % _encode(err.to_wire()))
 
     def _reply(self, held: _Held, body: bytes) -> None:
-        line = b'{"tag":%b,"entry":"%b",%b}' % (_encode(held.ref.decode()), held.entry, body)
-        self._replies.append((held, line))
+        tag = _encode(held.ref.decode(errors="replace"))  # any client may have written it
+        self._replies.append((held, b'{"tag":%b,"entry":"%b",%b}' % (tag, held.entry, body)))
+        self._done(held)
         self._replier.wake()
+
+    def _done(self, held: _Held) -> None:
+        if not held.done:
+            held.done = True
+            self._running -= 1
+            self._room.wake()
 
     def _release(self, held: _Held) -> None:
         if self.held.pop(held.entry, None) is not None:
+            self._done(held)
             self._room.wake()
             self._check_quiet()
 

@@ -131,7 +131,7 @@ def test_two_nodes_run_each_others_submits(short_tmp: Path, redis_session: Redis
             assert last["result"] in {w["pid"] for w in status(a)["workers"]}
             seen = status(a)["cluster"]
             assert (seen["backend"], seen["node"], seen["connected"]) == ("redis", "a", True)
-            assert sorted(n["node"] for n in seen["nodes"]) == ["a", "b"]
+            until(a, lambda s: sorted(n["node"] for n in s["cluster"]["nodes"]) == ["a", "b"])
             # A long action (three times claim_idle) keeps its claim: whichever node runs it,
             # the other, idle beside it, never takes it over, so it runs once.
             action = {"mode": "pid", "sleep": 1.8, "record": str(record), "id": "long"}
