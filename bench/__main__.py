@@ -89,6 +89,10 @@ TARGETS: list[tuple[str, str, str | None, str, float, str]] = [
      "bulk through two cluster nodes / Celery prefork on the same Redis"),
     ("cluster_latency_vs_raw", "cluster_latency_p50", "cluster_raw_round_trip_p50", "<=", 1.5,
      "cluster submit p50 / raw XADD-XREADGROUP-reply round trip p50"),
+    ("cluster_soak_lost", "cluster_soak_lost", None, "<=", 0.0,
+     "three nodes, one SIGKILLed every 2 s: submits lost or failed"),
+    ("cluster_soak_answered", "cluster_soak_slowest", None, "<=", 6.0,
+     "the same: slowest answer, s (2 x claim_idle + 2)"),
     ("master_rss_bounded", "master_rss_growth", None, "<=", 5.0,
      "master RSS growth over 1,000,000 trivial actions through pool.map, %"),
 ]  # fmt: skip

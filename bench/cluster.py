@@ -70,10 +70,7 @@ def redis_server() -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextmanager
-def node(size: int, cluster: dict[str, Any] | None) -> Iterator[Path]:
-    """A qoper8d (a cluster node if `cluster`) for the block: its socket path."""
-    tmp = _private_dir("q8nb-")
+def _write_config(tmp: Path, size: int, cluster: dict[str, Any] | None) -> None:
     config: dict[str, Any] = {
         "pool": {"size": size, "handler": HANDLER},
         "server": {"socket": str(tmp / "q.sock")},
@@ -82,6 +79,11 @@ def node(size: int, cluster: dict[str, Any] | None) -> Iterator[Path]:
     if cluster is not None:
         config["cluster"] = cluster
     (tmp / "q.toml").write_text(tomli_w.dumps(config))
+
+
+def _start(tmp: Path) -> subprocess.Popen[bytes]:
+    """Start the daemon configured in `tmp` and return once it is ready."""
+    (tmp / "notify").unlink(missing_ok=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp / "notify"))
         notify.settimeout(60)
@@ -93,17 +95,30 @@ def node(size: int, cluster: dict[str, Any] | None) -> Iterator[Path]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        try:
-            _wait_notify(notify, proc)
-            yield tmp / "q.sock"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            shutil.rmtree(tmp, ignore_errors=True)
+        _wait_notify(notify, proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def node(size: int, cluster: dict[str, Any] | None) -> Iterator[Path]:
+    """A qoper8d (a cluster node if `cluster`) for the block: its socket path."""
+    tmp = _private_dir("q8nb-")
+    _write_config(tmp, size, cluster)
+    proc = _start(tmp)
+    try:
+        yield tmp / "q.sock"
+    finally:
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _map_rate(path: Path, n: int) -> float:
@@ -255,6 +270,80 @@ def _celery(sock: Path, n_group: int, n_latency: int) -> dict[str, float]:
     return {"rate": n_group / wall, "p50": median(samples)}
 
 
+# -- three nodes, one killed and restarted every 2 s ------------------------------------------
+
+
+def _soak(sock: Path, seconds: float, claim_idle: float) -> dict[str, float]:
+    """Three nodes of one worker; a client streams submits into node a while node c is
+    SIGKILLed and started again every 2 s. Every submit must be answered, within
+    2 x claim_idle + 2 s, with a result or `poisoned`."""
+    import json
+    import threading
+
+    cluster = {"backend": "redis", "url": f"unix://{sock}", "stream": "soak",
+               "claim_idle": claim_idle, "prefetch": 8}  # fmt: skip
+    dirs = {name: _private_dir(f"q8s{name}-") for name in "abc"}
+    for name, tmp in dirs.items():
+        _write_config(tmp, 1, {**cluster, "node": name})
+    procs = {name: _start(tmp) for name, tmp in dirs.items()}
+    sent: dict[int, float] = {}
+    answered: dict[int, float] = {}
+    codes: dict[str, int] = {}
+    kills = 0
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(str(dirs["a"] / "q.sock"))
+        reader = conn.makefile("rb")
+        stop = threading.Event()
+
+        def feed() -> None:
+            i = 0
+            while not stop.is_set():
+                batch = []
+                for _ in range(20):
+                    sent[i] = time.monotonic()
+                    line = {"id": i, "op": "submit", "action": {"x": i}}
+                    batch.append(json.dumps(line).encode() + b"\n")
+                    i += 1
+                conn.sendall(b"".join(batch))
+                time.sleep(0.01)  # about 2,000 a second: under load, not flooding
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(2.0)
+            procs["c"].kill()
+            procs["c"].wait()
+            kills += 1
+            procs["c"] = _start(dirs["c"])
+        stop.set()
+        feeder.join()
+        conn.settimeout(2 * claim_idle + 10)
+        while len(answered) < len(sent):
+            reply = json.loads(reader.readline())
+            answered[reply["id"]] = time.monotonic()
+            code = "result" if reply["ok"] else reply["error"]["code"]
+            codes[code] = codes.get(code, 0) + 1
+        conn.close()
+    finally:
+        for proc in procs.values():
+            _stop(proc)
+        for tmp in dirs.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+    waits = [answered[i] - sent[i] for i in sent]
+    return {
+        "submitted": len(sent),
+        "lost": len(sent) - len(answered),
+        "not_result_or_poisoned": sum(
+            n for c, n in codes.items() if c not in ("result", "poisoned")
+        ),
+        "kills": kills,
+        "slowest": max(waits),
+        "bound": 2 * claim_idle + 2,
+    }
+
+
 def run(quick: bool) -> dict[str, Figure]:
     n_map = 20_000 if quick else 100_000
     n_latency = 500 if quick else 3_000
@@ -294,6 +383,18 @@ def run(quick: bool) -> dict[str, Figure]:
             )
         except Exception as exc:  # Celery missing or failing: the rest still stands
             out["celery_error"] = error_figure(exc, "Celery beside the cluster")
+        soak = _soak(sock, 10.0 if quick else 30.0, claim_idle=2.0)
+        out["cluster_soak_lost"] = figure(
+            soak["lost"] + soak["not_result_or_poisoned"],
+            "actions",
+            f"three nodes, one SIGKILLed and restarted every 2 s ({soak['kills']} kills): "
+            f"of {soak['submitted']} submits, answered with neither a result nor poisoned",
+        )
+        out["cluster_soak_slowest"] = figure(
+            soak["slowest"],
+            "s",
+            f"the slowest answer in that run (bound: 2 x claim_idle + 2 = {soak['bound']} s)",
+        )
     say_figures(out)
     return out
 

@@ -38,6 +38,7 @@ import coredis.exceptions
 import msgspec
 import structlog
 import trio
+from coredis.tokens import PureToken
 
 from qoper8d._jobs import Job, decode_json, encode_action
 from qoper8d._link import LOST, Link, redacted
@@ -251,25 +252,40 @@ class Node:
 
     async def listen(self) -> None:
         """Answer this node's clients from its reply list; cancel what its control list
-        names."""
+        names. One blocking call takes a whole batch (BLMPOP, Redis 7); on Redis 6.2, a
+        BLPOP and then an LPOP for the rest."""
         keys = self.keys
         client = self.link.client
         watched = [keys.reply, keys.control]
+        batched = True
         while True:
             await self.link.up()
             try:
-                first = await client.blpop(watched, timeout=_BLOCK_MS / 1000)
-                if first is None:
-                    continue
-                key, value = first
-                rest = await client.lpop(key, _TAKE) or []
+                if batched:
+                    got = await client.blmpop(
+                        watched, _BLOCK_MS / 1000, PureToken.LEFT, count=_TAKE
+                    )
+                    if got is None:
+                        continue
+                    key, values = got[0], list(got[1])
+                else:
+                    first = await client.blpop(watched, timeout=_BLOCK_MS / 1000)
+                    if first is None:
+                        continue
+                    key, value = first
+                    values = [value, *(await client.lpop(key, _TAKE) or [])]
+            except (
+                coredis.exceptions.UnknownCommandError,
+                coredis.exceptions.CommandNotSupportedError,
+            ):
+                batched = False
+                continue
             except LOST as exc:
                 self.link.lost(exc)
                 continue
             except coredis.exceptions.RedisError as exc:
-                await self.link.refused(exc, "BLPOP")
+                await self.link.refused(exc, "BLMPOP" if batched else "BLPOP")
                 continue
-            values = [value, *rest]
             if key == keys.control.encode():
                 self._stop_held(values)
             else:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from qoper8d.config import load_config
+from qoper8d.ctl import format_status, status_problems
 from qoper8d.errors import ConfigError
 from tests.harness import ROOT, Connection, Daemon, base_config
 from tests.redis_fixtures import RedisServer, cluster_section
@@ -211,7 +212,9 @@ def test_redis_killed_and_restarted_under_load(short_tmp: Path, redis_own: Redis
             # Accepted: every one is in the stream (two taken, running).
             until(a, lambda s: redis_own.cli("XLEN", cluster["stream"]) == "20")
             redis_own.kill()
-            until(a, lambda s: not s["cluster"]["connected"])
+            lost = until(a, lambda s: not s["cluster"]["connected"])
+            assert status_problems(lost) == ["the cluster node has lost Redis"]
+            assert "NOT CONNECTED" in format_status(lost)
             refused = conn.request({"id": "late", "op": "submit", "action": {"mode": "pid"}})
             assert refused["error"]["code"] == "unavailable", refused
             redis_own.start()
@@ -330,3 +333,33 @@ def test_the_node_configs_in_etc_are_valid() -> None:
     assert [c.cluster.node for c in configs] == ["a", "b"]
     assert {c.cluster.url for c in configs} == {"redis://127.0.0.1:6379/0"}
     assert configs[0].server.socket != configs[1].server.socket
+
+
+def test_a_stopping_node_puts_back_what_it_did_not_finish(
+    short_tmp: Path, redis_session: RedisServer
+) -> None:
+    cluster = cluster_section(redis_session, claim_idle=1.0)
+    gate, held = short_tmp / "gate", short_tmp / "held"
+    a = node(short_tmp, "a", cluster, size=1)
+    b: Daemon | None = None
+    try:
+        with Connection(a.socket) as conn:
+            busy_with_gate(conn, a, gate)
+            # B holds three: one running, two prefetched in its pool's queue.
+            b = node(short_tmp, "b", {**cluster, "prefetch": 2}, size=1, grace_period=0.2)
+            action = {"mode": "wait_for", "path": str(held)}
+            conn.send(*({"id": i, "op": "submit", "action": action} for i in range(3)))
+            until(b, lambda s: s["cluster"]["held"] == 3 and s["busy"] == 1)
+            assert b.stop() == 0  # the grace period ends with all three unfinished
+            held.touch()
+            gate.touch()
+            replies = {r["id"]: r for r in conn.receive_all(4)}
+            a_pid = status(a)["workers"][0]["pid"]
+            assert [replies[i]["result"] for i in range(3)] == [a_pid] * 3
+            # Put back as they were: no delivery counted, nothing dead.
+            assert until(a, lambda s: s["cluster"]["pending"] == 0)["cluster"]["dead"] == 0
+        assert a.stop() == 0
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
