@@ -28,7 +28,16 @@ from typing import Any
 
 import tomli_w
 
-from bench._common import ROOT, Figure, error_figure, figure, median, percentile, say_figures
+from bench._common import (
+    ROOT,
+    Figure,
+    error_figure,
+    figure,
+    median,
+    percentile,
+    say,
+    say_figures,
+)
 
 HANDLER = "handlers.echo:plus_one"
 
@@ -87,14 +96,15 @@ def _start(tmp: Path) -> subprocess.Popen[bytes]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp / "notify"))
         notify.settimeout(60)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qoper8d", "--config", str(tmp / "q.toml")],
-            cwd=ROOT,
-            env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(tmp / "log", "ab") as log:  # warnings and errors: kept for a post-mortem
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "qoper8d", "--config", str(tmp / "q.toml")],
+                cwd=ROOT,
+                env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         _wait_notify(notify, proc)
     return proc
 
@@ -306,7 +316,7 @@ def _soak(sock: Path, seconds: float, claim_idle: float) -> dict[str, float]:
                     batch.append(json.dumps(line).encode() + b"\n")
                     i += 1
                 conn.sendall(b"".join(batch))
-                time.sleep(0.01)  # about 2,000 a second: under load, not flooding
+                time.sleep(0.04)  # about 500 a second: a load the nodes keep up with
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
@@ -321,17 +331,31 @@ def _soak(sock: Path, seconds: float, claim_idle: float) -> dict[str, float]:
         feeder.join()
         conn.settimeout(2 * claim_idle + 10)
         while len(answered) < len(sent):
-            reply = json.loads(reader.readline())
+            try:
+                raw = reader.readline()
+            except TimeoutError:
+                break  # counted as lost below
+            reply = json.loads(raw)
             answered[reply["id"]] = time.monotonic()
             code = "result" if reply["ok"] else reply["error"]["code"]
             codes[code] = codes.get(code, 0) + 1
         conn.close()
+        if os.environ.get("Q8_BENCH_KEEP"):
+            from qoper8d import Client
+
+            for name, tmp in dirs.items():
+                with Client(tmp / "q.sock") as client:
+                    got = client.status()
+                    say(f"  {name}: busy {got['busy']} queued {got['queued']} {got['cluster']}")
     finally:
         for proc in procs.values():
             _stop(proc)
-        for tmp in dirs.values():
-            shutil.rmtree(tmp, ignore_errors=True)
-    waits = [answered[i] - sent[i] for i in sent]
+        for name, tmp in dirs.items():
+            if os.environ.get("Q8_BENCH_KEEP"):
+                say(f"  node {name}: {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    waits = [answered[i] - sent[i] for i in sent if i in answered]
     return {
         "submitted": len(sent),
         "lost": len(sent) - len(answered),
@@ -339,7 +363,8 @@ def _soak(sock: Path, seconds: float, claim_idle: float) -> dict[str, float]:
             n for c, n in codes.items() if c not in ("result", "poisoned")
         ),
         "kills": kills,
-        "slowest": max(waits),
+        "slowest": max(waits, default=0.0),
+        "unanswered": sorted(set(sent) - set(answered))[:20],
         "bound": 2 * claim_idle + 2,
     }
 

@@ -317,9 +317,12 @@ class Node:
         self._check_quiet()
 
     def _stop_held(self, entries: list[bytes]) -> None:
+        """Stop the jobs of entries this node no longer holds (cancelled, or taken over).
+        One whose outcome is known already is left alone: it is not running, and its entry
+        was answered by this node's own replier (which a renewal in flight can see)."""
         for entry in entries:
             held = self.held.get(entry)
-            if held is not None and held.job is not None:
+            if held is not None and held.job is not None and not (held.done or held.lost):
                 held.lost = True
                 self.pool.cancel(held.job)
 
