@@ -21,10 +21,8 @@ one per action):
   renewal of the claims on what this node holds (no delivery counted), the takeover of
   entries silent nodes held past `claim_idle`, and the removal of dead nodes' consumers.
 
-Bounds: the submits waiting for an answer on this node (2 x `pool.max_queue`: as many
-waiting in the stream as it takes, as many running; then `queue_full`), the submits
-waiting for the intake's next call (the same), the entries held
-(`pool.size + cluster.prefetch`), the outcomes waiting for the replier (at most those held).
+Bounds: this node's submits waiting for an answer, 2 x `pool.max_queue` (then
+`queue_full`); entries held, `pool.size + cluster.prefetch` plus 1,000 awaiting replies.
 """
 
 from __future__ import annotations
@@ -540,20 +538,10 @@ class Node:
         if room <= 0:
             return
         keys = self.keys
-        _, taken, poisoned, _ = await self.link.call(
-            "RECLAIM",
-            [keys.stream, keys.dead],
-            [
-                keys.group,
-                self.name,
-                int(self.config.claim_idle * 1000),
-                room,
-                self.config.max_deliveries,
-                DEAD_MAXLEN,
-                int(self.config.result_ttl * 1000),
-                REPLY_MAXLEN,
-            ],
-        )
+        cfg = self.config
+        args = [keys.group, self.name, int(cfg.claim_idle * 1000), room, cfg.max_deliveries]
+        args += [DEAD_MAXLEN, int(cfg.result_ttl * 1000), REPLY_MAXLEN]
+        _, taken, poisoned, _ = await self.link.call("RECLAIM", [keys.stream, keys.dead], args)
         if taken or poisoned:
             log.info("cluster.taken_over", entries=len(taken), poisoned=poisoned)
         self._take([(e[0], e[1]) for e in taken])
@@ -581,16 +569,10 @@ class Node:
             self._refuse(ticket, ShuttingDown("the daemon is stopping"))
         self._intake.clear()
 
-    async def drained(self) -> None:
-        """Return once nothing is held and every reply is pushed, and every submit of this
-        node's clients is answered."""
-        while self.held or self._replies or self.tickets:
-            self._quiet = trio.Event()
-            await self._quiet.wait()
-
-    async def drained_held(self) -> None:
-        """Return once nothing is held and every reply is pushed."""
-        while self.held or self._replies:
+    async def drained(self, *, tickets: bool = True) -> None:
+        """Return once nothing is held, every reply is pushed and (with `tickets`) every
+        submit of this node's clients is answered."""
+        while self.held or self._replies or (tickets and self.tickets):
             self._quiet = trio.Event()
             await self._quiet.wait()
 

@@ -340,7 +340,7 @@ class Daemon:
         await pool.stop(0)
         if node is not None:
             with trio.move_on_after(5):  # what the pool cut short: replies, entries put back
-                await node.drained_held()
+                await node.drained(tickets=False)
             node.give_up()
         # Every accepted action has its outcome now; make sure its client hears it.
         if self._control is not None:
