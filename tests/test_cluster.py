@@ -363,3 +363,25 @@ def test_a_stopping_node_puts_back_what_it_did_not_finish(
         a.close()
         if b is not None:
             b.close()
+
+
+def test_renewals_racing_the_replies_stop_nothing(
+    short_tmp: Path, redis_session: RedisServer
+) -> None:
+    # Claims renewed every 33 ms while thousands of outcomes are pushed: a renewal that sees
+    # an entry this node just answered must leave its finished job alone.
+    cluster = cluster_section(redis_session, claim_idle=0.1, prefetch=64)
+    a = node(short_tmp, "a", cluster, size=2)
+    try:
+        with Connection(a.socket) as conn:
+            for start in range(0, 3000, 500):
+                ids = range(start, start + 500)
+                conn.send(*({"id": i, "op": "submit", "action": {"mode": "pid"}} for i in ids))
+                replies = conn.receive_all(500)
+                assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]][:3]
+            after = until(a, lambda s: s["cluster"]["held"] == 0)
+            assert after["queued"] == 0
+            assert after["outcomes"]["cancelled"] == 0
+        assert a.stop() == 0
+    finally:
+        a.close()
