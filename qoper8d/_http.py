@@ -27,7 +27,8 @@ named where it is set:
   made: a client that stops reading fills its socket buffers, never the daemon's memory.
   hypercorn's sends cannot be cancelled (it shields them), so the kernel ends such a
   connection: the listening socket carries `TCP_USER_TIMEOUT = http.write_timeout`, which
-  the accepted ones inherit.
+  the accepted ones inherit; and when the listener stops, every connection is shut down at
+  once, so that no such send holds up the daemon's stop.
 - hypercorn's own limits: a request head of at most `MAX_HEAD_BYTES`; a connection lives
   `http.keep_alive_timeout` without a request in progress (a slow head included); HTTP/2
   (prior knowledge on plain TCP) at most `MAX_STREAMS` streams and a bounded header list;
@@ -36,7 +37,9 @@ named where it is set:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -60,7 +63,7 @@ __all__ = ["MAX_HEAD_BYTES", "MAX_STREAMS", "HttpServer", "bind_http", "serve_ht
 
 log = structlog.get_logger("qoper8d.http")
 
-#: Bytes of request line and headers hypercorn buffers before it answers 400.
+#: Bytes of request line and headers hypercorn buffers before it answers 431.
 MAX_HEAD_BYTES = 16 * 1024
 #: Concurrent streams on one HTTP/2 connection.
 MAX_STREAMS = 8
@@ -146,7 +149,7 @@ def _error_logger() -> logging.Logger:
 
 def _accepted_hosts(config: HttpConfig, host: str, port: int) -> frozenset[str]:
     """Every `Host` header value naming this listener, lower case."""
-    names = {host.lower(), *(name.lower() for name in config.allowed_hosts)}
+    names = {host.lower(), *(name.lower().strip("[]") for name in config.allowed_hosts)}
     if is_loopback(host):
         names |= {"localhost", "127.0.0.1", "::1"}
     accepted: set[str] = set()
@@ -289,24 +292,41 @@ async def serve_http(
     app = wrap_app(cast("ASGIFramework", server), config.wsgi_max_body_size, "asgi")
     context = WorkerContext(None)
     limit = server.config.max_connections
+    streams: set[trio.SocketStream] = set()
 
     async def connection(stream: trio.SocketStream) -> None:
         if server.connections >= limit:
-            with trio.move_on_after(1):
-                await stream.send_all(_BUSY)
+            # Answered without waiting (a fresh socket's buffer takes it), so that a flood
+            # past the bound holds no descriptor longer than it takes to close it.
+            with contextlib.suppress(OSError):
+                os.write(stream.socket.fileno(), _BUSY)
             await stream.aclose()
             return
         server.connections += 1
+        streams.add(stream)
         try:
             # Typed as TLS streams only, it serves plain ones too (hypercorn's serve() does).
             tcp = cast("trio.SSLStream[trio.SocketStream]", stream)
             await TCPServer(app, config, context, ConnectionState({}), tcp)
         finally:
+            streams.discard(stream)
             server.connections -= 1
 
     sock.listen(BACKLOG)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_abort_when_cancelled, streams)
         await nursery.start(trio.serve_listeners, connection, [listener])
         log.info("http.listening", url=server.url, host=host, port=port)
         task_status.started(server)
+
+
+async def _abort_when_cancelled(streams: set[trio.SocketStream]) -> None:
+    """When the listener stops, end every connection at once: a send hypercorn shields
+    would otherwise hold the daemon's stop until its client read or `http.write_timeout`."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        for stream in streams:
+            with contextlib.suppress(OSError):
+                stream.socket.shutdown(socket.SHUT_RDWR)

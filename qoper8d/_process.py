@@ -12,12 +12,10 @@ Two launchers start workers:
   serving within milliseconds instead of paying interpreter start-up and imports again.
 * `SpawnLauncher` (`"spawn"`) starts a fresh `python -m qoper8d.worker` each time.
 
-Both start their children with `worker_environ()`: the environment without what systemd
-meant for the master alone.
-
-Either way exit is observed through a pidfd, which trio waits on like any descriptor, and
-the process group is killed while the dead worker's pid is still reserved (as a zombie),
-so grandchildren die with it and no signal ever reaches a recycled pid.
+Both start children with `worker_environ()`, without what systemd meant for the master.
+Exit is observed through a pidfd, which trio waits on like any descriptor, and the process
+group is killed while the dead worker's pid is still reserved (as a zombie), so
+grandchildren die with it and no signal ever reaches a recycled pid.
 """
 
 from __future__ import annotations
@@ -419,6 +417,7 @@ class ForkServerLauncher:
         self._nursery: trio.Nursery | None = None
         self._zygote: _Zygote | None = None
         self._starting = trio.Lock()
+        self._sending = trio.Lock()
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -540,15 +539,25 @@ class ForkServerLauncher:
     async def launch(self, spec: wire.WorkerSpec) -> WorkerProcess:
         zygote = await self._ensure_zygote()
         fds = _Fds()
+        frame = wire.encode_frame(wire.Fork(spec))
+        waiting = _Reply()
         try:
-            socket.send_fds(zygote.sock, [wire.encode_frame(wire.Fork(spec))], fds.child)
-        except OSError as exc:
+            # One sender at a time, so replies come in the order of the sends; hundreds of
+            # launches at once fill the fork server's queue, and wait in turn for room.
+            async with self._sending:
+                while True:
+                    with contextlib.suppress(BlockingIOError):
+                        socket.send_fds(zygote.sock, [frame], fds.child)
+                        break
+                    await trio.lowlevel.wait_writable(zygote.sock)
+                zygote.pending.append(waiting)
+        except BaseException as exc:
             fds.close_all()
+            if not isinstance(exc, OSError):
+                raise
             zygote.alive = False
             raise WorkerStartError(f"the fork server is gone: {exc}") from None
         fds.close_child_ends()
-        waiting = _Reply()
-        zygote.pending.append(waiting)
         # Not cancellable: the reply must be taken, or the next launch would get ours.
         with trio.CancelScope(shield=True):
             await waiting.wakeup.wait()

@@ -137,7 +137,8 @@ class MonitorConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
 
     interval: PositiveSeconds = 30.0  # between pool snapshots
     silent_start: bool = False  # no start-up banner
-    log_format: Literal["auto", "json", "console"] = "auto"  # auto: JSON unless stderr is a tty
+    # auto: console lines on a tty or with FORCE_COLOR, JSON otherwise.
+    log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

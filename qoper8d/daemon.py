@@ -268,6 +268,7 @@ class Daemon:
             preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
         else:  # systemd's: server.socket only says where qoper8ctl --config looks
             log.info("daemon.socket_inherited", socket=self.socket, fd=self._listener.fileno())
+        self._systemd.notify(status=f"starting {cfg.pool.size} workers")
         # Bound before any worker starts, like the socket's checks: a taken port fails fast.
         http_socket = _bind_http(cfg) if cfg.http.listen else None
         try:

@@ -28,7 +28,7 @@ from qoper8d._engine import Engine
 from qoper8d._jobqueue import BATCH_RESULT_BYTES
 from qoper8d._jobs import Job, encode_action, encode_json
 from qoper8d._map import MapIterator
-from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
+from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher, worker_environ
 from qoper8d._supervise import Supervisor
 from qoper8d.config import PoolConfig, SupervisorConfig, changes
 from qoper8d.errors import BadRequest, WorkerStartError, single_error
@@ -467,6 +467,7 @@ def check_handlers(config: PoolConfig) -> list[str]:
     try:
         done = subprocess.run(
             command,
+            env=worker_environ(),  # it runs setup(): a worker in all but name
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

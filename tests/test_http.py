@@ -18,13 +18,15 @@ from typing import Any
 
 import pytest
 import tomli_w
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from qoper8d._http import MAX_HEAD_BYTES
+from qoper8d._metrics import open_registry, render
 from qoper8d.cli import EXIT_SOCKET
 from qoper8d.config import config_from_mapping
 from qoper8d.errors import ConfigError
-from qoper8d.stats import DURATION_BOUNDS, OUTCOMES
+from qoper8d.stats import DURATION_BOUNDS, OUTCOMES, Durations, PoolStatistics
 from tests.harness import SNAPSHOT_FIELDS, Connection, Daemon, base_config, running_daemon
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,6 +65,28 @@ def test_the_listen_address_is_validated_and_loopback_unless_allowed() -> None:
         "f.toml: http.max_clients: expected an integer >= 1, got 0",
         "f.toml: http.push_interval: expected a number of seconds >= 0.01, got 0",
     ]
+
+
+def test_duration_counts_become_cumulative_buckets_in_the_daemons_own_registry() -> None:
+    counts = [0] * (len(DURATION_BOUNDS) + 1)
+    counts[0], counts[3], counts[-1] = 2, 5, 1  # <= 4 µs, <= 32 µs, past every bound
+    stats = PoolStatistics(
+        state="running", size=1, busy=0, idle=1, queued=0, queued_bytes=0, in_flight=0,
+        submitted=8, outcomes={"result": 8}, restarts=0, uptime=1.0, workers=(),
+        durations=Durations(counts=tuple(counts), total=40.5),
+    )  # fmt: skip
+    registry = open_registry(lambda: stats, dict)
+    got = samples(render(registry).decode())
+    name = "qoper8d_action_duration_seconds"
+    assert got[(f"{name}_bucket", (("le", "4e-06"),))] == 2
+    assert got[(f"{name}_bucket", (("le", "1.6e-05"),))] == 2
+    assert got[(f"{name}_bucket", (("le", "3.2e-05"),))] == 7
+    assert got[(f"{name}_bucket", (("le", "16.777216"),))] == 7
+    assert got[(f"{name}_bucket", (("le", "+Inf"),))] == 8
+    assert (got[(f"{name}_count", ())], got[(f"{name}_sum", ())]) == (8, 40.5)
+    # prometheus-client's global registry never sees the daemon's metrics.
+    assert REGISTRY.get_sample_value("qoper8d_submitted_total") is None
+    assert registry.get_sample_value("qoper8d_submitted_total") == 8
 
 
 class Web:
@@ -183,9 +207,10 @@ def test_metrics_status_and_events_serve_counts_and_never_an_action(short_tmp: P
 
 
 def test_hosts_methods_and_paths_other_than_the_listeners_are_refused(short_tmp: Path) -> None:
-    with listening(short_tmp) as d:
+    with listening(short_tmp, allowed_hosts=["q8.example"]) as d:
         web = Web(d)
-        for host in (f"localhost:{web.port}", f"LOCALHOST:{web.port}", f"[::1]:{web.port}"):
+        named = (f"localhost:{web.port}", f"LOCALHOST:{web.port}", f"[::1]:{web.port}")
+        for host in (*named, f"q8.example:{web.port}"):
             assert web.request("/status", host=host)[0] == 200, host
         for host in ("evil.example", f"evil.example:{web.port}", "127.0.0.1", "127.0.0.1:1"):
             status, _, body = web.request("/status", host=host)
@@ -283,9 +308,38 @@ def test_a_client_that_stops_reading_is_dropped_by_the_kernel(short_tmp: Path) -
             stuck.close()
 
 
+def test_a_stop_does_not_wait_for_a_client_that_stopped_reading(short_tmp: Path) -> None:
+    with listening(short_tmp, push_interval=0.01, write_timeout=600) as d:
+        web = Web(d)
+        with socket.socket() as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.connect(("127.0.0.1", web.port))
+            stuck.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n\r\n".encode())
+            with web.events() as stream:
+                # 300 snapshots offered to the stuck client too: far past its window.
+                offered = list(zip(stream, range(300), strict=False))
+                assert offered[-1][0]["daemon"]["http_event_clients"] == 2
+            # Its send is stuck for good (600 s); the stop ends it rather than wait.
+            assert d.stop(timeout=20) == 0
+
+
 def _read_to_the_end(sock: socket.socket) -> None:
     while sock.recv(1 << 20):
         pass
+
+
+def test_an_ipv6_loopback_listener_names_itself_in_brackets(short_tmp: Path) -> None:
+    with running_daemon(short_tmp, http={"listen": "[::1]:0"}) as d:
+        event = d.wait_event("http.listening")
+        port = event["port"]
+        assert event["url"] == f"http://[::1]:{port}"
+        for host, expected in ((f"[::1]:{port}", 200), (f"localhost:{port}", 200), ("::1", 421)):
+            conn = http.client.HTTPConnection("::1", port, timeout=20)
+            try:
+                conn.request("GET", "/metrics", headers={"Host": host})
+                assert conn.getresponse().status == expected, host
+            finally:
+                conn.close()
 
 
 def test_a_port_in_use_stops_the_start_before_any_worker(short_tmp: Path) -> None:
