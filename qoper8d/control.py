@@ -22,7 +22,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from operator import attrgetter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
@@ -45,6 +45,9 @@ from qoper8d.errors import (
     UnknownOp,
 )
 from qoper8d.pool import Pool
+
+if TYPE_CHECKING:
+    from qoper8d._node import Node
 
 __all__ = ["OPS", "PROTOCOL", "ControlHooks", "ControlServer", "SocketInUse", "serve_control"]
 
@@ -83,8 +86,12 @@ class ControlHooks(Protocol):
 class ControlServer:
     """A running control socket, as `serve_control` reports it when it starts."""
 
-    def __init__(self, pool: Pool, hooks: ControlHooks, config: ServerConfig) -> None:
+    def __init__(
+        self, pool: Pool, hooks: ControlHooks, config: ServerConfig, node: Node | None = None
+    ) -> None:
         self.pool = pool
+        #: With `[cluster]`: submits go to the shared stream through it, not to the pool.
+        self.node = node
         self.hooks = hooks
         self.config = config
         self.allowed = {os.getuid(), 0, *config.allowed_uids}
@@ -236,6 +243,9 @@ class ControlServer:
     async def submit_direct(self, conn: Connection, request: Request) -> None:
         """A lone submit on an idle pool: this task runs it on a worker and answers it."""
         id_json = _encode(request.id)
+        if self.node is not None:
+            self.handle(conn, request)
+            return
         watched = False
         try:
             _check_submit(conn, request, id_json)
@@ -263,7 +273,7 @@ class ControlServer:
     def submit_all(self, conn: Connection, requests: list[Request]) -> bool:
         # The check is a pass over the requests; handling them one by one costs ten times
         # that in calls per request.
-        if not all(map(_plain_submit, requests)):
+        if self.node is not None or not all(map(_plain_submit, requests)):
             return False
         ids = list(map(_encode, map(_id_of, requests)))
         pending = conn.pending
@@ -283,7 +293,10 @@ class ControlServer:
         self.pool.release(conn)
 
     def withdraw(self, conn: Connection) -> None:
-        self.pool.withdraw(conn)
+        if self.node is not None:
+            self.node.withdraw(conn)
+        else:
+            self.pool.withdraw(conn)
 
     async def serve_changes(self) -> None:
         """Run resizes, reloads and drains one at a time, in the order they came (whichever
@@ -363,6 +376,9 @@ def _check_submit(conn: Connection, request: Request, id_json: bytes) -> None:
 
 def _submit(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
     _check_submit(conn, request, id_json)
+    if server.node is not None:
+        server.node.submit(conn, id_json, request.action, request.timeout, request.max_attempts)
+        return
     job = server.pool.accept(
         request.action, conn, id_json, timeout=request.timeout, max_attempts=request.max_attempts
     )
@@ -385,7 +401,10 @@ def _cancel(server: ControlServer, conn: Connection, request: Request, id_json: 
         raise BadRequest("cancel needs a target: the id of an earlier submit")
     job = conn.pending.get(_encode(request.target))
     if job is not None:
-        server.pool.cancel(job)
+        if server.node is not None:
+            server.node.cancel(job)
+        else:
+            server.pool.cancel(job)
     conn.send(result_line(id_json, {"cancelled": job is not None}))
 
 
@@ -428,6 +447,7 @@ async def serve_control(
     pool: Pool,
     hooks: ControlHooks,
     config: ServerConfig,
+    node: Node | None = None,
     *,
     inherited: socket.socket | None = None,
     task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED,
@@ -443,7 +463,7 @@ async def serve_control(
     group = group_id(config.socket_group)
     secure_directory(path.parent, group)
     held = lock(path)
-    server = ControlServer(pool, hooks, config)
+    server = ControlServer(pool, hooks, config, node)
     identity = -1
     try:
         async with trio.open_nursery() as nursery:

@@ -283,6 +283,8 @@ def status_problems(snapshot: dict[str, Any]) -> list[str]:
         for w in snapshot.get("workers", [])
         if w.get("pid") is None or w.get("state") not in ("idle", "busy")
     )
+    if snapshot.get("cluster", {}).get("connected") is False:
+        problems.append("the cluster node has lost Redis")
     return problems
 
 
@@ -295,6 +297,15 @@ def format_status(snapshot: dict[str, Any]) -> str:
         f"idle), {s.get('queued')} queued, {s.get('restarts')} restarts, "
         f"up {_duration(s.get('uptime'))}"
     ]
+    cluster = s.get("cluster") or {}
+    if cluster.get("backend") == "redis":
+        lines.append(
+            f"cluster: node {cluster.get('node')}, "
+            f"{'connected' if cluster.get('connected') else 'NOT CONNECTED'} to "
+            f"{cluster.get('url')}, {len(cluster.get('nodes') or [])} nodes live, "
+            f"{cluster.get('waiting')} waiting, {cluster.get('pending')} taken, "
+            f"{cluster.get('dead')} dead"
+        )
     header = ("slot", "pid", "state", "actions", "restarts", "uptime", "rss")
     rows = [header]
     for w in s.get("workers", []):
