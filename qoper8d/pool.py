@@ -180,7 +180,10 @@ class Pool:
         return self._engine.withdraw(sink)
 
     def cancel(self, handle: Any) -> None:
-        """Cancel an accepted job (no-op once it has ended)."""
+        """Cancel an accepted job whose outcome its sink has not been given yet (a no-op for
+        one cancelled already). A front end knows which of its jobs are unanswered — its
+        sink was told nothing of them — and cancels only those: jobs keep no per-action mark
+        of having ended, which the bulk answer path would pay for on every action."""
         self._engine.cancel(handle)
 
     def add_to_queue(self, request: dict[str, Any], on_response: OnResponse) -> None:
