@@ -41,6 +41,8 @@ SNAPSHOT_FIELDS = {
     "restarts",
     "uptime",
     "workers",
+    "durations",
+    "recent_exits",
     "daemon",
 }
 
