@@ -228,29 +228,90 @@ def msgpack_stream(
     return n / sw.wall, sw.cpu / n, per_batch
 
 
+def floors(shape: str, rounds: int, cpus: list[int]) -> dict[str, float]:
+    """Both floors of one shape, p50 in seconds: `<shape>_blocking` and `<shape>_polled`,
+    where the shape is "pipe" (two processes pinned to the first and the last CPU: pool.run's
+    path) or "relay" (three processes: a submit's path). The latency figures call this
+    between their own blocks, so that the floor and the figure see the same machine."""
+    if shape == "pipe":
+        return {
+            "pipe_blocking": median(pickle_pingpong(cpus[0], cpus[-1], rounds)),
+            "pipe_polled": median(pickle_pingpong(cpus[0], cpus[-1], rounds, polled=True)),
+        }
+    return {
+        "relay_blocking": median(relay_pingpong(rounds)),
+        "relay_polled": median(relay_pingpong(rounds, polled=True)),
+    }
+
+
+_SHAPES = {
+    "pipe": "2 processes pinned to 2 CPUs, pickle over two pipes",
+    "relay": "3 processes, client -> relay (Unix socket) -> echo (pipes) and back",
+}
+
+
+def floor_figures(
+    prefix: str, shape: str, samples: list[dict[str, float]], what: str
+) -> dict[str, Figure]:
+    """The median of each floor of `shape` over the blocks of a latency figure, in
+    microseconds: `<prefix>_floor_blocking_p50` and `<prefix>_floor_polled_p50`."""
+    return {
+        f"{prefix}_floor_{how}_p50": figure(
+            median([s[f"{shape}_{how}"] for s in samples]) * 1e6,
+            "us",
+            f"{how} ping-pong floor, {_SHAPES[shape]}: median over {what}",
+            who="bound",
+        )
+        for how in ("blocking", "polled")
+    }
+
+
+def better_floor(shape: str, sample: dict[str, float]) -> float:
+    """The faster of a block's two floors: what a latency figure is held against."""
+    return min(sample[f"{shape}_blocking"], sample[f"{shape}_polled"])
+
+
 def run(rounds: int = 20_000, stream_actions: int = 5_000_000) -> dict[str, Figure]:
     cpus = sorted(os.sched_getaffinity(0))
     out: dict[str, Figure] = {}
     if len(cpus) >= 2:
-        cross = pickle_pingpong(cpus[0], cpus[1], rounds)
-        out["pipe_pingpong_cross_cpu_p50"] = figure(
-            median(cross) * 1e6, "us", "raw pickle round trip over pipes, pinned to 2 CPUs"
-        )
-        out["pipe_pingpong_cross_cpu_p99"] = figure(
-            percentile(cross, 99) * 1e6, "us", "same, 99th percentile"
-        )
+        for how in ("blocking", "polled"):
+            cross = pickle_pingpong(cpus[0], cpus[1], rounds, polled=how == "polled")
+            out[f"pipe_pingpong_{how}_p50"] = figure(
+                median(cross) * 1e6,
+                "us",
+                f"{how} pickle round trip over two pipes, 2 processes pinned to 2 CPUs: "
+                "pool.run's floor",
+                who="bound",
+            )
+            out[f"pipe_pingpong_{how}_p99"] = figure(
+                percentile(cross, 99) * 1e6, "us", "same, 99th percentile", who="bound"
+            )
         cross = socket_pingpong(cpus[0], cpus[1], rounds)
         out["socket_pingpong_cross_cpu_p50"] = figure(
             median(cross) * 1e6,
             "us",
-            "raw pickle round trip over a Unix socketpair, pinned to 2 CPUs",
+            "blocking pickle round trip over a Unix socketpair, pinned to 2 CPUs",
+            who="bound",
         )
-        out["socket_pingpong_cross_cpu_p99"] = figure(
-            percentile(cross, 99) * 1e6, "us", "same, 99th percentile"
+    for how in ("blocking", "polled"):
+        relay = relay_pingpong(rounds, polled=how == "polled")
+        out[f"relay_pingpong_{how}_p50"] = figure(
+            median(relay) * 1e6,
+            "us",
+            f"{how} round trip through 3 unpinned processes, client -> relay over a Unix "
+            "socket -> echo over pipes and back: a submit's floor",
+            who="bound",
+        )
+        out[f"relay_pingpong_{how}_p99"] = figure(
+            percentile(relay, 99) * 1e6, "us", "same, 99th percentile", who="bound"
         )
     same = pickle_pingpong(cpus[0], cpus[0], rounds)
     out["pipe_pingpong_same_cpu_p50"] = figure(
-        median(same) * 1e6, "us", "raw pickle round trip over pipes, both on one CPU"
+        median(same) * 1e6,
+        "us",
+        "blocking pickle round trip over pipes, both on one CPU",
+        who="bound",
     )
     child_cpu = cpus[1] if len(cpus) >= 2 else cpus[0]
     rate, cpu, per_batch = msgpack_stream(cpus[0], child_cpu, stream_actions)
@@ -260,9 +321,10 @@ def run(rounds: int = 20_000, stream_actions: int = 5_000_000) -> dict[str, Figu
         "msgpack batches of 8 KiB streamed through a child over pipes, pinned to 2 CPUs: "
         "the ceiling for any pool's bulk throughput here",
         actions_per_batch=per_batch,
+        who="bound",
     )
     out["msgpack_stream_master_cpu"] = figure(
-        cpu * 1e6, "us/action", "the parent's CPU per action in that stream"
+        cpu * 1e6, "us/action", "the parent's CPU per action in that stream", who="bound"
     )
     say_figures(out)
     return out

@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import resource
+import select
 import statistics
 import time
 from contextlib import AsyncExitStack
@@ -45,13 +46,112 @@ WORKERS = 256
 SLEEP = 0.01
 IDEAL = WORKERS / SLEEP
 HANDLER = "handlers.sleep:handle"
-#: 12 actions a worker: about 3 s a round, long enough that the ramp and tail are small.
-SIZES = {"actions": WORKERS * 300, "rounds": 3}
-QUICK_SIZES = {"actions": WORKERS * 50, "rounds": 1}
+#: Actions a worker per round: 40 (0.4 s at the ideal, about 1 s here) for the pools that
+#: keep up, 10 for ProcessPoolExecutor, whose master spends ~600 us on each (2-4 s a round).
+SIZES = {"per_worker": 40, "ppe_per_worker": 10, "rounds": 3}
+QUICK_SIZES = {"per_worker": 10, "ppe_per_worker": 3, "rounds": 1}
 #: Workers started at once when `open_pool(size=256)` cannot start them all together.
 STEP = 64
 MIB = 1 << 20
 _FORK = mp.get_context("fork")
+
+
+def _sleeper(inbox: int, outbox: int) -> None:
+    """A bare worker: for each byte in, one 10 ms sleep, one byte out; no framework."""
+    try:
+        while os.read(inbox, 1):
+            time.sleep(SLEEP)
+            os.write(outbox, b"x")
+    finally:
+        os._exit(0)
+
+
+def _floors(per_worker: int) -> dict[str, Figure]:
+    """What this machine allows for the workload without any pool: `WORKERS` forked
+    processes sleeping 10 ms `per_worker` times each on their own, and the same fed one
+    action at a time over a pipe each by a master waiting in epoll (the pool's shape with
+    nothing else: no encoding, no bookkeeping)."""
+    out: dict[str, Figure] = {}
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()  # a byte from each child when it is ready, one when done
+    pids = []
+    for _ in range(WORKERS):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - a sleeper
+            try:
+                os.close(go_w)
+                os.write(done_w, b"r")
+                os.read(go_r, 1)  # EOF when the parent closes its end: all start together
+                for _ in range(per_worker):
+                    time.sleep(SLEEP)
+                os.write(done_w, b"x")
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for _ in range(WORKERS):  # every child forked and waiting: none still to be scheduled
+        os.read(done_r, 1)
+    t0 = time.perf_counter()
+    os.close(go_w)
+    for _ in range(WORKERS):
+        os.read(done_r, 1)
+    wall = time.perf_counter() - t0
+    for fd in (go_r, done_r, done_w):
+        os.close(fd)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    out["seed_bare_sleepers_rate"] = figure(
+        WORKERS * per_worker / wall,
+        "actions/s",
+        f"{WORKERS} bare forked processes, {per_worker} sleeps of 10 ms each from a common "
+        "start, no master: the machine's own ceiling for this workload",
+        who="bound",
+    )
+    children: dict[int, tuple[int, int, int]] = {}  # read end -> (pid, write end, left)
+    ep = select.epoll()
+    for _ in range(WORKERS):
+        to_r, to_w = os.pipe()
+        back_r, back_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - a sleeper
+            os.close(to_w)
+            os.close(back_r)
+            _sleeper(to_r, back_w)
+        os.close(to_r)
+        os.close(back_w)
+        children[back_r] = (pid, to_w, per_worker)
+        ep.register(back_r, select.EPOLLIN)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _pid, to_w, _ in children.values():
+        os.write(to_w, b"x")
+    running = len(children)
+    while running:
+        for fd, _ in ep.poll():
+            os.read(fd, 1)
+            pid, to_w, left = children[fd]
+            children[fd] = (pid, to_w, left - 1)
+            if left > 1:
+                os.write(to_w, b"x")
+            else:
+                running -= 1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # Every child holds copies of the write ends made before it: close them all, then wait.
+    for fd, (_pid, to_w, _) in children.items():
+        os.close(to_w)
+        os.close(fd)
+    for pid, _, _ in children.values():
+        os.waitpid(pid, 0)
+    ep.close()
+    out["seed_bare_pipes_rate"] = figure(
+        WORKERS * per_worker / wall,
+        "actions/s",
+        f"{WORKERS} bare forked processes fed one byte at a time over a pipe each by an "
+        "epoll master, a 10 ms sleep per byte: the pool's shape and nothing else",
+        who="bound",
+    )
+    out["seed_bare_pipes_master_cpu"] = figure(
+        cpu / (WORKERS * per_worker) * 1e6, "us/action", "that master's CPU per action", who="bound"
+    )
+    return out
 
 
 def _memory(pids: list[int]) -> dict[str, float]:
@@ -75,31 +175,35 @@ class _Meter:
         return {"rate": n / wall, "master_cpu": cpu / n, "worker_cpu": workers / n}
 
 
-async def _open_qoper8d(stack: AsyncExitStack, out: dict[str, Figure]) -> qoper8d.Pool:
+async def _open_qoper8d(
+    stack: AsyncExitStack, out: dict[str, Figure], key: str, **options: float
+) -> qoper8d.Pool:
     """qoper8d at 256, its start-up timed: all at once, or in steps of `STEP` when that
     fails (the failure is recorded as an error figure)."""
     t0 = time.perf_counter()
     try:
         pool: qoper8d.Pool = await stack.enter_async_context(
-            qoper8d.open_pool(HANDLER, size=WORKERS)
+            qoper8d.open_pool(HANDLER, size=WORKERS, **options)  # type: ignore[arg-type]
         )
     except qoper8d.WorkerStartError as exc:
         say(f"  open_pool(size={WORKERS}): FAILED {exc}; starting it {STEP} at a time")
-        out["seed_qoper8d_startup_error"] = error_figure(
+        out[f"seed_{key}_startup_error"] = error_figure(
             exc, f"qoper8d.open_pool(size={WORKERS}) all at once"
         )
         t0 = time.perf_counter()
-        pool = await stack.enter_async_context(qoper8d.open_pool(HANDLER, size=STEP))
+        pool = await stack.enter_async_context(
+            qoper8d.open_pool(HANDLER, size=STEP, **options)  # type: ignore[arg-type]
+        )
         for size in range(2 * STEP, WORKERS + 1, STEP):
             await pool.scale(size)
-        out["seed_qoper8d_startup_stepwise"] = figure(
+        out[f"seed_{key}_startup_stepwise"] = figure(
             (time.perf_counter() - t0) * 1e3,
             "ms",
             f"open_pool(size={STEP}) then scale() by {STEP} to {WORKERS}: every worker ready",
             who="ours",
         )
     else:
-        out["seed_qoper8d_startup"] = figure(
+        out[f"seed_{key}_startup"] = figure(
             (time.perf_counter() - t0) * 1e3,
             "ms",
             f"qoper8d.open_pool(size={WORKERS}) until it returns: every worker ready",
@@ -117,15 +221,23 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
         f"soft RLIMIT_NOFILE for {WORKERS} workers (was {was}; budget "
         f"{fd_budget(WORKERS, 0)}, hard {resource.getrlimit(resource.RLIMIT_NOFILE)[1]})",
     )
-    n = sizes["actions"]
+    n = WORKERS * sizes["per_worker"]
     actions = [{"seconds": SLEEP} for _ in range(n)]
-    warmup = actions[: 4 * WORKERS]
-    runs: dict[str, list[dict[str, float]]] = {"qoper8d": [], "mp": [], "ppe": []}
+    ppe_n = WORKERS * sizes["ppe_per_worker"]
+    ppe_actions = actions[:ppe_n]
+    warmup = actions[: 2 * WORKERS]
+    out |= _floors(sizes["per_worker"])
+    runs: dict[str, list[dict[str, float]]] = {"qoper8d": [], "nospin": [], "mp": [], "ppe": []}
     async with AsyncExitStack() as stack:
-        pool = await _open_qoper8d(stack, out)
+        pool = await _open_qoper8d(stack, out, "qoper8d")
         q_pids = [w.pid for w in pool.statistics().workers if w.pid is not None]
         assert len(q_pids) == WORKERS
         [r async for r in pool.map(warmup)]
+        # The same with `pool.idle_spin = 0`: a worker blocks for its next batch at once
+        # instead of polling for 100 us; 256 pollers on 2 cores are the diagnosis.
+        nospin = await _open_qoper8d(stack, out, "nospin", idle_spin=0.0)
+        n_pids = [w.pid for w in nospin.statistics().workers if w.pid is not None]
+        [r async for r in nospin.map(warmup)]
 
         t0 = time.perf_counter()
         mp_pool = stack.enter_context(_FORK.Pool(WORKERS))
@@ -161,22 +273,29 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
             meter = _Meter(q_pids)
             got = len([r async for r in pool.map(actions)])
             runs["qoper8d"].append(meter.per_action(n, got))
+            meter = _Meter(n_pids)
+            got = len([r async for r in nospin.map(actions)])
+            runs["nospin"].append(meter.per_action(n, got))
             meter = _Meter(mp_pids)
             got = len(mp_pool.map(sleep_handler, actions))
             runs["mp"].append(meter.per_action(n, got))
             meter = _Meter(ppe_pids)
-            got = len(list(ppe.map(sleep_handler, actions)))
-            runs["ppe"].append(meter.per_action(n, got))
+            got = len(list(ppe.map(sleep_handler, ppe_actions)))
+            runs["ppe"].append(meter.per_action(ppe_n, got))
         mp_mem = _memory(mp_pids)
         ppe_mem = _memory(ppe_pids)
 
-    rounds = f"{n:,} actions, median of {sizes['rounds']} rounds alternating with the others"
     for key, label, who in (
         ("qoper8d", f"qoper8d pool.map, {WORKERS} workers (fork server)", "ours"),
+        ("nospin", f"qoper8d pool.map, {WORKERS} workers, pool.idle_spin = 0", "ours"),
         ("mp", f"multiprocessing.Pool({WORKERS}).map, default chunks", "peer"),
         ("ppe", f"ProcessPoolExecutor({WORKERS}).map, chunksize 1", "peer"),
     ):
         got = runs[key]
+        rounds = (
+            f"{ppe_n if key == 'ppe' else n:,} actions, median of {sizes['rounds']} rounds "
+            "alternating with the others"
+        )
         out[f"seed_{key}_rate"] = figure(
             median([r["rate"] for r in got]),
             "actions/s",
