@@ -6,7 +6,7 @@ write their figures.
     python -m bench --quick engine  # smaller sizes, for a smoke run (to bench/results/quick/)
     python -m bench --report bench/results/2026-11-28.json  # only redo report and chart
 
-Figures go to bench/results/<date>.json (suites, the machine, and each target with its
+Figures go to bench/results/<date>.json (or <date>-2.json, ... for later runs that day: suites, the machine, and each target with its
 ratio and whether it was met), then into REPORT.md and throughput.png beside it. Nothing
 here runs in the test suite: machines are shared and noisy, so targets are ratios measured
 in the same run, never timed assertions.
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  [{mark}] {t['what']}: {t['value']} (target {t['bound']})")
     # A smoke run's figures mean little: they never replace a real run's.
     default_dir = RESULTS / "quick" if args.quick else RESULTS
-    out = Path(args.out or default_dir / f"{datetime.date.today().isoformat()}.json")
+    out = Path(args.out) if args.out else _free_name(default_dir, datetime.date.today().isoformat())
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
@@ -166,6 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     say(f"wrote {out}")
     write_report(results, out)
     return 0
+
+
+def _free_name(directory: Path, stem: str) -> Path:
+    """<stem>.json, or <stem>-2.json and so on: a second run the same day keeps the first."""
+    out = directory / f"{stem}.json"
+    k = 2
+    while out.exists():
+        out = directory / f"{stem}-{k}.json"
+        k += 1
+    return out
 
 
 def run_suite(name: str, quick: bool) -> dict[str, Figure]:
