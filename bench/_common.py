@@ -91,6 +91,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def system_busy() -> float:
+    """CPU seconds every process on the machine has used since boot, over all CPUs, stolen
+    time included (from /proc/stat): what is left of `wall x cpus` after the others' share
+    of it is the time a measured set of processes could have had."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 class Stopwatch:
     """Wall and this-process CPU time over a block."""
 

@@ -227,17 +227,19 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
     ppe_actions = actions[:ppe_n]
     warmup = actions[: 2 * WORKERS]
     out |= _floors(sizes["per_worker"])
-    runs: dict[str, list[dict[str, float]]] = {"qoper8d": [], "nospin": [], "mp": [], "ppe": []}
+    runs: dict[str, list[dict[str, float]]] = {"qoper8d": [], "tuned": [], "mp": [], "ppe": []}
     async with AsyncExitStack() as stack:
         pool = await _open_qoper8d(stack, out, "qoper8d")
         q_pids = [w.pid for w in pool.statistics().workers if w.pid is not None]
         assert len(q_pids) == WORKERS
         [r async for r in pool.map(warmup)]
-        # The same with `pool.idle_spin = 0`: a worker blocks for its next batch at once
-        # instead of polling for 100 us; 256 pollers on 2 cores are the diagnosis.
-        nospin = await _open_qoper8d(stack, out, "nospin", idle_spin=0.0)
-        n_pids = [w.pid for w in nospin.statistics().workers if w.pid is not None]
-        [r async for r in nospin.map(warmup)]
+        # The same with two settings changed: `pool.idle_spin = 0` (a worker blocks for its
+        # next batch at once instead of polling for 100 us: 256 pollers on 2 cores take the
+        # CPU the sleepers need to wake) and `pool.preload = true` (the handler's imports,
+        # anyio here, made once in the fork server, not again in each worker).
+        tuned = await _open_qoper8d(stack, out, "tuned", idle_spin=0.0, preload=True)
+        n_pids = [w.pid for w in tuned.statistics().workers if w.pid is not None]
+        [r async for r in tuned.map(warmup)]
 
         t0 = time.perf_counter()
         mp_pool = stack.enter_context(_FORK.Pool(WORKERS))
@@ -266,6 +268,7 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
 
         # Idle, after the warm-up: what each worker keeps once it has run actions.
         q_mem = _memory(q_pids)
+        t_mem = _memory(n_pids)
         server = parent_pid(q_pids[0])
         server_mem = memory_kinds(server) if server != os.getpid() else None
 
@@ -274,8 +277,8 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
             got = len([r async for r in pool.map(actions)])
             runs["qoper8d"].append(meter.per_action(n, got))
             meter = _Meter(n_pids)
-            got = len([r async for r in nospin.map(actions)])
-            runs["nospin"].append(meter.per_action(n, got))
+            got = len([r async for r in tuned.map(actions)])
+            runs["tuned"].append(meter.per_action(n, got))
             meter = _Meter(mp_pids)
             got = len(mp_pool.map(sleep_handler, actions))
             runs["mp"].append(meter.per_action(n, got))
@@ -287,7 +290,7 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
 
     for key, label, who in (
         ("qoper8d", f"qoper8d pool.map, {WORKERS} workers (fork server)", "ours"),
-        ("nospin", f"qoper8d pool.map, {WORKERS} workers, pool.idle_spin = 0", "ours"),
+        ("tuned", f"qoper8d pool.map, {WORKERS} workers, idle_spin = 0, preload", "ours"),
         ("mp", f"multiprocessing.Pool({WORKERS}).map, default chunks", "peer"),
         ("ppe", f"ProcessPoolExecutor({WORKERS}).map, chunksize 1", "peer"),
     ):
@@ -324,6 +327,7 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
     )
     for key, mem, who in (
         ("qoper8d", q_mem, "ours"),
+        ("tuned", t_mem, "ours"),
         ("mp", mp_mem, "peer"),
         ("ppe", ppe_mem, "peer"),
     ):
