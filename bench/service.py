@@ -32,12 +32,12 @@ LATENCY_STARTS = 3
 
 
 @contextmanager
-def daemon(size: int = 2) -> Iterator[tuple[Path, int]]:
+def daemon(size: int = 2, handler: str = HANDLER) -> Iterator[tuple[Path, int]]:
     """A qoper8d for the block: (socket path, pid), ready when it is yielded."""
     tmp = Path(tempfile.mkdtemp(prefix="q8b-", dir="/tmp"))
     os.chmod(tmp, 0o700)
     config = {
-        "pool": {"size": size, "handler": HANDLER},
+        "pool": {"size": size, "handler": handler},
         "server": {"socket": str(tmp / "q.sock")},
         "monitor": {"log_format": "json", "log_level": "warning", "silent_start": True},
     }
@@ -68,15 +68,15 @@ def daemon(size: int = 2) -> Iterator[tuple[Path, int]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _client_map(path: Path, pid: int, n: int, window: int) -> dict[str, float]:
+def _client_map(path: Path, pid: int, n: int) -> dict[str, float]:
     from qoper8d import Client
 
     with Client(path) as client:
-        list(client.map(({"x": i} for i in range(2000)), window=window))  # warm-up
+        list(client.map({"x": i} for i in range(2000)))  # warm-up
         daemon_cpu = cpu_seconds(pid)
         cpu = time.process_time()
         wall = time.perf_counter()
-        total = sum(client.map(({"x": i} for i in range(n)), window=window))
+        total = sum(client.map({"x": i} for i in range(n)))  # the default window
         wall = time.perf_counter() - wall
         cpu = time.process_time() - cpu
         daemon_cpu = cpu_seconds(pid) - daemon_cpu
@@ -126,15 +126,11 @@ def run(quick: bool) -> dict[str, Figure]:
     n_ctl = 5_000 if quick else 50_000
     out: dict[str, Figure] = {}
     with daemon() as (path, pid):
-        best: dict[str, float] = {}
-        for window in (256, 2048):
-            got = _client_map(path, pid, n_map, window)
-            if got["rate"] > best.get("rate", 0.0):
-                best = {**got, "window": window}
+        best = _client_map(path, pid, n_map)
         out["socket_map_rate"] = figure(
             best["rate"],
             "actions/s",
-            f"Client.map over the socket (daemon: 2 workers), window {int(best['window'])}",
+            "Client.map over the socket (daemon: 2 workers), its default window",
         )
         out["socket_map_daemon_cpu"] = figure(
             best["daemon_cpu"] * 1e6, "us/action", "the daemon's CPU per action in that map"

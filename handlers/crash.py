@@ -15,6 +15,7 @@
 | `{"mode": "flood", "lines": n}`      | print n lines to stdout, return n                  |
 | `{"mode": "flood_until", "path": p}` | print lines until file p exists, return the count  |
 | `{"mode": "flood_raw", "bytes": n}`  | write n bytes of invalid UTF-8 to fd 1 and fd 2    |
+| `{"mode": "long_line", "bytes": n}`  | write one line of n bytes to stdout, return n      |
 | `{"mode": "unencodable"}`            | return an object JSON cannot hold                  |
 | `{"mode": "fork"}`                   | fork a grandchild that sleeps for ever; its pid    |
 | `{"mode": "fork_setsid"}`            | fork a grandchild that leaves the worker's session |
@@ -100,6 +101,9 @@ def handle(action: dict[str, Any]) -> Any:
             os.write(2, chunk)
             left -= 2 * len(chunk)
         return "flooded"
+    if mode == "long_line":
+        os.write(1, b"y" * int(action["bytes"]) + b"\n")
+        return action["bytes"]
     if mode == "unencodable":
         return object()
     if mode == "fork":

@@ -12,7 +12,8 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 |---|---|---|
 | 1 | `__main__` `cli` | the command lines, qoper8d and qoper8ctl |
 | 2 | `daemon` `ctl` | the service in one trio run; qoper8ctl's commands |
-| 3 | `control` | the control socket's server and its ops |
+| 2 | `_submit` | qoper8ctl submit's stream: NDJSON in, results in order out, a bar |
+| 3 | `control` `_http` | the control socket's server and its ops; the operators' HTTP |
 | 4 | `_connection` | one client of the socket, as the server sees it |
 | 4 | `client` `_aclient` | the clients: blocking, async (anyio) |
 | 4 | `_protocol` `_ops` `_connect` | their sans-IO protocol; each op once; finding the socket |
@@ -24,11 +25,16 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 9 | `_handle` `_jobqueue` | one worker as the master sees it; the pure queue |
 | 10 | `_jobs` `_process` | jobs and sinks; worker processes, the fork server |
 | 11 | `config` `monitor` `stats` | settings; logs and snapshots; statistics records |
+| 11 | `_metrics` | statistics as Prometheus metrics |
 | 11 | `wire` `errors` `_version` | the channel's frames; the error tree; the version |
 | 11 | `_policy` `_fds` `_socketfile` | restart policy; descriptors; the socket's file |
 | 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
 | 11 | `_chunks` | output waiting as byte chunks, sent a prefix at a time |
-| worker | `worker` `zygote` | the child processes: stdlib, msgspec, wire and errors only |
+| 11 | `_systemd` | readiness, the watchdog and the socket systemd hands over |
+| 11 | `_console` | log events for people: short lines, blocks, no raw control characters |
+| 11 | `_window` | how many of a map's submits are in flight: fixed, or learnt |
+| worker | `worker` `zygote` | the child processes: stdlib, msgspec, setproctitle, wire, errors |
+| worker | `_check` | --check-config's throwaway worker: a worker's start, setup included |
 """
 
 from __future__ import annotations

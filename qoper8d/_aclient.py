@@ -26,7 +26,8 @@ import anyio.abc
 
 from qoper8d import _connect, _ops
 from qoper8d._connect import StrPath, resolve_socket_path
-from qoper8d._protocol import ClientProtocol, FixedWindow, MapRun, RequestId, again, closed
+from qoper8d._protocol import ClientProtocol, MapRun, RequestId, again, closed
+from qoper8d._window import OUT_BYTES, window_for
 from qoper8d.errors import Qoper8Error
 
 __all__ = ["AsyncClient", "open_client"]
@@ -143,7 +144,9 @@ async def _connect_stream(path: Path, timeout: float | None) -> anyio.abc.Socket
 async def _fill(run: MapRun, source: AsyncIterator[Any], conn: _AsyncConnection) -> int | None:
     """`run.fill` from an async source: each submit goes out as soon as its action comes."""
     room = run.room()
-    while room > 0:
+    # Big actions: the window's bytes, before it has learnt their size (as `run.fill`).
+    stop_at = run.observed.sent_bytes + OUT_BYTES
+    while room > 0 and run.observed.sent_bytes < stop_at:
         try:
             action = await anext(source)
         except StopAsyncIteration:
@@ -224,7 +227,7 @@ class AsyncClient:
         self,
         actions: Iterable[Any] | AsyncIterable[Any],
         *,
-        window: int = 256,
+        window: int | None = None,
         return_exceptions: bool = False,
         timeout: float | None = None,
         max_attempts: int | None = None,
@@ -232,7 +235,7 @@ class AsyncClient:
     ) -> AsyncGenerator[Any, None]:
         """See `Client.map`; `actions` may be an async iterable too, and `on_wait` is called
         (a plain function, not awaited) each time the next result is not in yet."""
-        run = MapRun(FixedWindow(window), return_exceptions, timeout, max_attempts)
+        run = MapRun(window_for(window), return_exceptions, timeout, max_attempts)
         return self._map(actions, run, on_wait)
 
     async def _map(

@@ -13,9 +13,12 @@ from pathlib import Path
 from qoper8d.config import default_socket_path, load_config
 from qoper8d.errors import AccessDenied, ConnectError, ConnectTimeout, NotRunning
 
-__all__ = ["StrPath", "resolve_socket_path"]
+__all__ = ["SOCKET_ENV", "StrPath", "resolve_socket_path"]
 
 StrPath = str | os.PathLike[str]
+
+#: The environment variable naming the socket when no `socket` is given (empty: unset).
+SOCKET_ENV = "QOPER8_SOCKET"
 
 #: Bytes asked of the socket per read; a read carries many responses when they pile up.
 RECV_SIZE = 1 << 18
@@ -25,14 +28,19 @@ CLOSE_GRACE = 2.0
 
 
 def resolve_socket_path(socket: StrPath | None = None, config: StrPath | None = None) -> Path:
-    """The socket to use: `socket` if given, else the config file's `server.socket`, else
-    the default path — the same discovery `qoper8ctl` documents. A bad config file raises
-    `ConfigError`."""
+    """The socket to use: `socket` if given, else `$QOPER8_SOCKET`, else the config file's
+    `server.socket`, else the default path — the same discovery `qoper8ctl` documents.
+
+    A config file given is read even when the variable wins, so a bad one (or a typo in its
+    name) raises `ConfigError` rather than being passed over in silence.
+    """
     if socket is not None and os.fspath(socket):
         return Path(socket)
-    if config is not None:
-        return load_config(config).server.socket_path()
-    return default_socket_path()
+    configured = None if config is None else load_config(config).server.socket_path()
+    named = os.environ.get(SOCKET_ENV)
+    if named:
+        return Path(named)
+    return configured if configured is not None else default_socket_path()
 
 
 def connect_error(exc: OSError, path: Path, timeout: float | None) -> ConnectError:

@@ -6,9 +6,9 @@ write end of its lifeline, and a pidfd. While it starts, the master holds its fi
 (until the fork server or posix_spawn has them) and posix_spawn parks six copies besides
 /dev/null. The fork server costs five (its socket, lifeline, stdout, stderr, pidfd) and
 about as many again while it starts. The rest is fixed: stdio, trio's epoll and wake-up
-sockets, the signal wake-up socket, the log writer, the lock, the listener, inotify, and a
-few for a moment at a time (a /proc read, the status count, a reload, sd_notify). Each client
-connection is one more.
+sockets, the signal wake-up socket, the log writer, the lock, the listener, inotify, the
+systemd notify socket, and a few for a moment at a time (a /proc read, the status count, a
+reload). Each client connection is one more.
 
 `fd_budget()` adds these up for a pool size and a number of connections; the daemon raises
 its soft RLIMIT_NOFILE that far at start (`ensure_fd_limit`), or refuses to start when the

@@ -12,9 +12,10 @@ Two launchers start workers:
   serving within milliseconds instead of paying interpreter start-up and imports again.
 * `SpawnLauncher` (`"spawn"`) starts a fresh `python -m qoper8d.worker` each time.
 
-Either way exit is observed through a pidfd, which trio waits on like any descriptor, and
-the process group is killed while the dead worker's pid is still reserved (as a zombie),
-so grandchildren die with it and no signal ever reaches a recycled pid.
+Both start children with `worker_environ()`, without what systemd meant for the master.
+Exit is observed through a pidfd, which trio waits on like any descriptor, and the process
+group is killed while the dead worker's pid is still reserved (as a zombie), so
+grandchildren die with it and no signal ever reaches a recycled pid.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import trio
 
 from qoper8d import wire
 from qoper8d._output import pump_output
+from qoper8d._systemd import SYSTEMD_VARIABLES
 from qoper8d._wakeup import Wakeup
 from qoper8d.errors import WorkerStartError
 from qoper8d.monitor import relay
@@ -47,6 +49,7 @@ __all__ = [
     "SpawnLauncher",
     "WorkerProcess",
     "stop_worker",
+    "worker_environ",
 ]
 
 log = structlog.get_logger("qoper8d.pool")
@@ -80,6 +83,14 @@ class ExitStatus:
         if self.exit_code is None:
             return "exit status unknown"
         return f"exit code {self.exit_code}"
+
+
+def worker_environ(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What workers and the fork server start with: `env` (default ours) without systemd's
+    variables for the main process (`NOTIFY_SOCKET`, `LISTEN_*`, `WATCHDOG_*`): a worker
+    must never notify, feed the watchdog or take the control socket in the master's name."""
+    source = os.environ if env is None else env
+    return {name: value for name, value in source.items() if name not in SYSTEMD_VARIABLES}
 
 
 class WorkerProcess(Protocol):
@@ -288,7 +299,7 @@ class SpawnLauncher:
     """Starts each worker as a fresh interpreter: `python -m qoper8d.worker`."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        self._env = dict(os.environ if env is None else env)
+        self._env = worker_environ(env)
 
     async def start(self, nursery: trio.Nursery) -> None:
         pass
@@ -401,11 +412,12 @@ class ForkServerLauncher:
             preload=list(preload or []),
             handler_path=list(handler_path or []),
         )
-        self._env = dict(os.environ if env is None else env)
+        self._env = worker_environ(env)
         self._start_timeout = start_timeout
         self._nursery: trio.Nursery | None = None
         self._zygote: _Zygote | None = None
         self._starting = trio.Lock()
+        self._sending = trio.Lock()
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -527,15 +539,25 @@ class ForkServerLauncher:
     async def launch(self, spec: wire.WorkerSpec) -> WorkerProcess:
         zygote = await self._ensure_zygote()
         fds = _Fds()
+        frame = wire.encode_frame(wire.Fork(spec))
+        waiting = _Reply()
         try:
-            socket.send_fds(zygote.sock, [wire.encode_frame(wire.Fork(spec))], fds.child)
-        except OSError as exc:
+            # One sender at a time, so replies come in the order of the sends; hundreds of
+            # launches at once fill the fork server's queue, and wait in turn for room.
+            async with self._sending:
+                while True:
+                    with contextlib.suppress(BlockingIOError):
+                        socket.send_fds(zygote.sock, [frame], fds.child)
+                        break
+                    await trio.lowlevel.wait_writable(zygote.sock)
+                zygote.pending.append(waiting)
+        except BaseException as exc:
             fds.close_all()
+            if not isinstance(exc, OSError):
+                raise
             zygote.alive = False
             raise WorkerStartError(f"the fork server is gone: {exc}") from None
         fds.close_child_ends()
-        waiting = _Reply()
-        zygote.pending.append(waiting)
         # Not cancellable: the reply must be taken, or the next launch would get ours.
         with trio.CancelScope(shield=True):
             await waiting.wakeup.wait()

@@ -1,4 +1,4 @@
-"""The client side of docs/protocol.md, sans-IO: no sockets, no event loop, no clock.
+"""The client side of docs/protocol.md, sans-IO: no sockets, no event loop; a clock given.
 
 `Client` (poll(2)) and `AsyncClient` (anyio) are I/O loops around these, as hypercorn's trio
 and asyncio servers are around its `protocol/h11.py`: they connect, move bytes between the
@@ -12,8 +12,9 @@ socket and a `ClientProtocol`, and wait; everything else is decided here, once.
   (`failure`).
 - `MapRun`: one `map`'s pipelining. It sends submits while its window has room, yields
   results in input order (`take`), and on leaving early cancels whatever is outstanding
-  (`abandon`).
-- `Window`, `FixedWindow`: how many of a map's submits may be in flight.
+  (`abandon`). Its `Window` (`qoper8d._window`) says how many may be in flight; the
+  adaptive one learns from what the map observes: how fast results come, how long a
+  submit waits for its answer, how big requests and answers are.
 
 What each op sends and how its result reads is in `qoper8d._ops`.
 """
@@ -21,18 +22,28 @@ What each op sends and how its result reads is in `qoper8d._ops`.
 from __future__ import annotations
 
 import copy
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from qoper8d import _ops
 from qoper8d._chunks import consume
+from qoper8d._window import OUT_BYTES, AdaptiveWindow, FixedWindow, Observed, Window
 from qoper8d.errors import ConnectError, NotRunning, Qoper8Error, error_from_wire
 
-__all__ = ["ClientProtocol", "FixedWindow", "MapRun", "RequestId", "Response", "Window"]
+__all__ = [
+    "AdaptiveWindow",
+    "ClientProtocol",
+    "FixedWindow",
+    "MapRun",
+    "RequestId",
+    "Response",
+    "Window",
+]
 
 RequestId = int | str
 
@@ -122,23 +133,41 @@ class ClientProtocol:
     hands what it reads to `receive_data` (b"" at end-of-file), and waits until the id it
     wants is in `responses` or `failure` is set. It tells `closing` before it shuts its
     sending side down, so the daemon hanging up then is no failure of the daemon's.
+
+    It counts what it reads (`received`, `received_bytes`) and, for a map's window, times
+    the round trip of one request at a time: `probe` sets the id to time, `rtt` is its
+    round trip once its response is in. `clock` is read only for that.
     """
 
     __slots__ = (
+        "clock",
         "closing",
         "decoder",
         "failure",
         "ids",
         "out",
         "path",
+        "probe_id",
+        "probe_sent",
+        "received",
+        "received_bytes",
         "responses",
+        "rtt",
         "sent",
         "wanted",
     )
 
-    def __init__(self, path: Path, ids: Iterator[int]) -> None:
+    def __init__(
+        self, path: Path, ids: Iterator[int], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.path = path
         self.ids = ids
+        self.clock = clock
+        self.received = 0
+        self.received_bytes = 0
+        self.probe_id: RequestId | None = None
+        self.probe_sent = 0.0
+        self.rtt: float | None = None
         self.out: list[bytes] = []  # whole lines, waiting to be sent
         self.sent = 0  # bytes of out[0] already sent
         self.decoder = _LineDecoder(path)
@@ -185,6 +214,11 @@ class ClientProtocol:
                     queued = True
         return queued
 
+    def probe(self, rid: RequestId) -> None:
+        """Time the round trip of `rid`, just queued: `rtt` once its response is in."""
+        self.probe_id = rid
+        self.probe_sent = self.clock()
+
     # -- bytes ---------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
@@ -216,6 +250,8 @@ class ClientProtocol:
         except ConnectError as exc:
             self.connection_lost(exc)
             return []
+        self.received_bytes += len(data)
+        self.received += len(responses)
         wanted = self.wanted
         if wanted:
             kept = self.responses
@@ -224,6 +260,10 @@ class ClientProtocol:
                 if rid in wanted:
                     wanted.discard(rid)
                     kept[rid] = response
+            probe = self.probe_id
+            if probe is not None and probe in kept:
+                self.rtt = self.clock() - self.probe_sent
+                self.probe_id = None
         return responses
 
     def connection_lost(self, failure: Qoper8Error) -> None:
@@ -239,27 +279,6 @@ class ClientProtocol:
 # -- map ---------------------------------------------------------------------------------------
 
 
-class Window(Protocol):
-    """How many of a map's submits may be in flight: `limit`. `MapRun` reads it once per
-    round, before it sends the next submits, and sends one all the same when none is in
-    flight. A window that adapts (to bytes in flight, say, or to how fast answers come)
-    changes its `limit` as it learns; reading it costs the hot path no call."""
-
-    @property
-    def limit(self) -> int: ...
-
-
-class FixedWindow:
-    """At most `limit` submits in flight, always: `map`'s `window` argument."""
-
-    __slots__ = ("limit",)
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"window must be at least 1, not {limit!r}")
-        self.limit = limit
-
-
 class MapRun:
     """One `map`. Made when `map` is called, so bad arguments raise there; started on its
     connection when iteration begins. The I/O loop around it then does, per result,
@@ -273,11 +292,15 @@ class MapRun:
     """
 
     __slots__ = (
+        "countdown",
         "fields",
         "ids",
+        "interval",
         "more",
+        "observed",
         "out",
         "pending",
+        "probing",
         "protocol",
         "responses",
         "return_exceptions",
@@ -305,6 +328,10 @@ class MapRun:
         self.fields = _ops.submit_fields(timeout, max_attempts)
         self.pending: deque[int] = deque()  # ids in flight, in input order
         self.more = True  # the source may have more actions
+        self.observed = Observed()
+        # Results until the window learns next (below zero: never again), out of `interval`.
+        self.interval = self.countdown = window.first or -1
+        self.probing = self.countdown > 0  # time the next submit's round trip
 
     def start(self, protocol: ClientProtocol) -> None:
         """Run on `protocol`'s connection."""
@@ -334,9 +361,16 @@ class MapRun:
         if failure is not None:
             raise again(failure)
         rid = next(self.ids)
-        self.out.append(SUBMIT % (rid, self.fields, _encode(action)))
+        line = SUBMIT % (rid, self.fields, _encode(action))
+        self.out.append(line)
         self.wanted.add(rid)
         self.pending.append(rid)
+        observed = self.observed
+        observed.sent += 1
+        observed.sent_bytes += len(line)
+        if self.probing:
+            self.probing = False
+            self.protocol.probe(rid)
 
     def fill(self, source: Iterator[Any]) -> int | None:
         """Submit actions from `source` while there is room; the id of the next result to
@@ -347,16 +381,29 @@ class MapRun:
         if self.more and self.protocol.failure is None:
             room = self.window.limit - len(pending)
             if room > 0 or not pending:
+                before = len(pending)
+                nbytes = 0
                 for action in source:
                     rid = next(self.ids)
-                    self.out.append(SUBMIT % (rid, self.fields, _encode(action)))
+                    line = SUBMIT % (rid, self.fields, _encode(action))
+                    self.out.append(line)
                     self.wanted.add(rid)
                     pending.append(rid)
+                    nbytes += len(line)
                     room -= 1
-                    if room <= 0:
+                    # Big actions: the window's bytes, before it has learnt their size.
+                    if room <= 0 or nbytes >= OUT_BYTES:
                         break
                 else:
                     self.more = False
+                count = len(pending) - before
+                if count:
+                    observed = self.observed
+                    observed.sent += count
+                    observed.sent_bytes += nbytes
+                    if self.probing:
+                        self.probing = False
+                        self.protocol.probe(pending[-count])
         return pending[0] if pending else self.head()
 
     def head(self) -> int | None:
@@ -373,12 +420,28 @@ class MapRun:
         """The next result in input order (its response must be in): its value, or its
         error outcome, returned with `return_exceptions` and raised without."""
         response = self.responses.pop(self.pending.popleft())
+        self.countdown -= 1
+        if not self.countdown:
+            self._learn()
         if response.ok:
             return response.result
         error = _error(response)
         if self.return_exceptions:
             return error
         raise error
+
+    def _learn(self) -> None:
+        """Tell the window what the map has seen; it says when to tell it again."""
+        observed = self.observed
+        protocol = self.protocol
+        observed.now = protocol.clock()
+        observed.taken += self.interval
+        observed.received = protocol.received
+        observed.received_bytes = protocol.received_bytes
+        observed.rtt = protocol.rtt
+        self.interval = self.countdown = self.window.learn(observed)
+        # One round trip timed at a time: the next submit, once the last one is in.
+        self.probing = protocol.probe_id is None
 
     def abandon(self) -> bool:
         """The map ends (done, left early, or failed): give up the submits still in flight,

@@ -8,22 +8,17 @@ are here; `qoper8ctl`'s implementation lives in `qoper8d.ctl` and is re-exported
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import trio
 
 from qoper8d._fds import ensure_fd_limit, fd_limit_problem
 from qoper8d._version import __version__
-from qoper8d.config import (
-    Config,
-    config_from_mapping,
-    dump_config,
-    load_config,
-)
+from qoper8d.config import Config, Overrides, apply_overrides, dump_config, load_config
 from qoper8d.ctl import (
     CTL_DEGRADED,
     CTL_FAILED,
@@ -64,7 +59,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 #: Bad command-line arguments.
 EXIT_USAGE = 2
-#: The configuration is invalid (`--check-config` exits with this too).
+#: The configuration is invalid (`--check-config` exits with this for any problem it finds,
+#: a handler's `setup()` that raises included).
 EXIT_CONFIG = 3
 #: The control socket cannot be used: another daemon has it, or its path is unsafe.
 EXIT_SOCKET = 4
@@ -95,7 +91,8 @@ def _daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration (and import the handler in a throwaway worker), exit",
+        help="validate the configuration, load the handlers and run their setup() in a "
+        "throwaway worker, exit",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the effective configuration, exit"
@@ -114,25 +111,25 @@ def _daemon_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_line_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The keys the flags given on the command line set, by section. A relative `--socket`
+    is the current directory's, as any path typed on a command line is."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, (section, key) in _OVERRIDES.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            if name == "socket" and value:
+                value = os.path.abspath(value)
+            overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
 def load_effective_config(path: Path | None, args: argparse.Namespace) -> Config:
-    """The file (or the defaults) with the flags given on the command line applied."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    base = Path.cwd()
-    if path is not None:
-        config = load_config(path)  # reports the file's own problems first
-        data = msgspec.to_builtins(config)
-        source = str(path)
-        base = path.parent
-    overrides = [(k, getattr(args, k)) for k in _OVERRIDES if getattr(args, k, None) is not None]
-    if not overrides:
-        return config if path is not None else Config()
-    for name, value in overrides:
-        section, key = _OVERRIDES[name]
-        data.setdefault(section, {})[key] = value
-    if "server" in data and not data["server"].get("socket"):
-        data["server"].pop("socket", None)
-    return config_from_mapping(data, f"{source} + command line", base_dir=base)
+    """The file (or the defaults) with the flags given on the command line applied; a
+    reload applies the same flags to the file again (`Daemon.overrides`)."""
+    config = Config() if path is None else load_config(path)  # the file's own problems first
+    source = f"{path or '<defaults>'} + command line"
+    return apply_overrides(config, command_line_overrides(args), source)
 
 
 def daemon_main(argv: list[str] | None = None) -> int:
@@ -151,7 +148,9 @@ def daemon_main(argv: list[str] | None = None) -> int:
         from qoper8d.pool import check_handlers
 
         problems = check_handlers(config.pool)
-        fd_problem = fd_limit_problem(config.pool.size, config.server.max_connections)
+        fd_problem = fd_limit_problem(
+            config.pool.size, config.server.max_connections + config.http.connections()
+        )
         if fd_problem is not None:
             problems.append(fd_problem)
         for line in problems:
@@ -163,10 +162,10 @@ def daemon_main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return EXIT_OK
-    return _run_daemon(config, args.config)
+    return _run_daemon(config, args.config, command_line_overrides(args))
 
 
-def _run_daemon(config: Config, path: Path | None) -> int:
+def _run_daemon(config: Config, path: Path | None, overrides: Overrides) -> int:
     import structlog  # imported late: --check-config and --print-config are quick
 
     from qoper8d.control import SocketInUse
@@ -176,7 +175,9 @@ def _run_daemon(config: Config, path: Path | None) -> int:
     # Descriptors for every worker and every client the configuration allows, or no start:
     # running out of them half-way costs connections and workers, at the worst moment.
     try:
-        was, soft = ensure_fd_limit(config.pool.size, config.server.max_connections)
+        was, soft = ensure_fd_limit(
+            config.pool.size, config.server.max_connections + config.http.connections()
+        )
     except ConfigError as exc:
         print(f"{path or '<defaults>'}: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
@@ -185,7 +186,7 @@ def _run_daemon(config: Config, path: Path | None) -> int:
     if soft != was:
         log.info("daemon.fd_limit_raised", soft=soft, was=was)
     try:
-        trio.run(Daemon(config, path, logs).run)
+        trio.run(Daemon(config, path, logs, overrides).run)
     except WorkerStartError as exc:
         log.error("daemon.workers_failed", error=exc.message, **exc.details)
         return EXIT_WORKERS

@@ -60,7 +60,8 @@ from typing import Any, TypeVar
 from qoper8d import _connect, _ops
 from qoper8d._aclient import AsyncClient, open_client
 from qoper8d._connect import StrPath, resolve_socket_path
-from qoper8d._protocol import ClientProtocol, FixedWindow, MapRun, RequestId, again, closed
+from qoper8d._protocol import ClientProtocol, MapRun, RequestId, again, closed
+from qoper8d._window import window_for
 from qoper8d.errors import Qoper8Error
 
 __all__ = ["AsyncClient", "Client", "open_client", "resolve_socket_path"]
@@ -245,7 +246,7 @@ class Client:
         self,
         actions: Iterable[Any],
         *,
-        window: int = 256,
+        window: int | None = None,
         return_exceptions: bool = False,
         timeout: float | None = None,
         max_attempts: int | None = None,
@@ -253,7 +254,10 @@ class Client:
     ) -> Generator[Any, None, None]:
         """Run `actions` (consumed lazily) and yield their results in order, pipelined.
 
-        Up to `window` submits are in flight at once. An error outcome is raised at its
+        By default the number of submits in flight adapts to how fast answers come back
+        and how big actions and results are (`qoper8d._window`: it starts at 1,024 and
+        keeps between 16 and 16,384, within 4 MiB of requests and 8 MiB of results);
+        `window=n` fixes it at n instead. An error outcome is raised at its
         position, or yielded in its place with `return_exceptions` (refusals such as
         `QueueFull` too); losing the daemon always raises. Leaving early cancels the rest.
         `timeout` and `max_attempts` apply to every action, as in `submit`.
@@ -263,7 +267,7 @@ class Client:
         buffered from earlier results or redraw a progress report (`qoper8ctl submit` does
         both there). It is not called while results are already waiting to be yielded.
         """
-        run = MapRun(FixedWindow(window), return_exceptions, timeout, max_attempts)
+        run = MapRun(window_for(window), return_exceptions, timeout, max_attempts)
         return self._map(actions, run, on_wait)
 
     def _map(

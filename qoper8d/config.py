@@ -12,12 +12,14 @@ key's type and constraints, what was expected.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import operator
 import os
 import re
 import tomllib
 from collections.abc import Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
@@ -30,10 +32,13 @@ __all__ = [
     "HANDLER_PATTERN",
     "Config",
     "HandlerName",
+    "HttpConfig",
     "MonitorConfig",
+    "Overrides",
     "PoolConfig",
     "ServerConfig",
     "SupervisorConfig",
+    "apply_overrides",
     "changes",
     "config_from_mapping",
     "default_socket_path",
@@ -135,6 +140,79 @@ class MonitorConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+_LISTEN_RE = r"^$|^(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z.-]+):[0-9]{1,5}$"
+_HOST_RE = r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z.-]+)$"
+ListenAddress = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=_LISTEN_RE,
+        extra={"expected": '"host:port" (e.g. "127.0.0.1:9808", "[::1]:9808"), or "" (off)'},
+    ),
+]
+HostName = Annotated[
+    str, msgspec.Meta(pattern=_HOST_RE, extra={"expected": 'a host name (e.g. "q8.example")'})
+]
+
+
+class HttpConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[http]`: the optional read-only listener for operators: metrics, status, a page.
+
+    Every local user can reach a loopback port, so it serves counts and states only, and a
+    non-loopback address is refused unless `allow_remote` (checked when the file is read).
+    """
+
+    listen: ListenAddress = ""  # "host:port", host an IP address or localhost; "": off
+    allow_remote: bool = False  # may `listen` name an address other machines can reach?
+    allowed_hosts: list[HostName] = []  # Host header names accepted besides the listener's
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64  # TCP connections at once
+    max_clients: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16  # /events streams at once
+    push_interval: Annotated[float, msgspec.Meta(ge=0.01, le=3600, extra={"unit": "seconds"})] = (
+        1.0  # between snapshots on /events
+    )
+    # A connection's life without a request in progress (its first one included).
+    keep_alive_timeout: PositiveSeconds = 5.0
+    # Sent bytes a client leaves unacknowledged this long: the connection is aborted.
+    write_timeout: Annotated[float, msgspec.Meta(ge=0.01, le=3600, extra={"unit": "seconds"})] = (
+        10.0
+    )
+
+    def connections(self) -> int:
+        """Descriptors the listener's connections may take (none when it is off)."""
+        return self.max_connections if self.listen else 0
+
+    def address(self) -> tuple[str, int] | None:
+        """`listen` as (host, port), the host without brackets; None when off."""
+        return parse_listen(self.listen) if self.listen else None
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`"host:port"` -> (host, port); a `ValueError` says what was expected instead."""
+    host, _, port_text = listen.rpartition(":")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port from 0 to 65535 (0: any free port)")
+    bracketed = host.startswith("[")
+    host = host.strip("[]")
+    if host == "localhost":
+        return host, port
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("expected an IP address or localhost before the port") from None
+    if (address.version == 6) != bracketed:
+        raise ValueError("expected an IPv6 address in brackets, an IPv4 one without")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Does `host` (an IP address or localhost) name this machine only?"""
+    if host == "localhost":
+        return True
+    address = ipaddress.ip_address(host)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole file: one field per section, each defaulting to its section's defaults."""
 
@@ -142,6 +220,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 
 
 # The sections in file order, from `Config` itself so a new section cannot be forgotten here.
@@ -203,6 +282,7 @@ def config_from_mapping(
             errors.append(f"{source}: {_toml_key(name)}: expected a table, got {_show(table)}")
         else:
             sections[name] = _check_section(name, cls, table, source, errors)
+    _check_http(sections["http"], source, errors)
     if errors:
         _fail(errors)
     socket = sections["server"].get("socket")
@@ -211,6 +291,31 @@ def config_from_mapping(
         sections["server"]["socket"] = os.path.normpath(base / socket)
     built: dict[str, Any] = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
     return Config(**built)
+
+
+def _check_http(values: Mapping[str, Any], source: str, errors: list[str]) -> None:
+    """What `http.listen` means beyond its shape: a real address, and loopback unless the
+    file says otherwise (the pages are for local operators by default)."""
+    listen = values.get("listen")
+    if not listen:
+        return
+    shown = _show(listen)
+    missing = [name for name in ("hypercorn", "prometheus_client") if not find_spec(name)]
+    if missing:
+        errors.append(
+            f"{source}: http.listen: needs the http extra ({', '.join(missing)} missing): "
+            "pip install 'qoper8d[http]'"
+        )
+    try:
+        host, _ = parse_listen(listen)
+    except ValueError as exc:
+        errors.append(f"{source}: http.listen: {exc}, got {shown}")
+        return
+    if not is_loopback(host) and not values.get("allow_remote", False):
+        errors.append(
+            f"{source}: http.listen: {shown} is not a loopback address; set "
+            "http.allow_remote = true to serve other machines too"
+        )
 
 
 def _fail(errors: list[str]) -> NoReturn:
@@ -363,6 +468,24 @@ def _show(value: Any) -> str:
 
 def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+#: Keys set on the command line, by section: `{"pool": {"size": 2}}`.
+Overrides = Mapping[str, Mapping[str, Any]]
+
+
+def apply_overrides(config: Config, overrides: Overrides, source: str) -> Config:
+    """`config` with `overrides` applied, validated as a file is (`source` names it in error
+    lines). A relative `server.socket` among them is taken relative to the current
+    directory; the file's own was resolved when it was loaded."""
+    if not any(overrides.values()):
+        return config
+    data = msgspec.to_builtins(config)
+    for section, keys in overrides.items():
+        data.setdefault(section, {}).update(keys)
+    if not data["server"].get("socket"):
+        data["server"].pop("socket", None)  # the default path, looked up when it is used
+    return config_from_mapping(data, source)
 
 
 # -- output and checks -------------------------------------------------------------------------

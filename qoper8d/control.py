@@ -31,6 +31,7 @@ import trio
 from qoper8d._connection import Connection, Request, error_line, result_line
 from qoper8d._fds import SPARE, connection_room, short_of_fds
 from qoper8d._socketfile import SocketInUse, bind, group_id, lock, removed, secure_directory, watch
+from qoper8d._systemd import socket_name
 from qoper8d._version import __version__
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ServerConfig
@@ -419,10 +420,16 @@ async def serve_control(
     hooks: ControlHooks,
     config: ServerConfig,
     *,
+    inherited: socket.socket | None = None,
     task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on `config.socket_path()` and serve clients until cancelled; reports the
-    `ControlServer` once listening."""
+    `ControlServer` once listening. An `inherited` listening socket (systemd's: socket
+    activation) is served as it is instead: never locked, bound, chmod-ed, watched or
+    unlinked."""
+    if inherited is not None:
+        await _serve_inherited(ControlServer(pool, hooks, config), inherited, task_status)
+        return
     path = config.socket_path()
     group = group_id(config.socket_group)
     secure_directory(path.parent, group)
@@ -457,6 +464,19 @@ async def serve_control(
             if os.stat(path).st_ino == identity:
                 path.unlink()
         os.close(held)
+
+
+async def _serve_inherited(
+    server: ControlServer, sock: socket.socket, task_status: trio.TaskStatus[ControlServer]
+) -> None:
+    # Whoever made it owns its file: it outlives us, for whoever listens on it next.
+    with trio.socket.from_stdlib_socket(sock) as listener:
+        async with trio.open_nursery() as nursery:
+            server.nursery = nursery
+            nursery.start_soon(server.serve_changes)
+            nursery.start_soon(server.accept_loop, listener, nursery)
+            log.info("control.listening", socket=socket_name(sock), inherited=True)
+            task_status.started(server)
 
 
 async def _accept(

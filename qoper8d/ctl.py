@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import stat
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from qoper8d._submit import submit_stream
 from qoper8d._version import __version__
 from qoper8d.errors import ConfigError
 
@@ -59,11 +57,6 @@ CTL_UNKNOWN = 4
 #: Interrupted (Ctrl-C).
 CTL_INTERRUPTED = 130
 
-#: How often the progress bar may be redrawn, in seconds.
-_PROGRESS_INTERVAL = 0.1
-#: Result bytes held before they are written to stdout even though more are coming.
-_OUTPUT_CHUNK = 1 << 16
-
 
 def _seconds(text: str) -> float:
     try:
@@ -72,6 +65,23 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
     return value
 
 
@@ -130,14 +140,25 @@ def _ctl_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--max-attempts", type=int, metavar="N", help="runs allowed per action (pool.max_attempts)"
     )
-    # Wider than Client.map's default: the command line has nothing else to do, and a wider
-    # window hides more of the round trip (about 1.6x the rate of 256 on a local daemon).
     submit.add_argument(
         "--window",
-        type=int,
-        default=1024,
+        type=_positive,
         metavar="N",
-        help="actions in flight at once (default: 1024)",
+        help="actions in flight at once (default: the client's, which adapts; stdin a "
+        "terminal: 1, so each result shows before the next line is typed)",
+    )
+    submit.add_argument(
+        "--total",
+        type=_count,
+        metavar="N",
+        help="how many actions stdin holds, for the progress bar (default: a regular file's "
+        "lines are counted; a pipe's are unknown)",
+    )
+    submit.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="on a malformed line: report it, print an error line in its place, carry on "
+        "(exit 2 at the end)",
     )
     submit.set_defaults(run=_ctl_submit)
 
@@ -316,7 +337,7 @@ def _ctl_submit(client: Client, args: argparse.Namespace) -> int:
     from qoper8d.errors import ActionError, RequestError
 
     if args.action is None:
-        return _submit_stream(client, args)
+        return submit_stream(client, args)
     try:
         result = client.submit(
             args.action, timeout=args.action_timeout, max_attempts=args.max_attempts
@@ -329,151 +350,6 @@ def _ctl_submit(client: Client, args: argparse.Namespace) -> int:
     sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     sys.stdout.flush()
     return CTL_OK
-
-
-class _ActionLines:
-    """NDJSON actions from a binary stream, one per line; blank lines are skipped.
-
-    Iteration stops at the first invalid line and keeps its description in `error`, so the
-    actions before it still run and print before the command reports it.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.error: str | None = None
-        self.consumed = 0  # bytes read, for the progress bar's share of a regular file
-
-    def __iter__(self) -> Iterator[Any]:
-        decode = msgspec.json.decode
-        for number, line in enumerate(self.stream, 1):
-            self.consumed += len(line)
-            if not line.strip():
-                continue
-            try:
-                yield decode(line)
-            except msgspec.DecodeError as exc:
-                self.error = f"stdin line {number}: invalid JSON: {exc}"
-                return
-
-
-class _Progress:
-    """A one-line progress report on a terminal: done, failed, rate, and a bar when the
-    input's size is known. Redrawn at most every `_PROGRESS_INTERVAL` seconds."""
-
-    def __init__(self, stream: Any, total_bytes: int | None) -> None:
-        self.stream = stream
-        self.total = total_bytes
-        self.started = time.monotonic()
-        self.drawn_at = 0.0
-        self.shown = False
-
-    def draw(self, done: int, failed: int, consumed: int, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.drawn_at < _PROGRESS_INTERVAL:
-            return
-        self.drawn_at = now
-        rate = done / max(now - self.started, 1e-9)
-        text = f"{done:,} done, {failed:,} failed, {rate:,.0f}/s"
-        if self.total:
-            share = min(consumed / self.total, 1.0)
-            filled = int(share * 24)
-            text = f"[{'#' * filled}{'.' * (24 - filled)}] {share:4.0%}  {text}"
-        self.stream.write(f"\r\x1b[K{text}")
-        self.stream.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
-
-
-class _Results:
-    """Result lines for stdout, written in chunks: when `_OUTPUT_CHUNK` bytes are waiting,
-    and whenever the next result is not in yet, so nothing sits in a buffer while we wait."""
-
-    def __init__(self, out: Any, lines: _ActionLines, progress: _Progress | None) -> None:
-        self.out = out
-        self.lines = lines
-        self.progress = progress
-        self.buf: list[bytes] = []
-        self.size = 0
-        self.done = 0
-        self.failed = 0
-        # When results and the bar share a terminal, the bar is cleared before results print.
-        self.share_terminal = progress is not None and out.isatty()
-
-    def add(self, line: bytes, *, failed: bool) -> None:
-        self.buf.append(line)
-        self.size += len(line)
-        self.done += 1
-        self.failed += failed
-        if self.size >= _OUTPUT_CHUNK:
-            self.flush()
-
-    def flush(self) -> None:
-        progress = self.progress
-        if self.buf:
-            if self.share_terminal and progress is not None:
-                progress.clear()
-            self.out.write(b"".join(self.buf))
-            self.out.flush()
-            self.buf.clear()
-            self.size = 0
-        if progress is not None:
-            progress.draw(self.done, self.failed, self.lines.consumed, force=not progress.shown)
-
-    def finish(self) -> None:
-        self.flush()
-        if self.progress is not None:
-            self.progress.draw(self.done, self.failed, self.lines.consumed, force=True)
-            self.progress.stream.write("\n")
-            self.progress.stream.flush()
-
-
-def _submit_stream(client: Client, args: argparse.Namespace) -> int:
-    from qoper8d.errors import Qoper8Error
-
-    stdin = sys.stdin.buffer
-    lines = _ActionLines(stdin)
-    progress = None
-    if sys.stderr.isatty():
-        progress = _Progress(sys.stderr, _regular_file_size(stdin))
-    results = _Results(sys.stdout.buffer, lines, progress)
-    # Typed input: one action at a time, so each result shows before the next line is read.
-    window = 1 if stdin.isatty() else max(1, args.window)
-    encode = msgspec.json.encode
-    try:
-        for result in client.map(
-            lines,
-            window=window,
-            return_exceptions=True,
-            timeout=args.action_timeout,
-            max_attempts=args.max_attempts,
-            on_wait=results.flush,  # nothing sits in a buffer, the bar moves, while we wait
-        ):
-            if isinstance(result, Qoper8Error):
-                results.add(b'{"error":%b}\n' % encode(result.to_wire()), failed=True)
-            else:
-                results.add(encode(result) + b"\n", failed=False)
-    finally:
-        results.finish()
-    if lines.error is not None:
-        _complain(lines.error)
-        return CTL_USAGE
-    if results.failed:
-        _complain(f"{results.failed} of {results.done} actions failed")
-        return CTL_FAILED
-    return CTL_OK
-
-
-def _regular_file_size(stream: Any) -> int | None:
-    try:
-        info = os.fstat(stream.fileno())
-    except (OSError, ValueError, AttributeError):
-        return None
-    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 # -- the rest ----------------------------------------------------------------------------------

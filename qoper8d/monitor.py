@@ -1,14 +1,17 @@
 """Structured logs that never block the master, and periodic pool snapshots.
 
 Every event is a structlog event: JSON lines when stderr is not a terminal (or
-`monitor.log_format = "json"`), readable console lines otherwise. Inside the daemon's trio
-run, a rendered line is only appended to a bounded in-memory queue; one task writes the queue
-to stderr through a non-blocking descriptor. A slow or stuck reader of stderr (a full pipe,
-a paused terminal) therefore delays log lines, never supervision; past `MAX_BACKLOG` lines
-the newest are dropped and counted, and a `log.dropped` event says how many.
+`monitor.log_format = "json"`), short readable lines otherwise, or under `FORCE_COLOR`
+(`qoper8d._console`). Inside the daemon's trio run, a rendered line is only appended to a
+bounded in-memory queue; one task writes the queue to stderr through a non-blocking
+descriptor. A slow or stuck reader of stderr (a full pipe, a paused terminal) therefore
+delays log lines, never supervision; past `MAX_BACKLOG` lines the newest are dropped and
+counted, and a `log.dropped` event says how many.
 
 `serve_snapshots` logs one `pool.snapshot` event every `monitor.interval` seconds, with the
-same fields as `qoper8ctl status --json`.
+same fields as `qoper8ctl status --json` plus `rates`: submits and outcomes per second since
+the previous snapshot (`status` has the counters; rates need an interval, which only the
+monitor has). On a console the event is one sentence (`qoper8d._console`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,24 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import IO, Any
 
 import structlog
 import trio
 
+from qoper8d._console import ConsoleRenderer, console_wanted, use_colour
 from qoper8d._wakeup import Wakeup
 
-__all__ = ["LogWriter", "configure_logging", "level_number", "relay", "serve_snapshots"]
+__all__ = [
+    "LogWriter",
+    "Rates",
+    "configure_logging",
+    "level_number",
+    "relay",
+    "serve_snapshots",
+    "set_level",
+]
 
 #: Lines held for a slow stderr before new ones are dropped.
 MAX_BACKLOG = 10_000
@@ -32,6 +45,11 @@ MAX_BACKLOG = 10_000
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 #: Keys of a log event that fields relayed from another process must not overwrite.
 _OWN_KEYS = frozenset({"event", "level", "slot", "pid", "timestamp", "exc_info"})
+
+
+def set_level(name: str) -> None:
+    """Log from level `name` up from now on (a reload's `monitor.log_level`)."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level_number(name)))
 
 
 def level_number(name: str) -> int:
@@ -56,6 +74,10 @@ class LogWriter:
         self._writer = Wakeup()
         self._serving = False
         self.dropped = 0
+        #: The line that says how many lines were dropped, in the log's own format.
+        self.dropped_line: Callable[[int], str] = lambda count: (
+            f'{{"event": "log.dropped", "level": "warning", "lines": {count}}}'
+        )
 
     def msg(self, message: str) -> None:
         if not self._serving:
@@ -81,7 +103,7 @@ class LogWriter:
             while True:
                 if self.dropped:
                     count, self.dropped = self.dropped, 0
-                    self._lines.append(f'{{"event": "log.dropped", "lines": {count}}}')
+                    self._lines.append(self.dropped_line(count))
                 if not self._lines:
                     await self._writer.wait()
                     continue
@@ -112,13 +134,22 @@ def configure_logging(
     """Set up structlog for the daemon; returns the writer whose `serve()` task must run
     inside the trio run for logging to stay non-blocking."""
     stream = stream or sys.stderr
-    use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
+    use_json = log_format == "json" or (log_format == "auto" and not console_wanted(stream))
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.processors.JSONRenderer() if use_json else ConsoleRenderer(use_colour(stream))
     )
     writer = LogWriter(stream)
+    if not use_json:
+        writer.dropped_line = lambda count: renderer(
+            None,
+            "warning",
+            {
+                "timestamp": datetime.now(UTC).isoformat(),
+                "level": "warning",
+                "event": "log.dropped",
+                "lines": count,
+            },
+        )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -133,12 +164,49 @@ def configure_logging(
     return writer
 
 
+class Rates:
+    """Per-second rates of submits and of each outcome between one snapshot and the next
+    (the first: since the pool started), measured on the snapshots' own `uptime`."""
+
+    def __init__(self) -> None:
+        self._uptime = 0.0
+        self._submitted = 0
+        self._outcomes: dict[str, int] = {}
+
+    def __call__(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        """The `rates` of `snapshot`: `seconds` covered, `submitted` and `outcomes` (by
+        name, as in the snapshot) per second."""
+        uptime = float(snapshot.get("uptime", 0.0))
+        submitted = int(snapshot.get("submitted", 0))
+        outcomes: dict[str, int] = dict(snapshot.get("outcomes", {}))
+        seconds = uptime - self._uptime
+        per = 1.0 / seconds if seconds > 0 else 0.0
+        # Counters only grow; a smaller one (a pool started afresh) starts the count again.
+        if submitted < self._submitted or seconds < 0:
+            self._submitted, self._outcomes = 0, {}
+            seconds, per = uptime, (1.0 / uptime if uptime > 0 else 0.0)
+        rates = {
+            "seconds": round(seconds, 3),
+            "submitted": round((submitted - self._submitted) * per, 3),
+            "outcomes": {
+                name: round((count - self._outcomes.get(name, 0)) * per, 3)
+                for name, count in outcomes.items()
+            },
+        }
+        self._uptime, self._submitted, self._outcomes = uptime, submitted, outcomes
+        return rates
+
+
 async def serve_snapshots(
     snapshot: Callable[[], dict[str, Any]],
     interval: Callable[[], float],
 ) -> None:
-    """Log `pool.snapshot` every `interval()` seconds (read each time: reload may change it)."""
+    """Log `pool.snapshot` every `interval()` seconds (read each time: reload may change it),
+    with the `rates` since the previous one."""
     log = structlog.get_logger("qoper8d.monitor")
+    rates = Rates()
     while True:
         await trio.sleep(interval())
-        log.info("pool.snapshot", **snapshot())
+        fields = snapshot()
+        fields["rates"] = rates(fields)
+        log.info("pool.snapshot", **fields)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from itertools import repeat
 from typing import Any
@@ -276,6 +276,18 @@ class Pool:
             await self._launcher.aclose()
         self._stopped.set()
 
+    def heartbeat(self, answer: Callable[[], object]) -> None:
+        """Call `answer()` from a new task in the nursery the supervision runs in, after
+        its first checkpoint: proof that trio still schedules that nursery's tasks (the
+        systemd watchdog asks for it). No answer once that nursery is cancelled;
+        `RuntimeError` once it is closed."""
+
+        async def beat() -> None:
+            await trio.lowlevel.checkpoint()
+            answer()
+
+        self._engine.nursery.start_soon(beat)
+
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool and every slot (see `PoolStatistics`)."""
         engine = self._engine
@@ -440,16 +452,16 @@ def default_launcher(config: PoolConfig) -> Launcher:
 
 
 def check_handlers(config: PoolConfig) -> list[str]:
-    """Import the handler and every route as a worker would; one line per problem.
+    """Load the handler and every route as a worker would, `setup()` included; one line
+    per problem.
 
-    The import runs in a throwaway `python -m qoper8d.worker --check`, so the handler's import
-    side effects (threads, sockets, module state) never touch the caller.
+    It runs in a throwaway `python -m qoper8d._check`, so the handler's side effects
+    (threads, sockets, module state) never touch the caller.
     """
     command = [
         sys.executable,
         "-m",
-        "qoper8d.worker",
-        "--check",
+        "qoper8d._check",
         msgspec.json.encode(worker_spec(config)).decode(),
     ]
     try:
@@ -464,7 +476,7 @@ def check_handlers(config: PoolConfig) -> list[str]:
         )
     except subprocess.TimeoutExpired:
         return [
-            "pool.handler: importing took longer than pool.start_timeout "
+            "pool.handler: importing it and its setup() took longer than pool.start_timeout "
             f"({config.start_timeout} s)"
         ]
     if done.returncode == 0:
@@ -472,4 +484,4 @@ def check_handlers(config: PoolConfig) -> list[str]:
     # The worker's verdict is its last line; anything the handler printed while importing
     # comes before it.
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return [f"pool.handler: {lines[-1] if lines else f'the check exited with {done.returncode}'}"]
+    return [lines[-1] if lines else f"pool.handler: the check exited with {done.returncode}"]

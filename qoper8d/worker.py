@@ -533,18 +533,6 @@ def extend_path(dirs: list[str]) -> None:
             sys.path.insert(0, extra)
 
 
-def check(spec: wire.WorkerSpec) -> str | None:
-    """Import the handler(s) the way a worker would; the problem as one line, or None."""
-    extend_path(spec.handler_path)
-    try:
-        _Handlers(spec)
-    except HandlerLoadError as exc:
-        return str(exc)
-    except Exception as exc:
-        return f"handler {spec.handler!r}: importing it raised {type(exc).__name__}: {exc}"
-    return None
-
-
 def run_with_spec(
     argv: list[str] | None, spec_type: type[T], serve: Callable[[T], int], program: str
 ) -> int:
@@ -561,14 +549,7 @@ def run_with_spec(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "--check":
-        problem = check(msgspec.json.decode(args[1], type=wire.WorkerSpec))
-        if problem:
-            print(problem, file=sys.stderr)
-            return 1
-        return 0
-    return run_with_spec(args, wire.WorkerSpec, serve, "qoper8d.worker")
+    return run_with_spec(argv, wire.WorkerSpec, serve, "qoper8d.worker")
 
 
 if __name__ == "__main__":

@@ -523,11 +523,18 @@ def test_the_daemon_writes_no_file_but_its_socket_and_lock(short_tmp: Path) -> N
             ),
         ]
         for pid in pids:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
+            try:
+                fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            except FileNotFoundError:
+                continue  # a worker that ended while we looked
+            for fd in fds:
+                try:
+                    target = os.readlink(fd)
+                    info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+                except FileNotFoundError:
+                    continue  # closed while we looked (a worker replaced, a pipe done)
                 if not target.startswith("/"):
                     continue  # pipes, sockets, anonymous inodes
-                info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
                 flags = int(info.split("flags:")[1].split()[0], 8)
                 if flags & (os.O_WRONLY | os.O_RDWR):
                     assert target in (f"{d.socket}.lock", "/dev/null"), (pid, target)

@@ -15,6 +15,7 @@ import pytest
 
 from qoper8d import _ops
 from qoper8d._protocol import ClientProtocol, FixedWindow, MapRun
+from qoper8d._window import Observed
 from qoper8d.errors import ConnectError, Forbidden, HandlerError, NotRunning, WorkerLost
 
 PATH = Path("/run/q8/test.sock")
@@ -293,6 +294,10 @@ def test_windows() -> None:
 
     class Stalled:
         limit = 0
+        first = 0
+
+        def learn(self, observed: Observed) -> int:
+            raise AssertionError("a window with first = 0 is never asked to learn")
 
     # A window that allows none with nothing in flight would end the map early; it gets 1.
     p = protocol()

@@ -8,9 +8,11 @@ import io
 import json
 import os
 import pty
+import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +330,217 @@ def test_stop(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert capsys.readouterr().out == "stopping (grace 1 s)\n"
         assert d.wait() == 0
         d.wait_event("daemon.stopping", lambda e: e.get("grace_period") == 1.0)
+
+
+def test_qoper8_socket_names_the_socket(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qoper8d import Client
+
+    elsewhere = short_tmp / "elsewhere.sock"
+    other = short_tmp / "other.toml"
+    other.write_text(tomli_w.dumps({"server": {"socket": str(short_tmp / "from-config.sock")}}))
+    with running_daemon(short_tmp) as d:
+        monkeypatch.setenv("QOPER8_SOCKET", str(d.socket))
+        assert ctl_main(["status"]) == CTL_OK
+        # It beats --config's server.socket...
+        assert ctl_main(["--config", str(other), "status"]) == CTL_OK
+        with Client() as client:
+            assert client.status()["daemon"]["socket"] == str(d.socket)
+        capsys.readouterr()
+
+        # ...and --socket beats it.
+        monkeypatch.setenv("QOPER8_SOCKET", str(elsewhere))
+        assert ctl_main(["--socket", str(d.socket), "status"]) == CTL_OK
+        assert ctl_main(["status"]) == CTL_NOT_RUNNING
+        assert capsys.readouterr().err == f"no daemon: no socket at {elsewhere}\n"
+        # A --config file is still read (a bad one is reported) though the variable wins.
+        assert ctl_main(["--config", str(short_tmp / "typo.toml"), "status"]) == CTL_USAGE
+        assert "typo.toml: cannot read the file" in capsys.readouterr().err
+
+        # Empty is unset: --config decides again.
+        monkeypatch.setenv("QOPER8_SOCKET", "")
+        assert ctl_main(["--config", str(d.config_path), "status"]) == CTL_OK
+
+
+async def test_qoper8_socket_for_the_async_client(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio
+
+    from qoper8d import open_client
+
+    with running_daemon(short_tmp) as d:
+        monkeypatch.setenv("QOPER8_SOCKET", str(d.socket))
+        with trio.fail_after(20):
+            async with open_client() as client:
+                assert (await client.status())["daemon"]["socket"] == str(d.socket)
+
+
+# -- submit tells the truth: results counted, typed lines answered at once, --keep-going -------
+
+
+def _drain_terminal(main: int) -> bytes:
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO: the terminal's other end is closed
+        while chunk := os.read(main, 65536):
+            shown += chunk
+    return shown
+
+
+def _bar(shown: bytes) -> str:
+    """The last state of a bar redrawn with carriage returns."""
+    return [part for part in shown.decode().split("\r") if "%" in part][-1]
+
+
+def test_typed_lines_are_answered_before_the_next_is_typed(short_tmp: Path) -> None:
+    main, terminal = pty.openpty()
+    with running_daemon(short_tmp) as d:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CTL, "--socket", str(d.socket), "submit", "--keep-going"],
+            cwd=ROOT,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        shown = b""
+
+        def until(text: bytes) -> None:
+            nonlocal shown
+            deadline = time.monotonic() + 20
+            while text not in shown:
+                left = deadline - time.monotonic()
+                assert left > 0, f"{text!r} never showed; the terminal shows {shown!r}"
+                if select.select([main], [], [], left)[0]:
+                    shown += os.read(main, 65536)
+
+        try:
+            # Results print compactly, so they are told apart from the echo of what is typed.
+            os.write(main, b'{"mode": "ok", "n": 1}\n')
+            until(b'{"mode":"ok","n":1}')
+            os.write(main, b"{oops\n")
+            until(b"stdin line 2: invalid JSON")
+            until(b'"line":2')
+            os.write(main, b'{"mode": "raise", "message": "no"}\n')
+            until(b'"message":"no"')
+            os.write(main, b'{"mode": "ok", "n": 4}\n')
+            until(b'{"mode":"ok","n":4}')
+            os.write(main, b"\x04")  # Ctrl-D: the end of the input
+            assert proc.wait(20) == CTL_USAGE, "a malformed line makes the exit status 2"
+            shown += _drain_terminal(main)
+        finally:
+            proc.kill()
+            proc.wait()
+            os.close(main)
+    assert b"\x1b[K" not in shown, "no progress bar over typed input"
+    assert b"1 malformed line, 1 of 3 actions failed" in shown
+
+
+def test_keep_going_pairs_every_input_line_with_an_output_line(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = short_tmp / "actions.ndjson"
+    lines = [b'{"mode": "ok", "i": %d}\n' % i for i in range(50)]
+    lines[10] = b'{"mode": "ok", "i": 10\n'
+    lines[30] = b"not json at all\n"
+    lines[31] = b'{"mode": "raise", "message": "m"}\n'
+    source.write_bytes(b"".join(lines))
+    with running_daemon(short_tmp) as d, source.open("rb") as raw:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(raw))
+        assert ctl_main(["--socket", str(d.socket), "submit", "--keep-going"]) == CTL_USAGE
+        out, err = capsys.readouterr()
+    results = [json.loads(line) for line in out.splitlines()]
+    assert len(results) == 50
+    assert [
+        r["error"]["line"] for r in results if r.get("error", {}).get("code") == "bad_request"
+    ] == [11, 31]
+    assert results[31]["error"]["code"] == "handler_error"
+    assert [r["i"] for r in results if "i" in r] == [i for i in range(50) if i not in (10, 30, 31)]
+    complaints = err.splitlines()
+    assert complaints[0].startswith("stdin line 11: invalid JSON")
+    assert complaints[1].startswith("stdin line 31: invalid JSON")
+    assert complaints[2] == "2 malformed lines, 1 of 48 actions failed"
+    assert len(complaints) == 3
+
+
+def test_keep_going_holds_a_bounded_number_of_error_lines(short_tmp: Path) -> None:
+    """Malformed lines read while the action before them runs wait for its result; past
+    MAX_HELD_ERRORS of them the batch stops, as it would without --keep-going (the actions
+    already sent still run and print)."""
+    limit = 3
+    arrived = short_tmp / "arrived"
+    data = json.dumps({"mode": "wait_for", "path": str(arrived)}).encode() + b"\n"
+    data += b"x\n" * (limit + 2)
+    code = f"from qoper8d import _submit; _submit.MAX_HELD_ERRORS = {limit}; {CTL}"
+    with (
+        running_daemon(short_tmp) as d,
+        subprocess.Popen(
+            [sys.executable, "-c", code, "--socket", str(d.socket), "submit", "--keep-going"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as proc,
+    ):
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.write(data)
+        proc.stdin.close()
+        # Each malformed line is reported as it is read, the one past the bound too.
+        for number in range(2, limit + 3):
+            assert proc.stderr.readline().startswith(b"stdin line %d: invalid" % number)
+        arrived.touch()  # now the first action may end
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(30)
+    assert proc.returncode == CTL_USAGE
+    results = [json.loads(line) for line in out.splitlines()]
+    assert isinstance(results[0], int), "the wait_for action's result (its worker's pid)"
+    assert [r["error"]["line"] for r in results[1:]] == [2, 3, 4]
+    assert err.decode() == (
+        f"stdin line {limit + 2}: stopped: {limit} malformed lines already wait for the "
+        "results of the actions before them\n"
+    )
+
+
+def test_the_bar_counts_results_of_a_known_total(short_tmp: Path) -> None:
+    """A regular file's lines are counted first; a pipe's total comes from --total. The bar
+    counts results (a malformed line, with --keep-going, is one that failed)."""
+    lines = [b'{"mode": "ok", "i": %d}\n' % i for i in range(300)]
+    lines[7] = b"{broken\n"
+    source = short_tmp / "actions.ndjson"
+    source.write_bytes(b"".join(lines))
+    shown: list[bytes] = []
+    with running_daemon(short_tmp) as d:
+        for total, stdin in (([], source.open("rb")), (["--total", "300"], subprocess.PIPE)):
+            main, terminal = pty.openpty()
+            try:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        CTL,
+                        "--socket",
+                        str(d.socket),
+                        "submit",
+                        "--keep-going",
+                        *total,
+                    ],
+                    cwd=ROOT,
+                    stdin=stdin,
+                    stdout=subprocess.PIPE,
+                    stderr=terminal,
+                )
+                os.close(terminal)
+                out, _ = proc.communicate(source.read_bytes() if total else None, timeout=30)
+                shown.append(_drain_terminal(main))
+            finally:
+                os.close(main)
+                if not isinstance(stdin, int):
+                    stdin.close()
+            assert proc.returncode == CTL_USAGE
+            assert len(out.splitlines()) == 300
+    for terminal_text in shown:
+        assert "stdin line 8: invalid JSON" in terminal_text.decode()
+        assert "[########################] 100%  299 done, 1 failed of 300" in _bar(terminal_text)

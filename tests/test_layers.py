@@ -26,7 +26,7 @@ CHILD_ALLOWED = {
     "qoper8d._version",
 }
 #: What the children import as the package itself: its face, run before any submodule.
-CHILDREN = {"worker", "zygote"}
+CHILDREN = {"worker", "zygote", "_check"}
 
 
 def floors() -> dict[str, int | str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -208,6 +209,29 @@ async def test_the_pool_survives_its_fork_server_being_killed() -> None:
                 cmdline = await trio.Path(f"/proc/{forkserver}/cmdline").read_bytes()
                 assert cmdline.startswith(b"qoper8d: fork server")
     assert any(e["event"] == "forkserver.exit" for e in logs)
+
+
+async def test_hundreds_of_workers_start_at_once_through_one_fork_server() -> None:
+    """256 launches outrun the fork server's socket (its queue of requests, each carrying
+    descriptors, fills): they wait for room in turn, and every one starts. Before, the
+    first refused send was taken for a dead fork server."""
+    size = 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8 * size)), hard))
+    try:
+        with trio.fail_after(90):
+            async with open_pool("handlers.echo:plus_one", size=size) as pool:
+                workers = pool.statistics().workers
+                assert len({w.pid for w in workers if w.pid}) == size
+                assert {w.state for w in workers} == {"idle"}
+                zygotes = {parent_of(w.pid) for w in workers if w.pid}
+                assert len(zygotes) == 1
+                assert sum([r async for r in pool.map({"x": i} for i in range(size))]) == sum(
+                    range(1, size + 1)
+                )
+                assert pool.statistics().restarts == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.parametrize("preload", [True, False])

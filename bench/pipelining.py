@@ -1,0 +1,129 @@
+"""The clients' default pipelining against the best fixed window, as users meet it.
+
+A daemon from a plain config (2 workers) runs `{"x": i}` actions with int results
+(`handlers.echo:plus_one`) or ~200-byte dict results (`handlers.echo:record`). Each client
+that pipelines — the blocking `Client.map`, the async client's `map` under trio, and
+`qoper8ctl submit` fed a file of NDJSON on stdin — maps 1,000 to 1,000,000 of them with its
+default window and with each fixed window of `FIXED`, in alternating order, three times.
+The figure per client, result and size is the default's median rate over the best fixed
+window's median rate; the target holds the worst of them to 90%.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import service
+from bench._common import Figure, figure, median, say
+
+#: The fixed windows the default is held against.
+FIXED = (256, 2048, 16_384)
+SIZES = (1_000, 10_000, 100_000, 1_000_000)
+QUICK_SIZES = (1_000, 10_000)
+ROUNDS = 3
+RESULTS = {"int": "handlers.echo:plus_one", "dict": "handlers.echo:record"}
+CLIENTS = ("sync", "async", "ctl")
+#: qoper8ctl, as its console script runs it.
+CTL = "import sys; from qoper8d.cli import ctl_main; sys.exit(ctl_main())"
+
+
+def _sync(path: Path, n: int, window: int | None) -> float:
+    from qoper8d import Client
+
+    with Client(path) as client:
+        start = time.perf_counter()
+        count = sum(1 for _ in client.map(({"x": i} for i in range(n)), window=window))
+        wall = time.perf_counter() - start
+    assert count == n
+    return n / wall
+
+
+def _async(path: Path, n: int, window: int | None) -> float:
+    import trio
+
+    from qoper8d import open_client
+
+    async def main() -> float:
+        async with open_client(path) as client:
+            start = time.perf_counter()
+            count = 0
+            async for _ in client.map(({"x": i} for i in range(n)), window=window):
+                count += 1
+            wall = time.perf_counter() - start
+        assert count == n
+        return n / wall
+
+    return trio.run(main)
+
+
+def _ctl(path: Path, n: int, window: int | None, actions: Path) -> float:
+    """`qoper8ctl submit` over a file of `n` actions; its whole run, start-up included (the
+    same for every window)."""
+    argv = [sys.executable, "-c", CTL, "--socket", str(path), "submit"]
+    if window is not None:
+        argv += ["--window", str(window)]
+    with open(actions, "rb") as stdin:
+        start = time.perf_counter()
+        done = subprocess.run(argv, stdin=stdin, stdout=subprocess.PIPE, check=True)
+        wall = time.perf_counter() - start
+    assert done.stdout.count(b"\n") == n
+    return n / wall
+
+
+def run(quick: bool) -> dict[str, Figure]:
+    sizes = QUICK_SIZES if quick else SIZES
+    out: dict[str, Figure] = {}
+    worst = (float("inf"), "")
+    tmp = Path(tempfile.mkdtemp(prefix="q8pipe-", dir="/tmp"))
+    files: dict[int, Path] = {}
+    for n in sizes:
+        files[n] = tmp / f"{n}.ndjson"
+        with open(files[n], "wb") as f:
+            f.writelines(b'{"x":%d}\n' % i for i in range(n))
+    try:
+        for kind, handler in RESULTS.items():
+            with service.daemon(handler=handler) as (path, _pid):
+                _sync(path, 2_000, None)  # warm-up: workers and the daemon's caches
+                for client, n in itertools.product(CLIENTS, sizes):
+                    windows: list[int | None] = [None, *FIXED]
+                    rates: dict[int | None, list[float]] = {w: [] for w in windows}
+                    for round_ in range(ROUNDS):
+                        # Alternate: each round starts one window further on.
+                        for w in windows[round_:] + windows[:round_]:
+                            if client == "sync":
+                                rate = _sync(path, n, w)
+                            elif client == "async":
+                                rate = _async(path, n, w)
+                            else:
+                                rate = _ctl(path, n, w, files[n])
+                            rates[w].append(rate)
+                    default = median(rates[None])
+                    best_window = max(FIXED, key=lambda w: median(rates[w]))
+                    best = median(rates[best_window])
+                    ratio = default / best
+                    name = f"pipelining_{client}_{kind}_{n}"
+                    out[name] = figure(
+                        ratio,
+                        "ratio",
+                        f"{client} map of {n:,} ({kind} results): default window / best fixed",
+                        default_rate=round(default),
+                        best_fixed=best_window,
+                        best_fixed_rate=round(best),
+                        rates={str(w): [round(r) for r in rs] for w, rs in rates.items()},
+                    )
+                    say(f"  {name}: {ratio:.3f} ({default:,.0f}/s, {best:,.0f}/s at {best_window})")
+                    worst = min(worst, (ratio, name))
+    finally:
+        for f in files.values():
+            f.unlink(missing_ok=True)
+        os.rmdir(tmp)
+    out["pipelining_worst_ratio"] = figure(
+        worst[0], "ratio", f"the worst default / best fixed window ratio ({worst[1]})"
+    )
+    return out
