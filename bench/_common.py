@@ -39,6 +39,29 @@ def rss_bytes(pid: int | str = "self") -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def memory_kinds(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory in bytes, from /proc/<pid>/smaps_rollup: `uss` (pages only it
+    maps: what its exit would free), `pss` (its pages, each shared one divided by the
+    processes sharing it) and `rss`."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0]) * 1024
+    return {
+        "uss": fields["Private_Clean"] + fields["Private_Dirty"] + fields["Private_Hugetlb"],
+        "pss": fields["Pss"],
+        "rss": fields["Rss"],
+    }
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -66,6 +89,16 @@ def cpu_seconds(pid: int) -> float:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def system_busy() -> float:
+    """CPU seconds every process on the machine has used since boot, over all CPUs, stolen
+    time included (from /proc/stat): what is left of `wall x cpus` after the others' share
+    of it is the time a measured set of processes could have had."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class Stopwatch:

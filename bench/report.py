@@ -16,10 +16,19 @@ from typing import Any
 
 from bench._common import RESULTS, Figure, is_number
 
-#: Suites whose figures are qoper8d's own (highlighted in the chart).
-QOPER8D_SUITES = ("engine", "qoper8d_pools", "qoper8_table", "faults", "memory")
-#: Figures of these suites are not pools' throughput: they go to the second panel or nowhere.
-_NOT_IN_BARS = ("qoper8_table", "memory")
+#: Figures of these suites are not pools' throughput of the trivial action: they go to a
+#: panel of their own or nowhere.
+_NOT_IN_BARS = ("qoper8_table", "memory", "seed")
+#: Who is measured, by a figure's name where it does not say itself (`who` in the figure):
+#: the peers' prefixes; every other figure outside physical and baselines is ours.
+_PEER_PREFIXES = ("mp_", "ppe_", "pebble_", "trio_parallel_", "imap_beside", "qoper8_published")
+#: Colour families: ours orange, peers purple, physical bounds grey; a shade per suite.
+PALETTE = {
+    "ours": ("#d95f02", "#e6550d", "#fd8d3c", "#a63603", "#f16913"),
+    "peer": ("#7570b3", "#9e9ac8", "#54278f", "#807dba"),
+    "bound": ("#999999", "#bbbbbb"),
+}
+WHO_NAMES = {"ours": "qoper8d (ours)", "peer": "other pools (peers)", "bound": "physical bound"}
 #: What each suite is, in a line.
 SUITE_TITLES = {
     "physical": "physical limits: raw ping-pongs and a batched msgpack stream",
@@ -29,6 +38,8 @@ SUITE_TITLES = {
     "qoper8_table": "Q-Oper8's benchmark table, reproduced",
     "faults": "throughput while workers are SIGKILLed",
     "memory": "worker and master memory",
+    "service": "qoper8d as a daemon, over its Unix socket",
+    "seed": "the seed's workload: 256 workers, a 10 ms blocking sleep each",
 }
 #: Pool families with start-up and latency figures, in table order: (prefix, label).
 FAMILIES = (
@@ -38,6 +49,18 @@ FAMILIES = (
     ("pebble", "pebble.ProcessPool (fork)"),
     ("qoper8d", "qoper8d (forkserver)"),
 )
+
+
+def who(suite: str, name: str, fig: Figure) -> str:
+    """ "ours", "peer" or "bound": who a figure measures (its colour family in the chart)."""
+    said = fig.get("who")
+    if said in PALETTE:
+        return str(said)
+    if suite == "physical":
+        return "bound"
+    if suite == "baselines" or name.startswith(_PEER_PREFIXES):
+        return "peer"
+    return "ours"
 
 
 def fmt(value: Any) -> str:
@@ -130,6 +153,8 @@ def markdown(report: dict[str, Any], source: str, chart: str | None) -> str:
     else:
         lines += ["No target could be evaluated from the suites run.", ""]
     lines += _qoper8_section(report, figures)
+    lines += _latency_section(figures)
+    lines += _seed_section(figures)
     lines += _pools_section(report, figures)
     if chart:
         lines += ["## Throughput chart", "", f"![throughput of every pool]({chart})", ""]
@@ -163,7 +188,7 @@ def _qoper8_section(report: dict[str, Any], figures: dict[str, Figure]) -> list[
         "",
     ]
     rows = []
-    for size in range(1, 9):
+    for size in range(1, 11):
         ours = figures.get(f"sustained_size_{size}_rate")
         theirs = figures.get(f"qoper8_published_size_{size}_rate")
         ratio = "—"
@@ -195,6 +220,88 @@ def _qoper8_section(report: dict[str, Any], figures: dict[str, Figure]) -> list[
         lines += ["`max_batch_bytes` at 2 workers:", ""]
         lines += _table(["max_batch_bytes", "actions/s", "master CPU, us/action"], rows)
     return lines
+
+
+#: Each latency figure held against its floors: (label, figure, floors' prefix, ratio).
+LATENCIES = (
+    ("pool.run, idle, pinned (in process)", "idle_latency_pinned_p50", "idle_latency",
+     "idle_latency_vs_pingpong"),
+    ("Client.submit, idle daemon (over the socket)", "socket_latency_p50", "socket_latency",
+     "socket_latency_vs_pingpong"),
+)  # fmt: skip
+
+
+def _latency_section(figures: dict[str, Figure]) -> list[str]:
+    rows = [
+        [
+            label,
+            _value(figures, name),
+            _value(figures, f"{floors}_floor_blocking_p50"),
+            _value(figures, f"{floors}_floor_polled_p50"),
+            _value(figures, ratio),
+        ]
+        for label, name, floors, ratio in LATENCIES
+        if name in figures
+    ]
+    if not rows:
+        return []
+    return [
+        "## Latency beside its floors",
+        "",
+        "Each floor has its path's shape (in process: two processes pinned to two CPUs; over "
+        "the socket: client, relay, echo) and is measured both ways a process can wait, "
+        "blocking in `read` and polling; both in blocks alternating with the figure's own. "
+        "The ratio is to the better floor of each block (median of the blocks).",
+        "",
+        *_table(
+            ["path", "p50, us", "blocking floor, us", "polled floor, us", "/ better floor"],
+            rows,
+        ),
+    ]
+
+
+def _seed_section(figures: dict[str, Figure]) -> list[str]:
+    if "seed_qoper8d_rate" not in figures:
+        return []
+    rows = [
+        [
+            label,
+            _value(figures, f"seed_{key}_rate"),
+            _value(figures, f"seed_{key}_master_cpu"),
+            _value(figures, f"seed_{key}_worker_uss"),
+            _value(figures, f"seed_{key}_worker_pss"),
+            _value(figures, f"seed_{key}_startup")
+            if f"seed_{key}_startup" in figures
+            else _value(figures, f"seed_{key}_startup_stepwise"),
+        ]
+        for key, label in (
+            ("qoper8d", "qoper8d (fork server, defaults)"),
+            ("tuned", "qoper8d, idle_spin = 0, preload"),
+            ("mp", "multiprocessing.Pool (fork)"),
+            ("ppe", "ProcessPoolExecutor (fork)"),
+            ("bare_pipes", "bound: bare processes fed over pipes by an epoll loop"),
+        )
+        if f"seed_{key}_rate" in figures
+    ]
+    return [
+        "## The seed's workload: 256 workers, 10 ms blocking sleep",
+        "",
+        f"Ideal: {_value(figures, 'seed_ideal_rate')} actions/s (256 / 10 ms); qoper8d / "
+        f"ideal: {_value(figures, 'seed_vs_ideal')}. Start-up: every worker ready (qoper8d "
+        "in steps of 64 where all at once failed: see the error figures).",
+        "",
+        *_table(
+            [
+                "pool",
+                "actions/s",
+                "master CPU, us/action",
+                "idle worker USS, MiB",
+                "PSS, MiB",
+                "start-up, ms",
+            ],
+            rows,
+        ),
+    ]
 
 
 def _pools_section(report: dict[str, Any], figures: dict[str, Figure]) -> list[str]:
@@ -245,6 +352,53 @@ def _throughputs(report: dict[str, Any]) -> list[tuple[str, str, Figure]]:
 # -- the chart ---------------------------------------------------------------------------------
 
 
+def _bars(ax: Any, bars: list[tuple[str, float, str, str]], title: str, unit: str) -> None:
+    """Horizontal bars, log scale: (label, value, who, colour) each; ours in bold."""
+    y = list(range(len(bars)))
+    ax.barh(y, [b[1] for b in bars], color=[b[3] for b in bars], edgecolor="none")
+    ax.set_yticks(y, [b[0] for b in bars], fontsize=8.5)
+    for i, (_, value, kind, _colour) in enumerate(bars):
+        ax.text(value * 1.06, i, _short(value), va="center", fontsize=8)
+        if kind == "ours":
+            ax.get_yticklabels()[i].set_fontweight("bold")
+    ax.set_xscale("log")
+    if bars:
+        ax.set_xlim(min(b[1] for b in bars) / 2, max(b[1] for b in bars) * 3)
+    ax.set_xlabel(f"{unit} (log scale)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="x", which="both", alpha=0.25)
+    import matplotlib.pyplot as plt
+
+    present = [k for k in PALETTE if any(b[2] == k for b in bars)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=PALETTE[k][0]) for k in present]
+    ax.legend(handles, [WHO_NAMES[k] for k in present], loc="lower right", fontsize=8.5)
+
+
+def _colour(kind: str, suite: str, suites: list[str]) -> str:
+    shades = PALETTE[kind]
+    return shades[suites.index(suite) % len(shades)] if suite in suites else shades[0]
+
+
+def _latency_bars(figures: dict[str, Figure]) -> list[tuple[str, float, str, str]]:
+    bars: list[tuple[str, float, str, str]] = []
+    for label, name, floors, _ratio in LATENCIES:
+        if not is_number(figures.get(name, {}).get("value")):
+            continue
+        bars.append((label, float(figures[name]["value"]), "ours", PALETTE["ours"][0]))
+        for how, shade in (("blocking", 0), ("polled", 1)):
+            fig = figures.get(f"{floors}_floor_{how}_p50")
+            if fig is not None and is_number(fig["value"]):
+                bars.append(
+                    (f"  its {how} floor", float(fig["value"]), "bound", PALETTE["bound"][shade])
+                )
+    for prefix, label in FAMILIES:
+        fig = figures.get(f"{prefix}_latency_p50")
+        if fig is not None and is_number(fig["value"]):
+            kind = "ours" if prefix == "qoper8d" else "peer"
+            bars.append((f"{label}, unpinned", float(fig["value"]), kind, PALETTE[kind][1]))
+    return bars[::-1]
+
+
 def chart(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -252,121 +406,120 @@ def chart(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     suites = report.get("suites", {})
-    bars: list[tuple[str, float, str]] = []  # label, value, kind
-    for suite, name, fig in _throughputs(report):
+    names = list(suites)
+    figures = _all_figures(report)
+    bars: list[tuple[str, float, str, str]] = []
+    for suite, name, found in _throughputs(report):
         label = name.removesuffix("_rate")
         if suite == "engine":
             label = f"engine: {label}"
-        bars.append((label, float(fig["value"]), "qoper8d" if suite in QOPER8D_SUITES else suite))
+        kind = who(suite, name, found)
+        bars.append((label, float(found["value"]), kind, _colour(kind, suite, names)))
     bars.sort(key=lambda b: b[1])
-    colours = {"qoper8d": "#d95f02", "baselines": "#7570b3", "physical": "#bbbbbb"}
-    names = {"qoper8d": "qoper8d", "baselines": "Python's pools", "physical": "physical bound"}
+    latency = _latency_bars(figures)
     table = suites.get("qoper8_table", {})
+    seed = suites.get("seed", {})
+    seed_bars = [
+        (label, float(seed[f"seed_{key}_rate"]["value"]), kind, PALETTE[kind][0])
+        for key, label, kind in (
+            ("qoper8d", "qoper8d, 256 workers", "ours"),
+            ("tuned", "qoper8d, idle_spin 0, preload", "ours"),
+            ("ppe", "ProcessPoolExecutor(256)", "peer"),
+            ("mp", "multiprocessing.Pool(256)", "peer"),
+            ("bare_pipes", "bare: pipes + epoll", "bound"),
+            ("ideal", "ideal: 256 / 10 ms", "bound"),
+        )
+        if is_number(seed.get(f"seed_{key}_rate", {}).get("value"))
+    ]
 
-    panels = 2 if table else 1
-    heights = [max(4.0, 0.32 * len(bars) + 1.2)] + ([4.2] if table else [])
+    heights = [max(4.0, 0.32 * len(bars) + 1.2)]
+    if latency:
+        heights.append(0.32 * len(latency) + 1.6)
+    if table:
+        heights.append(4.2)
+    if seed_bars:
+        heights.append(0.4 * len(seed_bars) + 1.4)
     fig, axes = plt.subplots(
-        panels, 1, figsize=(10, sum(heights) + 0.6), gridspec_kw={"height_ratios": heights}
+        len(heights), 1, figsize=(10, sum(heights) + 0.6), gridspec_kw={"height_ratios": heights}
     )
-    axes = list(axes) if panels > 1 else [axes]
-    ax = axes[0]
-    y = range(len(bars))
-    ax.barh(
-        list(y),
-        [b[1] for b in bars],
-        color=[colours.get(b[2], "#999999") for b in bars],
-        hatch=None,
-        edgecolor="none",
-    )
-    ax.set_yticks(list(y), [b[0] for b in bars], fontsize=8.5)
-    for i, (_, value, kind) in enumerate(bars):
-        ax.text(value * 1.06, i, _short(value), va="center", fontsize=8)
-        if kind == "qoper8d":
-            ax.get_yticklabels()[i].set_fontweight("bold")
-    ax.set_xscale("log")
-    if bars:
-        ax.set_xlim(min(b[1] for b in bars) / 2, max(b[1] for b in bars) * 3)
-    ax.set_xlabel("actions/s (log scale)")
+    axes = list(axes) if len(heights) > 1 else [axes]
     m = report.get("machine", {})
     quick = " — quick run" if report.get("quick") else ""
-    ax.set_title(
+    panel = iter(axes)
+    _bars(
+        next(panel),
+        bars,
         f"Throughput of the trivial action, 2 workers ({m.get('cpus')} cores, "
         f"Python {m.get('python', '')}){quick}",
-        fontsize=11,
+        "actions/s",
     )
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, color=colours[k])
-        for k in ("qoper8d", "baselines", "physical")
-        if any(b[2] == k for b in bars)
-    ]
-    labels = [
-        names[k] for k in ("qoper8d", "baselines", "physical") if any(b[2] == k for b in bars)
-    ]
-    ax.legend(handles, labels, loc="lower right", fontsize=8.5)
-    ax.grid(axis="x", which="both", alpha=0.25)
-
+    if latency:
+        _bars(
+            next(panel),
+            latency,
+            "Idle latency p50 beside its floors (blocking and polled, in its path's shape)",
+            "microseconds",
+        )
     if table:
-        ax = axes[1]
-        sizes = [
-            s
-            for s in range(1, 9)
-            if is_number(table.get(f"sustained_size_{s}_rate", {}).get("value"))
-        ]
-        ours = [table[f"sustained_size_{s}_rate"]["value"] for s in sizes]
-        ax.plot(
-            sizes,
-            ours,
-            "o-",
-            color=colours["qoper8d"],
-            label=f"qoper8d here ({m.get('cpus')} cores)",
+        _table_panel(next(panel), table, m)
+    if seed_bars:
+        _bars(
+            next(panel),
+            seed_bars,
+            "The seed's workload: 256 workers, a 10 ms blocking sleep each",
+            "actions/s",
         )
-        published = sorted(
-            (int(k.split("_")[3]), f["value"])
-            for k, f in table.items()
-            if k.startswith("qoper8_published_size_")
-        )
-        if published:
-            ax.plot(
-                [p[0] for p in published],
-                [p[1] for p in published],
-                "s--",
-                color="#1b9e77",
-                markersize=8,
-                label="Q-Oper8 published (4 CPUs, Node.js 0.4)",
-            )
-        for s, v in zip(sizes, ours, strict=True):
-            ax.annotate(
-                _short(v),
-                (s, v),
-                textcoords="offset points",
-                xytext=(0, 7),
-                ha="center",
-                fontsize=8,
-            )
-        for s, v in published:
-            ax.annotate(
-                _short(v),
-                (s, v),
-                textcoords="offset points",
-                xytext=(0, -14),
-                ha="center",
-                fontsize=8,
-            )
-        ax.set_xticks(range(1, 9))
-        ax.set_xlabel("pool size (worker processes)")
-        ax.set_yscale("log")
-        values = ours + [p[1] for p in published]
-        if values:
-            ax.set_ylim(min(values) / 3, max(values) * 3)
-        ax.set_ylabel("actions/s (log scale)")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short(v)))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_title("Q-Oper8's table: sustained throughput by pool size", fontsize=11)
-        ax.legend(fontsize=8.5, loc="best")
-        ax.grid(alpha=0.25)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _table_panel(ax: Any, table: dict[str, Figure], m: dict[str, Any]) -> None:
+    import matplotlib
+
+    sizes = [
+        s for s in range(1, 11) if is_number(table.get(f"sustained_size_{s}_rate", {}).get("value"))
+    ]
+    ours = [table[f"sustained_size_{s}_rate"]["value"] for s in sizes]
+    ax.plot(
+        sizes, ours, "o-", color=PALETTE["ours"][0], label=f"qoper8d here ({m.get('cpus')} cores)"
+    )
+    published = sorted(
+        (int(k.split("_")[3]), f["value"])
+        for k, f in table.items()
+        if k.startswith("qoper8_published_size_")
+    )
+    if published:
+        ax.plot(
+            [p[0] for p in published],
+            [p[1] for p in published],
+            "s--",
+            color=PALETTE["peer"][0],
+            markersize=7,
+            label="Q-Oper8 published (4 CPUs, Node.js 0.4)",
+        )
+    for points, offset in ((list(zip(sizes, ours, strict=True)), 7), (published, -14)):
+        for s, v in points:
+            ax.annotate(
+                _short(v),
+                (s, v),
+                textcoords="offset points",
+                xytext=(0, offset),
+                ha="center",
+                fontsize=8,
+            )
+    ax.set_xticks(range(1, 11))
+    ax.set_xlabel("pool size (worker processes)")
+    ax.set_yscale("log")
+    values = ours + [p[1] for p in published]
+    if values:
+        ax.set_ylim(min(values) / 3, max(values) * 3)
+    ax.set_ylabel("actions/s (log scale)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short(v)))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_title("Q-Oper8's table: sustained throughput by pool size, all ten rows", fontsize=11)
+    ax.legend(fontsize=8.5, loc="best")
+    ax.grid(alpha=0.25)
 
 
 def _short(value: float) -> str:

@@ -145,26 +145,35 @@ def run(quick: bool) -> dict[str, Figure]:
         )
     # Three processes (client, daemon, worker) share two CPUs, and where the scheduler puts
     # them at a daemon's start moves this figure by up to a third: three daemon starts,
-    # five blocks each, alternating with the ping-pong.
+    # five blocks each, alternating with the three-process floors.
     cpus = sorted(os.sched_getaffinity(0))
     ratios: list[float] = []
+    floors: list[dict[str, float]] = []
     ours: list[float] = []
     block_size = max(500, n_latency // 5)
     for _ in range(LATENCY_STARTS):
         with daemon() as (path, _pid):
             for _ in range(5):
-                ping = physical.pickle_pingpong(cpus[0], cpus[-1], block_size)
+                floor = physical.floors("relay", block_size, cpus)
                 block = _latency(path, block_size)
                 ours += block
-                ratios.append(median(block) / median(ping))
+                floors.append(floor)
+                ratios.append(median(block) / physical.better_floor("relay", floor))
     out["socket_latency_p50"] = figure(
-        median(ours) * 1e6, "us", "one Client.submit at a time on an idle daemon"
+        median(ours) * 1e6, "us", "one Client.submit at a time on an idle daemon", who="ours"
     )
     out["socket_latency_p99"] = figure(percentile(ours, 99) * 1e6, "us", "the same, p99")
+    out |= physical.floor_figures(
+        "socket_latency",
+        "relay",
+        floors,
+        f"the {len(floors)} blocks alternating with those",
+    )
     out["socket_latency_vs_pingpong"] = figure(
         median(ratios),
         "x",
-        "idle submit p50 over the socket / cross-CPU pipe ping-pong p50, "
+        "idle submit p50 over the socket / the better of the blocking and the polled "
+        "three-process relay p50 in the same block, "
         f"median of {LATENCY_STARTS} daemon starts x 5 alternating blocks",
     )
     say_figures(out)
