@@ -333,10 +333,12 @@ def test_memory_of_cancelled_queued_actions_is_released(short_tmp: Path) -> None
             after_rounds.append(rss_mib(d.proc.pid))
         gate.touch()
         assert keeper.receive() is not None
-        # glibc may keep freed memory for reuse, about a round's worth; what must not
-        # happen is growth round after round (45 MB each when the actions were kept).
+        # glibc may keep freed memory for reuse, a round's worth or two, and when it stops
+        # growing depends on the machine's timing; what must not happen is growth round
+        # after round (45 MB each when the actions were kept): over the last three rounds,
+        # less than one round's worth in all.
         assert max(after_rounds) - after_rounds[0] < 100, after_rounds
-        assert after_rounds[-1] - after_rounds[2] < 30, after_rounds
+        assert after_rounds[-1] - after_rounds[-3] < 45, after_rounds
 
 
 # -- 8. half-close -------------------------------------------------------------------------------
