@@ -3,11 +3,14 @@ a handler's exception (bounded text).
 
 Both are made to cost the bulk path nothing it can measure. Durations are counted where
 they are measured, in the worker, into a list indexed by a bit length (one clock read and
-one increment an action) and sent as one `Timed` frame per batch, whatever its length: just
-before the answer that ends the batch, so a batch's last outcome never overtakes its
-timings, and mid-batch at most every `wire.REPORT_INTERVAL` seconds. An action's duration
-runs from the end of its predecessor's (or from the batch's arrival) to its answer being
-ready: its handler, the encoding of its result, and the write of the answer before it.
+one increment an action) and sent as one `Timed` frame in front of the worker's first
+answer `wire.REPORT_INTERVAL` seconds or more after its previous one: not per batch, which
+an idle pool answering one action at a time would pay for on every answer (an idle round
+trip was 25-50% slower so). The counts trail the outcomes by that much of each worker's
+work; a worker that goes idle reports its last ones with its next answer. An action's
+duration runs from the end of its predecessor's (or from the batch's arrival) to its
+answer being ready: its handler, the encoding of its result, and the write of the answer
+before it.
 
 `progress(value)` is for handlers. The value is encoded and checked at once (so a bad one
 raises in the handler), then sent at once unless the worker sent one less than
@@ -108,14 +111,17 @@ class Reports:
         "running",
         "since",
         "thread",
+        "total",
     )
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
         #: Actions since the last `Timed`, by the bit length of their whole microseconds.
         self.counts = [0] * _BITS
-        #: The clock (ns) when the actions counted in `counts` began.
+        #: The clock (ns) when the batch running began, or its last flush, whichever is later.
         self.since = 0
+        #: Nanoseconds the actions counted in `counts` ran, but for the batch running.
+        self.total = 0
         #: The clock (ns) past which the next answer carries a `Timed` frame: 0 while a
         #: progress value is pending, so that it goes out no later than that answer.
         self.report_at = 0
@@ -133,11 +139,17 @@ class Reports:
         _current = self
 
     def start(self, now: int) -> None:
-        """A batch starts at `now` (every earlier count was flushed with its last answer)."""
+        """A batch starts at `now`. Counts from earlier batches may still wait for their
+        `Timed` frame: it goes with the first answer past `report_at`, so a worker answering
+        one action at a time writes one every 50 ms, not one per answer."""
         self.since = now
-        if not self.pending:
-            self.report_at = now + _INTERVAL_NS
         self.running = True
+
+    def end(self, now: int) -> None:
+        """The batch that started last ended at `now` (its last answer written)."""
+        self.total += now - self.since
+        self.since = now
+        self.running = False
 
     def flush(self, now: int) -> bytes:
         """The frames to write before the next answer: the pending progress value, if any,
@@ -149,8 +161,9 @@ class Reports:
             merged[bucket] = merged.get(bucket, 0) + counts[bits]
         counts[:] = _ZEROS
         pairs = [x for bucket in sorted(merged) for x in (bucket, merged[bucket])]
-        out = self.pending + wire.encode_timed(now - self.since, pairs)
+        out = self.pending + wire.encode_timed(self.total + now - self.since, pairs)
         self.pending = b""
+        self.total = 0
         self.since = now
         self.report_at = now + _INTERVAL_NS
         return out

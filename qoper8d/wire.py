@@ -192,8 +192,9 @@ class Timed(_Message, tag=30):
     nanoseconds in all, and `counts` as flat pairs `[bucket, actions, bucket, actions,
     ...]`, `bucket` an index into `DURATION_BOUNDS` (its length for actions longer than
     every bound). A worker counts each action where it times it and sends one `Timed` just
-    before the answer that ends a batch (so a batch's last outcome never overtakes its
-    timings), and one mid-batch at most every `REPORT_INTERVAL` seconds."""
+    before its first answer `REPORT_INTERVAL` seconds or more after the previous one (or at
+    once when a progress value waits): never a frame of its own, and not one per batch,
+    which a pool answering one action at a time would pay for on every answer."""
 
     total: int
     counts: list[int]

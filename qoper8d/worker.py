@@ -333,9 +333,8 @@ class _Runner:
         counts = self.reports.counts
         clock = time.perf_counter_ns
         reports = self.reports
-        last = batch.actions[-1]
         actions = iter(batch.actions)
-        quick = clock()
+        now = quick = clock()
         reports.start(quick)
         quick += 4000
         fast = 0  # actions in the first bucket (up to 4 us) not yet in `counts`
@@ -357,11 +356,12 @@ class _Runner:
             budget -= len(frame)
             if budget < 0:
                 counts[0] += fast
+                fast = 0
                 self.last(frame, actions, now)
                 break
-            # The batch's last answer carries its timings (the same object earlier in the
-            # batch, a small int say, flushes early: harmless).
-            if now < reports.report_at and action is not last:
+            # Timings go with the first answer past `report_at` (every 50 ms at most, or
+            # at once when a progress value waits), never a frame of their own.
+            if now < reports.report_at:
                 write(frame)
             else:
                 counts[0] += fast
@@ -372,7 +372,8 @@ class _Runner:
                 fast = 0
                 if check_rss():
                     break
-        reports.running = False
+        counts[0] += fast
+        reports.end(now)
         self.after_batch()
 
     async def run_async(self, batch: wire.Batch) -> None:
@@ -381,20 +382,18 @@ class _Runner:
         budget = self.batch_budget
         reports = self.reports
         clock = time.perf_counter_ns
-        left = len(batch.actions)
         actions = iter(batch.actions)
-        then = clock()
+        now = then = clock()
         reports.start(then)
         for action in actions:
             frame = await self._answer_async(action)
             now = clock()
             reports.counts[((now - then - 1) // 1000).bit_length()] += 1
             then = now
-            left -= 1
             budget -= len(frame)
-            if self._written(frame, budget, actions, now, left):
+            if self._written(frame, budget, actions, now):
                 break
-        reports.running = False
+        reports.end(now)
         self.after_batch()
 
     async def _answer_async(self, action: Any) -> bytes:
@@ -406,14 +405,13 @@ class _Runner:
             return _report.raised(exc)
         return self.answer(result)
 
-    def _written(self, frame: bytes, budget: int, rest: Iterator[Any], now: int, left: int) -> bool:
-        """Write an action's answer (answered at `now`, `left` more in the batch), with
-        `budget` left after it; True if the batch stops here (`run_sync` does the same
-        inline)."""
+    def _written(self, frame: bytes, budget: int, rest: Iterator[Any], now: int) -> bool:
+        """Write an action's answer (answered at `now`), with `budget` left after it; True
+        if the batch stops here (`run_sync` does the same inline)."""
         if budget < 0:
             self.last(frame, rest, now)
             return True
-        if left and now < self.reports.report_at:
+        if now < self.reports.report_at:
             self.channel.write(frame)
         else:
             self.channel.write(self.reports.flush(now) + frame)
