@@ -8,7 +8,7 @@ CONFIG ?= etc/qoper8.toml
 # Re-install when the project's metadata changes.
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck format bench clean chromium
+.PHONY: run test check lint typecheck format bench clean chromium redis redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/qoper8d --config $(CONFIG)
 
-test: $(STAMP) check chromium
+test: $(STAMP) check chromium redis-server
 	$(BIN)/python -m pytest -q
 
 # The browser test drives Debian's chromium (Playwright's own download is not used); as root
@@ -30,6 +30,19 @@ chromium:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
 		{ apt-get -y install chromium || { apt-get update && apt-get -y install chromium; }; } \
 		|| echo "chromium could not be installed: the browser test will be skipped"; }
+
+# The cluster tests start real redis-servers of their own: Debian's, installed if missing
+# (with sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null || $(SUDO) apt-get -y install redis-server || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get -y install redis-server; }
+
+# A local Redis for `[cluster]` nodes (etc/node-a.toml, etc/node-b.toml), in the foreground:
+# loopback only, its append-only file in .redis/ so that accepted work survives a restart.
+redis: redis-server
+	mkdir -p .redis
+	redis-server --bind 127.0.0.1 --port 6379 --dir $(CURDIR)/.redis --appendonly yes --save ""
 
 check: lint typecheck
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from bench import (
     baselines,
+    cluster,
     engine,
     faults,
     memory,
@@ -61,6 +62,7 @@ SUITES: dict[str, Callable[[bool], dict[str, Figure]]] = {
     "qoper8_table": qoper8_table.run,
     "faults": faults.run,
     "seed": seed.run,
+    "cluster": cluster.run,
     # In a fresh interpreter of its own, so the suites before it do not skew its RSS.
     "memory": memory.run,
 }
@@ -92,6 +94,14 @@ TARGETS: list[tuple[str, str, str | None, str, float, str]] = [
      "idle submit p50 over the socket / the better of the blocking and polled 3-process floors"),
     ("pipelining_default", "pipelining_worst_ratio", None, ">=", 0.9,
      "the clients' default window / the best fixed window, worst of sizes, results, clients"),
+    ("cluster_vs_celery", "cluster_map_rate", "celery_group_rate", ">=", 50.0,
+     "bulk through two cluster nodes / Celery prefork on the same Redis"),
+    ("cluster_latency_vs_raw", "cluster_latency_p50", "cluster_raw_round_trip_p50", "<=", 1.5,
+     "cluster submit p50 / raw XADD-XREADGROUP-reply round trip p50"),
+    ("cluster_soak_lost", "cluster_soak_lost", None, "<=", 0.0,
+     "three nodes, one SIGKILLed every 2 s: submits lost or failed"),
+    ("cluster_soak_answered", "cluster_soak_slowest", None, "<=", 6.0,
+     "the same: slowest answer, s (2 x claim_idle + 2)"),
     ("master_rss_bounded", "master_rss_growth", None, "<=", 5.0,
      "master RSS growth over 1,000,000 trivial actions through pool.map, %"),
     ("seed_throughput", "seed_vs_ideal", None, ">=", 0.9,

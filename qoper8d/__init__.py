@@ -14,10 +14,12 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 2 | `daemon` `ctl` | the service in one trio run; qoper8ctl's commands |
 | 2 | `_submit` | qoper8ctl submit's stream: NDJSON in, results in order out, a bar |
 | 3 | `control` `_http` | the control socket's server and its ops; the operators' HTTP |
+| 4 | `_node` | a cluster node: submits into the shared stream, its entries onto the pool |
 | 4 | `_connection` | one client of the socket, as the server sees it |
 | 4 | `client` `_aclient` | the clients: blocking, async (anyio) |
 | 4 | `_protocol` `_ops` `_connect` | their sans-IO protocol; each op once; finding the socket |
 | 5 | `pool` | open_pool() and Pool: the API over the engine and the supervisor |
+| 5 | `_link` | a node's connection to Redis, reconnecting with backoff |
 | 6 | `_supervise` | slots: start, watch, replace and stop workers |
 | 6 | `_classic` `_map` `_calls` | Q-Oper8's API and sessions; map; run |
 | 7 | `_engine` | the lifecycle, the queue, dispatch, answers |
@@ -30,11 +32,13 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 11 | `_policy` `_fds` `_socketfile` | restart policy; descriptors; the socket's file |
 | 11 | `_output` `_wakeup` | workers' output; a task parked for sync code to wake |
 | 11 | `_chunks` | output waiting as byte chunks, sent a prefix at a time |
+| 11 | `_streams` | the cluster's keys, entry and reply formats, Lua scripts |
 | 11 | `_systemd` | readiness, the watchdog and the socket systemd hands over |
 | 11 | `_console` | log events for people: short lines, blocks, no raw control characters |
 | 11 | `_window` | how many of a map's submits are in flight: fixed, or learnt |
 | worker | `worker` `zygote` | the child processes: stdlib, msgspec, setproctitle, wire, errors |
 | worker | `_check` | --check-config's throwaway worker: a worker's start, setup included |
+| worker | `_report` | what a worker reports besides results: durations, progress, errors |
 """
 
 from __future__ import annotations
@@ -63,20 +67,24 @@ from qoper8d.errors import (
     RestartIntensityExceeded,
     ShuttingDown,
     TooLarge,
+    Unavailable,
     UnknownOp,
     WorkerLost,
     WorkerStartError,
 )
 
 if TYPE_CHECKING:
+    from qoper8d._report import progress
     from qoper8d.client import Client, open_client
     from qoper8d.config import PoolConfig, SupervisorConfig
     from qoper8d.pool import Pool, Session, open_pool
     from qoper8d.stats import PoolStatistics, WorkerStatistics
+    from qoper8d.wire import MAX_PROGRESS_BYTES
 
 from qoper8d._version import __version__
 
 __all__ = [
+    "MAX_PROGRESS_BYTES",
     "AccessDenied",
     "ActionCancelled",
     "ActionError",
@@ -104,6 +112,7 @@ __all__ = [
     "ShuttingDown",
     "SupervisorConfig",
     "TooLarge",
+    "Unavailable",
     "UnknownOp",
     "WorkerLost",
     "WorkerStartError",
@@ -111,6 +120,7 @@ __all__ = [
     "__version__",
     "open_client",
     "open_pool",
+    "progress",
 ]
 
 _LAZY = {
@@ -123,6 +133,9 @@ _LAZY = {
     "WorkerStatistics": "qoper8d.stats",
     "Client": "qoper8d.client",
     "open_client": "qoper8d.client",
+    # A worker's module: a handler importing it imports no trio.
+    "progress": "qoper8d._report",
+    "MAX_PROGRESS_BYTES": "qoper8d.wire",
 }
 
 

@@ -7,6 +7,7 @@ events for the ids they want.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from collections.abc import (
@@ -57,10 +58,10 @@ class _AsyncConnection:
             self.wake.set()
 
     async def wait(self, rid: RequestId) -> None:
-        """Until the response to `rid` is in; raises the connection's failure if it ends
-        first."""
+        """Until the response to `rid` (or a progress value for it) is in; raises the
+        connection's failure if it ends first."""
         protocol = self.protocol
-        while rid not in protocol.responses:
+        while rid not in protocol.responses and rid not in protocol.reports:
             if protocol.failure is not None:
                 raise again(protocol.failure)
             event = self.wakers[rid] = anyio.Event()
@@ -193,7 +194,9 @@ class AsyncClient:
                 self._conn = self._serve(await _connect_stream(self.path, self.timeout))
             return self._conn
 
-    async def _call(self, request: _ops.Request[T]) -> T:
+    async def _call(
+        self, request: _ops.Request[T], on_progress: Callable[[Any], Any] | None = None
+    ) -> T:
         op, body = request
         conn = await self._connection()
         protocol = conn.protocol
@@ -203,7 +206,10 @@ class AsyncClient:
         answered = False
         try:
             with anyio.fail_after(timeout):
-                await conn.wait(rid)
+                if on_progress is None:
+                    await conn.wait(rid)
+                else:
+                    await _watch(conn, rid, on_progress)
             answered = True
         except TimeoutError:
             raise _connect.timed_out(self.path, timeout) from None
@@ -218,10 +224,18 @@ class AsyncClient:
         return await self._call(_ops.hello())
 
     async def submit(
-        self, action: Any, *, timeout: float | None = None, max_attempts: int | None = None
+        self,
+        action: Any,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        on_progress: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """See `Client.submit`. Cancelling the caller cancels the action."""
-        return await self._call(_ops.submit(action, timeout, max_attempts))
+        """See `Client.submit` (`on_progress` may be async here). Cancelling the caller
+        cancels the action."""
+        if on_progress is None:
+            return await self._call(_ops.submit(action, timeout, max_attempts))
+        return await self._call(_ops.submit(action, timeout, max_attempts, True), on_progress)
 
     def map(
         self,
@@ -327,3 +341,22 @@ async def open_client(
             tasks.cancel_scope.cancel()
     if error is not None:
         raise error
+
+
+async def _watch(conn: _AsyncConnection, rid: RequestId, on_progress: Callable[[Any], Any]) -> None:
+    """Until the response to `rid` is in, calling `on_progress` for each progress value
+    on the way (the latest one read, each time the caller gets to it)."""
+    protocol = conn.protocol
+    reports = protocol.reports
+    protocol.watched.add(rid)
+    try:
+        while True:
+            await conn.wait(rid)
+            if rid not in reports:
+                return
+            reported = on_progress(reports.pop(rid))
+            if inspect.isawaitable(reported):
+                await reported
+    finally:
+        protocol.watched.discard(rid)
+        reports.pop(rid, None)

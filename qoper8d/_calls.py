@@ -9,30 +9,39 @@ when the caller leaves. Everything here goes through the engine's public surface
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import trio
 
 from qoper8d._channel import read_some
 from qoper8d._engine import Engine
 from qoper8d._handle import WorkerHandle
-from qoper8d._jobs import Job, Waiter, encode_action, encode_json
+from qoper8d._jobs import Job, Waiter, decode_json, encode_action, encode_json
 
-__all__ = ["run", "run_borrowed"]
+__all__ = ["OnProgress", "run", "run_borrowed"]
+
+#: `pool.run`'s `on_progress`: called with each progress value (decoded), may be async.
+OnProgress = Callable[[Any], Any]
 
 #: Seconds the idle fast path polls for its answer before it lets other tasks run.
 _QUICK_SPIN = 0.00003
 
 
-async def run(engine: Engine, action: Any, timeout: float | None) -> Any:
+async def run(
+    engine: Engine, action: Any, timeout: float | None, on_progress: OnProgress | None = None
+) -> Any:
     """`pool.run`: the action's result, or its error outcome raised."""
     try:
         payload = encode_json(action)
     except (TypeError, ValueError, OverflowError, RecursionError):
         payload = encode_action(action)  # raises BadRequest, with the reason
+    if on_progress is not None:
+        return await _run_watched(engine, payload, timeout, on_progress)
     waiter = Waiter()
     job = engine.accept(payload, waiter, None, timeout)
     worker = engine.borrowable()
@@ -44,6 +53,50 @@ async def run(engine: Engine, action: Any, timeout: float | None) -> Any:
         return waiter.outcome()
     engine.enqueue(job)
     await waiter.wait(lambda: engine.cancel(job))
+    return waiter.outcome()
+
+
+class _Watched(Waiter):
+    """The sink of a `pool.run` with `on_progress`: its outcome, and the latest progress
+    value the caller has not seen yet (coalesced here too: latest wins)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: msgspec.Raw | None = None
+
+    def progress(self, job: Job, value: msgspec.Raw) -> None:
+        self.value = value
+        self.wakeup.wake()
+
+
+async def _run_watched(
+    engine: Engine, payload: bytes, timeout: float | None, on_progress: OnProgress
+) -> Any:
+    # Always through the queue: on the idle fast path this task would be reading answers,
+    # not running the callback.
+    waiter = _Watched()
+    job = engine.accept(payload, waiter, None, timeout)
+    engine.enqueue(job)
+    try:
+        while True:
+            value = waiter.value
+            if value is not None:
+                # Before the outcome, so the last value reported is always passed on.
+                waiter.value = None
+                reported = on_progress(decode_json(value))
+                if inspect.isawaitable(reported):
+                    await reported
+            elif waiter.done:
+                break
+            else:
+                await waiter.wakeup.wait()
+    except BaseException:
+        if not waiter.done:
+            engine.cancel(job)  # cancelled, or the callback raised: the action goes too
+        raise
+    await trio.lowlevel.checkpoint()
     return waiter.outcome()
 
 

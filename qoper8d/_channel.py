@@ -75,8 +75,9 @@ async def read(
 
 
 def collect(worker: WorkerHandle, on_data: OnData) -> None:
-    """Read whatever `worker` has written, without waiting (all of it, after its exit)."""
-    while worker.busy and not worker.unsent:
+    """Read whatever `worker` has written, without waiting (all of it, after its exit).
+    Nothing more once it broke the protocol: what follows in its stream is in doubt too."""
+    while worker.busy and not worker.unsent and worker.doom != "protocol error":
         room = worker.frames.buffer()
         try:
             n = os.readv(worker.rfd, [room])

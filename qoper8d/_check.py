@@ -105,6 +105,9 @@ def _run_hooks(spec: wire.WorkerSpec, handlers: _Handlers, name: str) -> str | N
         module = started[-1] if started else "?"
         line = f"{_key(spec, module)}: {module}.{name}() raised {kind}: {message}"
         return line.replace("\n", " ")
+    except SystemExit as exc:  # a worker would exit before it could report ready
+        module = started[-1] if started else "?"
+        return f"{_key(spec, module)}: {module}.{name}() exited (SystemExit {exc.code!r})"
     return None
 
 

@@ -67,6 +67,8 @@ class Request(msgspec.Struct, frozen=True):
     target: int | str | None = None
     size: int | None = None
     grace: float | None = None
+    #: A submit that wants `{"id": ..., "progress": ...}` lines before its answer.
+    progress: bool = False
 
 
 class _Id(msgspec.Struct):
@@ -132,6 +134,11 @@ class Connection:
         self.progress_at = 0.0
         #: Submits still waiting for their outcome, by the JSON text of their id.
         self.pending: dict[bytes, Job] = {}
+        #: The ids of pending submits that asked for progress lines.
+        self.watching: set[bytes] = set()
+        #: Progress lines held back while answers wait to be sent, the latest per id (at
+        #: most one per running action; counted in `unsent`).
+        self.coalesced: dict[bytes, bytes] = {}
         #: The client may still be sent answers (False once it is gone or given up on).
         self.open = True
         #: Its queued actions are held: it has `max_unsent_bytes` waiting.
@@ -146,7 +153,8 @@ class Connection:
 
     def result(self, job: Job, payload: msgspec.Raw, worker: Any) -> None:
         self.pending.pop(job.tag, None)
-        self.send(b'{"id":%b,"ok":true,"result":%b}\n' % (job.tag, payload))
+        line = b'{"id":%b,"ok":true,"result":%b}\n' % (job.tag, payload)
+        self.send(self._unwatch(job.tag) + line if self.watching else line)
 
     def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Any) -> None:
         pop = self.pending.pop
@@ -154,11 +162,47 @@ class Connection:
         for job, payload in zip(jobs, payloads, strict=True):
             pop(job.tag, None)
             lines.append(b'{"id":%b,"ok":true,"result":%b}\n' % (job.tag, payload))
+        if self.watching:
+            lines[:0] = map(self._unwatch, [job.tag for job in jobs])
         self.send(b"".join(lines))
 
     def error(self, job: Job, err: ActionError, worker: Any) -> None:
         self.pending.pop(job.tag, None)
-        self.send(error_line(job.tag, err.to_wire()))
+        line = error_line(job.tag, err.to_wire())
+        self.send(self._unwatch(job.tag) + line if self.watching else line)
+
+    def progress(self, job: Job, value: msgspec.Raw) -> None:
+        """The handler of `job` reported `value`: a line for the client if it asked, sent
+        at once when nothing else waits to be sent, else held back as the latest for its
+        id until what waits is written (so a slow reader gets one line per action, not one
+        per report). The line held back goes out just before the submit's answer."""
+        tag = job.tag
+        if tag not in self.watching or not self.open:
+            return
+        line = b'{"id":%b,"progress":%b}\n' % (tag, value)
+        if not self.out:
+            self.send(line)
+            return
+        held = self.coalesced.get(tag)
+        if held is not None:
+            self.unsent -= len(held)
+        self.coalesced[tag] = line
+        self.unsent += len(line)
+        if self.unsent >= self.max_unsent and not self.held:
+            self.held = True
+            self.front.hold(self)
+
+    def watch(self, tag: bytes) -> None:
+        """The submit of id `tag` asked for progress lines."""
+        self.watching.add(tag)
+
+    def _unwatch(self, tag: bytes) -> bytes:
+        """The submit of id `tag` has its answer: the progress line held back for it (b""
+        if none), to be sent just before that answer."""
+        self.watching.discard(tag)
+        held = self.coalesced.pop(tag, b"")
+        self.unsent -= len(held)
+        return held
 
     # -- writing -----------------------------------------------------------------------
 
@@ -235,6 +279,12 @@ class Connection:
         rest = consume(out, count)
         if rest:
             out[0] = out[0][rest:]
+        if not out and self.coalesced:
+            # What waited is written: the progress lines held back behind it go next.
+            lines = b"".join(self.coalesced.values())
+            self.coalesced.clear()
+            self.unsent -= len(lines)
+            self.send(lines)
         if self.held and self.unsent < self.max_unsent // 2:
             self.held = False
             self.front.release(self)
@@ -286,6 +336,8 @@ class Connection:
             self.open = False
             self.out.clear()
             self.unsent = 0
+            self.watching.clear()
+            self.coalesced.clear()
             if self.pending:
                 self.front.withdraw(self)
                 self.pending.clear()

@@ -45,6 +45,7 @@ from qoper8d._wakeup import Wakeup
 from qoper8d.config import PoolConfig
 from qoper8d.errors import BadRequest, BadResult, PoolClosed, QueueFull, ShuttingDown
 from qoper8d.monitor import relay
+from qoper8d.stats import DurationCounts
 
 __all__ = ["Engine", "State"]
 
@@ -85,6 +86,8 @@ class Engine:
         self.submitted = 0
         #: Answers read from workers (results and handler errors alike).
         self.answers = 0
+        #: How long actions ran, as the workers counted them.
+        self.durations = DurationCounts()
         #: Sessions waiting for a worker of their own, first come first served.
         self.reservations: deque[_Reservation] = deque()
         self.pacer = Pacer(self.collect, self._paced)
@@ -427,6 +430,11 @@ class Engine:
             if not chunk:
                 return
             joined = wire.join_done(chunk)
+            if joined is None and (split := wire.split_timed(chunk)) is not None:
+                # A read that ends a batch: its answers and the batch's timings.
+                chunk, timed = split
+                self.durations.add_frames(timed)
+                joined = wire.join_done(chunk)
             try:
                 if joined is not None:
                     # Only answers, as in bulk: deliver them all in one call per sink,
@@ -538,6 +546,15 @@ class Engine:
                     self.dispatch()
             if kind is wire.Retire:
                 worker.ask_retire(m.reason)
+        elif kind is wire.Progress:
+            job = inflight[pos]  # none running: IndexError, a protocol violation
+            if len(m.value) > wire.MAX_PROGRESS_BYTES:
+                raise wire.ProtocolError(f"a progress value of {len(m.value)} bytes")
+            report = getattr(job.sink, "progress", None)
+            if report is not None:
+                report(job, m.value)
+        elif kind is wire.Timed:
+            self.durations.add(m)
         elif kind is wire.Log:
             relay(log, m.level, m.event, m.fields, slot=worker.slot, pid=worker.pid)
         else:
@@ -566,25 +583,11 @@ class Engine:
         if not self.accepting:
             self._check_quiet()
 
-    # -- time limits -----------------------------------------------------------------------
-
     def arm(self, worker: WorkerHandle) -> None:
+        """Set the worker's timer (`Outcomes.watch_deadline`) to its running action's limit."""
         timer = worker.timer
         if timer is not None:
             timer.deadline = worker.deadline()
-
-    async def watch_deadline(self, worker: WorkerHandle, *, task_status: Any) -> None:
-        """The worker's timer task: stops it when its running action passes its limit."""
-        while True:
-            with trio.CancelScope(deadline=worker.deadline()) as timer:
-                worker.timer = timer
-                task_status.started()
-                task_status = trio.TASK_STATUS_IGNORED
-                await trio.sleep_forever()
-            worker.timer = None
-            if not worker.dead and trio.current_time() >= worker.deadline():
-                self.outcomes.time_out(worker)
-                return
 
 
 class _Reservation:

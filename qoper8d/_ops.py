@@ -103,9 +103,13 @@ def submit_fields(timeout: float | None, max_attempts: int | None) -> bytes:
     return fields
 
 
-def submit(action: Any, timeout: float | None, max_attempts: int | None) -> Request[Any]:
+def submit(
+    action: Any, timeout: float | None, max_attempts: int | None, progress: bool = False
+) -> Request[Any]:
     no_fields = timeout is None and max_attempts is None  # the usual case: spare it a call
     fields = b"" if no_fields else submit_fields(timeout, max_attempts)
+    if progress:
+        fields += b',"progress":true'
     return _SUBMIT, b'"op":"submit"%b,"action":%b' % (fields, _encode(action))
 
 

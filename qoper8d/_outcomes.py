@@ -15,8 +15,10 @@ passes in; it stops a worker only through the `stop` the engine gives it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import structlog
+import trio
 
 from qoper8d import wire
 from qoper8d._handle import Discard, Doom, WorkerHandle
@@ -217,6 +219,19 @@ class Outcomes:
         )
         job.sink = self.discard
         self.stop(worker, "timeout")
+
+    async def watch_deadline(self, worker: WorkerHandle, *, task_status: Any) -> None:
+        """The worker's timer task: stops it when its running action passes its limit."""
+        while True:
+            with trio.CancelScope(deadline=worker.deadline()) as timer:
+                worker.timer = timer
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio.sleep_forever()
+            worker.timer = None
+            if not worker.dead and trio.current_time() >= worker.deadline():
+                self.time_out(worker)
+                return
 
     def protocol_violation(self, worker: WorkerHandle, why: str) -> None:
         # Its protocol state is in doubt: never reuse it.

@@ -57,6 +57,8 @@ class Response(msgspec.Struct):
     ok: bool = False
     result: Any = None
     error: dict[str, Any] | None = None
+    #: Set on a progress line (`{"id": ..., "progress": ...}`), which is no response.
+    progress: Any = msgspec.UNSET
 
 
 _decode_responses = msgspec.json.Decoder(Response).decode_lines
@@ -151,10 +153,12 @@ class ClientProtocol:
         "probe_sent",
         "received",
         "received_bytes",
+        "reports",
         "responses",
         "rtt",
         "sent",
         "wanted",
+        "watched",
     )
 
     def __init__(
@@ -173,6 +177,8 @@ class ClientProtocol:
         self.decoder = _LineDecoder(path)
         self.wanted: set[RequestId] = set()  # ids whose responses are kept
         self.responses: dict[RequestId, Response] = {}  # kept responses, to be claimed
+        self.watched: set[RequestId] = set()  # submits that asked for progress lines
+        self.reports: dict[RequestId, Any] = {}  # the latest progress value of each, unclaimed
         self.failure: Qoper8Error | None = None
         self.closing = False
 
@@ -255,9 +261,14 @@ class ClientProtocol:
         wanted = self.wanted
         if wanted:
             kept = self.responses
+            watched = self.watched
             for response in responses:
                 rid = response.id
                 if rid in wanted:
+                    if watched and response.progress is not msgspec.UNSET:
+                        if rid in watched:
+                            self.reports[rid] = response.progress  # coalesced: latest wins
+                        continue
                     wanted.discard(rid)
                     kept[rid] = response
             probe = self.probe_id

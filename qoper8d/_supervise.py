@@ -18,6 +18,8 @@ run `teardown()` and exit. One slot recycles at a time.
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from typing import Any, Literal
 
 import msgspec
@@ -34,6 +36,7 @@ from qoper8d._process import ExitStatus, Launcher, stop_worker
 from qoper8d.config import SupervisorConfig
 from qoper8d.errors import RestartIntensityExceeded, WorkerStartError
 from qoper8d.monitor import relay
+from qoper8d.stats import RECENT_EXITS, WorkerExit
 
 __all__ = ["Slot", "Supervisor"]
 
@@ -117,6 +120,8 @@ class Supervisor:
         self.intensity = RestartIntensity(config)
         self.restarts = 0
         self.failure: BaseException | None = None
+        #: The last `RECENT_EXITS` worker exits, oldest first (for operators' views).
+        self.recent_exits: deque[WorkerExit] = deque(maxlen=RECENT_EXITS)
 
     def configure(self, config: SupervisorConfig) -> None:
         """Use new settings from now on; crash history and backoff streaks carry over."""
@@ -189,7 +194,7 @@ class Supervisor:
         engine = self.engine
         try:
             async with trio.open_nursery() as tasks:
-                await tasks.start(engine.watch_deadline, worker)
+                await tasks.start(engine.outcomes.watch_deadline, worker)
                 await tasks.start(engine.read, worker)
                 engine.add_worker(worker)
                 task_status.started()
@@ -409,12 +414,22 @@ class Supervisor:
         doing, crashed = engine.worker_exited(worker, status)
         slot.left(worker)
         worker.exited_as(crashed)
+        reason = worker.doom or ("shutdown" if engine.stopping else "crash")
+        self.recent_exits.append(
+            WorkerExit(
+                slot=slot.index,
+                pid=worker.pid,
+                exit=status.signal_name or status.exit_code,
+                reason=reason,
+                at=time.time(),
+            )
+        )
         (log.error if crashed else log.info)(
             "worker.exit",
             slot=slot.index,
             pid=worker.pid,
             **status.details(),
-            reason=worker.doom or ("shutdown" if engine.stopping else "crash"),
+            reason=reason,
             doing=doing or "idle",
             ran_for=round(trio.current_time() - worker.ready_at, 3),
         )

@@ -30,7 +30,7 @@ from qoper8d.ctl import (
     format_status,
     status_problems,
 )
-from qoper8d.errors import ConfigError, RestartIntensityExceeded, WorkerStartError
+from qoper8d.errors import ConfigError, RestartIntensityExceeded, Unavailable, WorkerStartError
 
 __all__ = [
     "CTL_DEGRADED",
@@ -68,6 +68,8 @@ EXIT_SOCKET = 4
 EXIT_WORKERS = 5
 #: Workers crashed faster than `supervisor.max_restarts` per `supervisor.restart_window`.
 EXIT_RESTARTS = 6
+#: `[cluster]`: Redis cannot be reached (or refuses) at start.
+EXIT_CLUSTER = 7
 #: Interrupted before the daemon was up (Ctrl-C during start-up).
 EXIT_INTERRUPTED = 130
 
@@ -196,6 +198,9 @@ def _run_daemon(config: Config, path: Path | None, overrides: Overrides) -> int:
     except RestartIntensityExceeded as exc:
         log.critical("daemon.restart_intensity_exceeded", error=exc.message)
         return EXIT_RESTARTS
+    except Unavailable as exc:
+        log.error("daemon.cluster_unavailable", error=exc.message)
+        return EXIT_CLUSTER
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_OK

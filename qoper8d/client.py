@@ -209,15 +209,20 @@ class Client:
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
 
-    def _call(self, request: _ops.Request[T]) -> T:
+    def _call(
+        self, request: _ops.Request[T], on_progress: Callable[[Any], object] | None = None
+    ) -> T:
         op, body = request
         conn = self._connection()
         protocol = conn.protocol
         rid = protocol.send(body)
         try:
-            ready = partial(protocol.responses.__contains__, rid)
-            if not conn.pump(ready, self._deadline() if op.bounded else None):
-                raise _connect.timed_out(self.path, self.timeout)
+            if on_progress is None:
+                ready = partial(protocol.responses.__contains__, rid)
+                if not conn.pump(ready, self._deadline() if op.bounded else None):
+                    raise _connect.timed_out(self.path, self.timeout)
+            else:
+                self._watch(conn, rid, on_progress)
         except BaseException:
             # Timed out, lost, or interrupted (Ctrl-C): an interrupted submit is cancelled,
             # as a cancelled one is in the async client.
@@ -226,6 +231,22 @@ class Client:
             raise
         return protocol.outcome(rid, op)
 
+    def _watch(self, conn: _Connection, rid: int, on_progress: Callable[[Any], object]) -> None:
+        """Pump until the response to `rid` is in, calling `on_progress` for each progress
+        value on the way (the latest one read, each time the caller gets to it)."""
+        protocol = conn.protocol
+        reports = protocol.reports
+        protocol.watched.add(rid)
+        try:
+            while True:
+                conn.pump(lambda: rid in protocol.responses or rid in reports, None)
+                if rid not in reports:
+                    return
+                on_progress(reports.pop(rid))
+        finally:
+            protocol.watched.discard(rid)
+            reports.pop(rid, None)
+
     # -- operations --------------------------------------------------------------------
 
     def hello(self) -> dict[str, Any]:
@@ -233,14 +254,23 @@ class Client:
         return self._call(_ops.hello())
 
     def submit(
-        self, action: Any, *, timeout: float | None = None, max_attempts: int | None = None
+        self,
+        action: Any,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        on_progress: Callable[[Any], object] | None = None,
     ) -> Any:
         """Run one action and return its result, or raise its error outcome.
 
         `timeout` limits how long it may *run* (0: no limit; default `pool.action_timeout`);
-        `max_attempts` overrides `pool.max_attempts` for it.
+        `max_attempts` overrides `pool.max_attempts` for it. `on_progress(value)` is called
+        here for what its handler reports with `qoper8d.progress()` (best-effort,
+        coalesced: the latest wins; the last one before the result).
         """
-        return self._call(_ops.submit(action, timeout, max_attempts))
+        if on_progress is None:
+            return self._call(_ops.submit(action, timeout, max_attempts))
+        return self._call(_ops.submit(action, timeout, max_attempts, True), on_progress)
 
     def map(
         self,

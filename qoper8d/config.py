@@ -30,6 +30,7 @@ from qoper8d.errors import ConfigError
 
 __all__ = [
     "HANDLER_PATTERN",
+    "ClusterConfig",
     "Config",
     "HandlerName",
     "HttpConfig",
@@ -136,7 +137,8 @@ class MonitorConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
 
     interval: PositiveSeconds = 30.0  # between pool snapshots
     silent_start: bool = False  # no start-up banner
-    log_format: Literal["auto", "json", "console"] = "auto"  # auto: JSON unless stderr is a tty
+    # auto: console lines on a tty or with FORCE_COLOR, JSON otherwise.
+    log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -213,6 +215,40 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+class ClusterConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[cluster]`: many nodes sharing one durable queue (a Redis stream), docs/cluster.md."""
+
+    backend: Literal["none", "redis"] = "none"  # "none": this node alone, Redis untouched
+    url: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^(redis|rediss)://[^\s]*$|^unix:///[^\s]*$",
+            extra={"expected": "a redis://, rediss:// or unix:///path URL"},
+        ),
+    ] = "redis://127.0.0.1:6379/0"
+    stream: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+            extra={"expected": "1 to 64 letters, digits, '_', '.' or '-'"},
+        ),
+    ] = "qoper8"  # the work stream, and its consumer group's name
+    node: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+            extra={"expected": "up to 64 letters, digits, '_', '.' or '-'"},
+        ),
+    ] = ""  # this node's consumer name; "": hostname-pid
+    claim_idle: Annotated[float, msgspec.Meta(ge=0.1, le=86400, extra={"unit": "seconds"})] = 30.0
+    max_deliveries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    result_ttl: Annotated[float, msgspec.Meta(ge=1, le=30 * 86400, extra={"unit": "seconds"})] = (
+        300.0
+    )
+    # Actions a node takes beyond one per worker, so that it is never idle between reads.
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole file: one field per section, each defaulting to its section's defaults."""
 
@@ -221,6 +257,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
 
 # The sections in file order, from `Config` itself so a new section cannot be forgotten here.

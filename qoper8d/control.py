@@ -22,7 +22,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from operator import attrgetter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
@@ -45,6 +45,9 @@ from qoper8d.errors import (
     UnknownOp,
 )
 from qoper8d.pool import Pool
+
+if TYPE_CHECKING:
+    from qoper8d._node import Node
 
 __all__ = ["OPS", "PROTOCOL", "ControlHooks", "ControlServer", "SocketInUse", "serve_control"]
 
@@ -83,8 +86,12 @@ class ControlHooks(Protocol):
 class ControlServer:
     """A running control socket, as `serve_control` reports it when it starts."""
 
-    def __init__(self, pool: Pool, hooks: ControlHooks, config: ServerConfig) -> None:
+    def __init__(
+        self, pool: Pool, hooks: ControlHooks, config: ServerConfig, node: Node | None = None
+    ) -> None:
         self.pool = pool
+        #: With `[cluster]`: submits go to the shared stream through it, not to the pool.
+        self.node = node
         self.hooks = hooks
         self.config = config
         self.allowed = {os.getuid(), 0, *config.allowed_uids}
@@ -236,6 +243,10 @@ class ControlServer:
     async def submit_direct(self, conn: Connection, request: Request) -> None:
         """A lone submit on an idle pool: this task runs it on a worker and answers it."""
         id_json = _encode(request.id)
+        if self.node is not None:
+            self.handle(conn, request)
+            return
+        watched = False
         try:
             _check_submit(conn, request, id_json)
             job = self.pool.accept(
@@ -246,9 +257,14 @@ class ControlServer:
                 max_attempts=request.max_attempts,
             )
             conn.pending[id_json] = _ANSWERING
+            if request.progress:
+                conn.watch(id_json)
+                watched = True
             await self.pool.run_here(job)
         except (RequestError, ActionError) as exc:
             conn.pending.pop(id_json, None)
+            if watched:
+                conn.watching.discard(id_json)
             conn.send(error_line(id_json, exc.to_wire()))
             return
         if id_json in conn.pending:  # not answered yet: it was queued, or is being retried
@@ -257,7 +273,7 @@ class ControlServer:
     def submit_all(self, conn: Connection, requests: list[Request]) -> bool:
         # The check is a pass over the requests; handling them one by one costs ten times
         # that in calls per request.
-        if not all(map(_plain_submit, requests)):
+        if self.node is not None or not all(map(_plain_submit, requests)):
             return False
         ids = list(map(_encode, map(_id_of, requests)))
         pending = conn.pending
@@ -277,7 +293,10 @@ class ControlServer:
         self.pool.release(conn)
 
     def withdraw(self, conn: Connection) -> None:
-        self.pool.withdraw(conn)
+        if self.node is not None:
+            self.node.withdraw(conn)
+        else:
+            self.pool.withdraw(conn)
 
     async def serve_changes(self) -> None:
         """Run resizes, reloads and drains one at a time, in the order they came (whichever
@@ -341,6 +360,7 @@ def _plain_submit(request: Request) -> bool:
         and request.action is not msgspec.UNSET
         and request.timeout is None
         and request.max_attempts is None
+        and not request.progress
     )
 
 
@@ -356,10 +376,15 @@ def _check_submit(conn: Connection, request: Request, id_json: bytes) -> None:
 
 def _submit(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
     _check_submit(conn, request, id_json)
+    if server.node is not None:
+        server.node.submit(conn, id_json, request.action, request.timeout, request.max_attempts)
+        return
     job = server.pool.accept(
         request.action, conn, id_json, timeout=request.timeout, max_attempts=request.max_attempts
     )
     conn.pending[id_json] = job
+    if request.progress:
+        conn.watch(id_json)
     server.pool.enqueue(job)
 
 
@@ -376,7 +401,10 @@ def _cancel(server: ControlServer, conn: Connection, request: Request, id_json: 
         raise BadRequest("cancel needs a target: the id of an earlier submit")
     job = conn.pending.get(_encode(request.target))
     if job is not None:
-        server.pool.cancel(job)
+        if server.node is not None:
+            server.node.cancel(job)
+        else:
+            server.pool.cancel(job)
     conn.send(result_line(id_json, {"cancelled": job is not None}))
 
 
@@ -419,6 +447,7 @@ async def serve_control(
     pool: Pool,
     hooks: ControlHooks,
     config: ServerConfig,
+    node: Node | None = None,
     *,
     inherited: socket.socket | None = None,
     task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED,
@@ -434,7 +463,7 @@ async def serve_control(
     group = group_id(config.socket_group)
     secure_directory(path.parent, group)
     held = lock(path)
-    server = ControlServer(pool, hooks, config)
+    server = ControlServer(pool, hooks, config, node)
     identity = -1
     try:
         async with trio.open_nursery() as nursery:

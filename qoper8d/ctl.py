@@ -160,6 +160,12 @@ def _ctl_parser() -> argparse.ArgumentParser:
         help="on a malformed line: report it, print an error line in its place, carry on "
         "(exit 2 at the end)",
     )
+    submit.add_argument(
+        "--progress",
+        action="store_true",
+        help="print the handler's progress reports on stderr, one JSON value a line "
+        "(with ACTION_JSON only)",
+    )
     submit.set_defaults(run=_ctl_submit)
 
     scale = commands.add_parser("scale", parents=[common], help="change the number of workers")
@@ -198,6 +204,9 @@ def ctl_main(argv: list[str] | None = None) -> int:
     from qoper8d.client import Client, resolve_socket_path
     from qoper8d.errors import ConnectError, Forbidden, NotRunning, Qoper8Error
 
+    if args.command == "submit" and args.progress and args.action is None:
+        _complain("--progress needs ACTION_JSON (actions from stdin report no progress)")
+        return CTL_USAGE
     if args.command == "submit" and args.action is not None:
         # A usage error is reported as one, whether or not a daemon is there to ask.
         try:
@@ -274,6 +283,8 @@ def status_problems(snapshot: dict[str, Any]) -> list[str]:
         for w in snapshot.get("workers", [])
         if w.get("pid") is None or w.get("state") not in ("idle", "busy")
     )
+    if snapshot.get("cluster", {}).get("connected") is False:
+        problems.append("the cluster node has lost Redis")
     return problems
 
 
@@ -286,6 +297,15 @@ def format_status(snapshot: dict[str, Any]) -> str:
         f"idle), {s.get('queued')} queued, {s.get('restarts')} restarts, "
         f"up {_duration(s.get('uptime'))}"
     ]
+    cluster = s.get("cluster") or {}
+    if cluster.get("backend") == "redis":
+        lines.append(
+            f"cluster: node {cluster.get('node')}, "
+            f"{'connected' if cluster.get('connected') else 'NOT CONNECTED'} to "
+            f"{cluster.get('url')}, {len(cluster.get('nodes') or [])} nodes live, "
+            f"{cluster.get('waiting')} waiting, {cluster.get('pending')} taken, "
+            f"{cluster.get('dead')} dead"
+        )
     header = ("slot", "pid", "state", "actions", "restarts", "uptime", "rss")
     rows = [header]
     for w in s.get("workers", []):
@@ -340,7 +360,10 @@ def _ctl_submit(client: Client, args: argparse.Namespace) -> int:
         return submit_stream(client, args)
     try:
         result = client.submit(
-            args.action, timeout=args.action_timeout, max_attempts=args.max_attempts
+            args.action,
+            timeout=args.action_timeout,
+            max_attempts=args.max_attempts,
+            on_progress=_print_progress if args.progress else None,
         )
     except (ActionError, RequestError) as exc:
         sys.stdout.write(msgspec.json.encode({"error": exc.to_wire()}).decode() + "\n")
@@ -350,6 +373,10 @@ def _ctl_submit(client: Client, args: argparse.Namespace) -> int:
     sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     sys.stdout.flush()
     return CTL_OK
+
+
+def _print_progress(value: Any) -> None:
+    _complain(f"progress: {msgspec.json.encode(value).decode()}")
 
 
 # -- the rest ----------------------------------------------------------------------------------

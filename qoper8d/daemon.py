@@ -44,6 +44,7 @@ from qoper8d.pool import Pool, open_pool
 
 if TYPE_CHECKING:
     from qoper8d._http import HttpServer
+    from qoper8d._node import Node
 
 __all__ = ["Daemon", "config_changes"]
 
@@ -73,6 +74,20 @@ def _bind_http(config: Config) -> socket.socket:
     return bind_http(config.http)
 
 
+@asynccontextmanager
+async def _cluster_link(cfg: Config) -> AsyncIterator[Any]:
+    """With `[cluster] backend = "redis"`: the connection to Redis, made before any worker
+    starts (`Unavailable`, exit 7, if it cannot be). Otherwise None, and nothing imported."""
+    if cfg.cluster.backend == "none":
+        yield None
+        return
+    from qoper8d._link import open_link
+    from qoper8d._node import node_name
+
+    async with open_link(cfg.cluster, node_name(cfg.cluster)) as link:
+        yield link
+
+
 class Daemon:
     """Runs the service until it is told to stop. `run()` raises what prevents a start:
     `WorkerStartError`, `SocketInUse`; and `RestartIntensityExceeded` if the pool fails."""
@@ -92,6 +107,7 @@ class Daemon:
         self._pool: Pool | None = None
         self._control: ControlServer | None = None
         self._http: HttpServer | None = None
+        self._node: Node | None = None
         self._stop = trio.Event()
         self._grace: float | None = None
         self._graceful: trio.CancelScope | None = None
@@ -119,6 +135,7 @@ class Daemon:
             # Where the operators' listener is (its port, when `http.listen` asked for 0).
             "http": self._http.url if self._http else None,
         }
+        snapshot["cluster"] = self._node.status() if self._node else {"backend": "none"}
         return snapshot
 
     def _numbers(self) -> dict[str, int]:
@@ -251,6 +268,7 @@ class Daemon:
             preflight(cfg.server.socket_path(), group_id(cfg.server.socket_group))
         else:  # systemd's: server.socket only says where qoper8ctl --config looks
             log.info("daemon.socket_inherited", socket=self.socket, fd=self._listener.fileno())
+        self._systemd.notify(status=f"starting {cfg.pool.size} workers")
         # Bound before any worker starts, like the socket's checks: a taken port fails fast.
         http_socket = _bind_http(cfg) if cfg.http.listen else None
         try:
@@ -260,11 +278,19 @@ class Daemon:
                 http_socket.close()
 
     async def _serve_pool(self, cfg: Config, http_socket: socket.socket | None) -> None:
-        async with open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool:
+        async with (
+            _cluster_link(cfg) as link,
+            open_pool(config=cfg.pool, supervisor=cfg.supervisor) as pool,
+        ):
             self._pool = pool
             async with trio.open_nursery() as nursery:
+                if link is not None:
+                    from qoper8d._node import Node
+
+                    self._node = Node(link, pool, cfg.cluster)
+                    await nursery.start(self._node.serve)
                 serve = partial(serve_control, inherited=self._listener)
-                self._control = await nursery.start(serve, pool, self, cfg.server)
+                self._control = await nursery.start(serve, pool, self, cfg.server, self._node)
                 if http_socket is not None:
                     self._http = await nursery.start(self._serve_http, http_socket)
                 nursery.start_soon(
@@ -305,9 +331,18 @@ class Daemon:
         self._systemd.stopping(f"stopping: {grace:g} s for the work accepted to finish")
         if self._control is not None:
             self._control.refuse_changes()
+        node = self._node
+        if node is not None:
+            node.stop_taking()
         with trio.move_on_after(grace) as self._graceful:
             await pool.drain()
+            if node is not None:
+                await node.drained()
         await pool.stop(0)
+        if node is not None:
+            with trio.move_on_after(5):  # what the pool cut short: replies, entries put back
+                await node.drained(tickets=False)
+            node.give_up()
         # Every accepted action has its outcome now; make sure its client hears it.
         if self._control is not None:
             with trio.move_on_after(5):

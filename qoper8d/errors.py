@@ -14,7 +14,8 @@
     │   ├── BadRequest             bad_request
     │   ├── UnknownOp              unknown_op
     │   ├── TooLarge               too_large
-    │   └── Forbidden              forbidden
+    │   ├── Forbidden              forbidden
+    │   └── Unavailable            unavailable     the shared queue (Redis) cannot be reached
     ├── PoolError                  the pool itself cannot go on
     │   ├── WorkerStartError       worker_start_failed   handler import or setup() failed
     │   ├── RestartIntensityExceeded  restart_intensity  too many crashes in the window
@@ -168,6 +169,11 @@ class TooLarge(RequestError, code="too_large"):
 
 class Forbidden(RequestError, code="forbidden"):
     """The peer's uid is not allowed to use the socket."""
+
+
+class Unavailable(RequestError, code="unavailable"):
+    """The node cannot reach the shared queue (`[cluster]`, Redis): nothing was accepted,
+    unless the details say `in_doubt` (the connection was lost while the submit was sent)."""
 
 
 # -- the pool itself ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from qoper8d._engine import Engine
 from qoper8d._jobqueue import BATCH_RESULT_BYTES
 from qoper8d._jobs import Job, encode_action, encode_json
 from qoper8d._map import MapIterator
-from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher
+from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher, worker_environ
 from qoper8d._supervise import Supervisor
 from qoper8d.config import PoolConfig, SupervisorConfig, changes
 from qoper8d.errors import BadRequest, WorkerStartError, single_error
@@ -65,14 +65,24 @@ class Pool:
         """ "starting", "running", "draining", "stopping", "stopped" or "failed"."""
         return self._engine.state
 
-    async def run(self, action: Any, *, timeout: float | None = None) -> Any:
+    async def run(
+        self,
+        action: Any,
+        *,
+        timeout: float | None = None,
+        on_progress: Callable[[Any], Any] | None = None,
+    ) -> Any:
         """Run one action on a worker; return its result or raise its `ActionError`.
 
         `timeout` (seconds; 0 for none) overrides `pool.action_timeout`. Cancelling the call
         cancels the action: a queued one is removed, a running one's worker is replaced.
         Raises `QueueFull` at once when `pool.max_queue` actions are waiting already.
+        `on_progress(value)` (sync or async) runs in this task for what the handler reports
+        with `qoper8d.progress()`: best-effort, coalesced (latest wins), the last value
+        reported always before the outcome. If it raises, the action is cancelled and the
+        exception propagates.
         """
-        return await _calls.run(self._engine, action, timeout)
+        return await _calls.run(self._engine, action, timeout, on_progress)
 
     def map(
         self,
@@ -170,7 +180,10 @@ class Pool:
         return self._engine.withdraw(sink)
 
     def cancel(self, handle: Any) -> None:
-        """Cancel an accepted job (no-op once it has ended)."""
+        """Cancel an accepted job whose outcome its sink has not been given yet (a no-op for
+        one cancelled already). A front end knows which of its jobs are unanswered — its
+        sink was told nothing of them — and cancels only those: jobs keep no per-action mark
+        of having ended, which the bulk answer path would pay for on every action."""
         self._engine.cancel(handle)
 
     def add_to_queue(self, request: dict[str, Any], on_response: OnResponse) -> None:
@@ -351,6 +364,8 @@ class Pool:
             restarts=self._supervisor.restarts,
             uptime=now - self._started_at,
             workers=tuple(workers),
+            durations=engine.durations.snapshot(),
+            recent_exits=tuple(self._supervisor.recent_exits),
         )
 
 
@@ -467,6 +482,7 @@ def check_handlers(config: PoolConfig) -> list[str]:
     try:
         done = subprocess.run(
             command,
+            env=worker_environ(),  # it runs setup(): a worker in all but name
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

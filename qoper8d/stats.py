@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import msgspec
 
+from qoper8d.wire import DURATION_BOUNDS, ProtocolError, Timed
+
 __all__ = [
     "DURATION_BOUNDS",
     "OUTCOMES",
+    "RECENT_EXITS",
+    "DurationCounts",
     "Durations",
     "PoolStatistics",
     "WorkerExit",
@@ -27,19 +31,59 @@ OUTCOMES: tuple[str, ...] = (
     "shutting_down",
 )
 
-#: Upper bounds, in seconds, of the buckets that count how long actions ran on a worker:
-#: powers of two from 4 µs to about 33 s, then one bucket for everything longer.
-DURATION_BOUNDS: tuple[float, ...] = tuple(2**k / 1_000_000 for k in range(2, 26))
+
+_decode_timed = msgspec.json.Decoder(Timed).decode
 
 
 class Durations(msgspec.Struct, frozen=True, kw_only=True):
     """How long actions ran on a worker, as counts per bucket of `DURATION_BOUNDS`."""
 
     #: Actions per bucket (not cumulative): `len(DURATION_BOUNDS) + 1` counts, the last one
-    #: for actions longer than every bound. Empty until the first action is timed.
+    #: for actions longer than every bound (a pool's are always that many, zeros at first).
     counts: tuple[int, ...] = ()
     #: The sum of all timed actions' durations, in seconds.
     total: float = 0.0
+
+
+class DurationCounts:
+    """The pool's durations so far: the workers' `Timed` frames, merged as they come (a
+    batch's worth of counts at a time, never an action at a time)."""
+
+    __slots__ = ("counts", "total_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BOUNDS) + 1)
+        self.total_ns = 0
+
+    def add(self, timed: Timed) -> None:
+        """Merge one worker's frame; `ProtocolError` for one no honest worker sends (the
+        counts stay as they were)."""
+        pairs = timed.counts
+        counts = self.counts
+        if len(pairs) % 2 or len(pairs) > 2 * len(counts) or timed.total < 0:
+            raise ProtocolError(f"a malformed Timed frame: {len(pairs)} counts, {timed.total} ns")
+        buckets, actions = pairs[::2], pairs[1::2]
+        if not all(0 <= b < len(counts) for b in buckets) or not all(n > 0 for n in actions):
+            raise ProtocolError(f"a Timed frame with counts out of range: {pairs[:20]}")
+        for b, n in zip(buckets, actions, strict=True):
+            counts[b] += n
+        self.total_ns += timed.total
+
+    def add_frames(self, frames: list[bytes]) -> None:
+        """Merge `Timed` frames still undecoded (see `wire.split_timed`)."""
+        for frame in frames:
+            try:
+                timed = _decode_timed(frame)
+            except msgspec.DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            self.add(timed)
+
+    def snapshot(self) -> Durations:
+        return Durations(counts=tuple(self.counts), total=self.total_ns / 1e9)
+
+
+#: How many worker exits a pool remembers for `PoolStatistics.recent_exits`.
+RECENT_EXITS = 20
 
 
 class WorkerExit(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,8 +93,8 @@ class WorkerExit(msgspec.Struct, frozen=True, kw_only=True):
     slot: int
     #: Its pid.
     pid: int
-    #: Its exit code, or the name of the signal that ended it ("SIGKILL").
-    exit: int | str
+    #: Its exit code, or the name of the signal that ended it ("SIGKILL"); None if unknown.
+    exit: int | str | None
     #: Why it ended: "crash", "timeout", "cancelled", "retired", "stopped", ...
     reason: str
     #: When, in seconds since the epoch.
@@ -110,7 +154,7 @@ class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     workers: tuple[WorkerStatistics, ...]
     #: How long actions ran on workers, over the pool's life.
     durations: Durations = Durations()
-    #: The most recent worker exits, oldest first (a bounded few).
+    #: The most recent worker exits, oldest first: the last `RECENT_EXITS` (20).
     recent_exits: tuple[WorkerExit, ...] = ()
 
     @property

@@ -23,8 +23,10 @@ Master → worker: `Batch` (actions to run in order, one at a time), `Stop` (gra
 Worker → master: `Ready` (the handshake, after `setup()`), `StartFailed`, then exactly one of
 `Done` / `Raised` / `Unencodable` per action of a batch, in batch order, each written before
 the next action starts (so a dead worker's first unanswered action is the one that may have
-run), plus `Log` (the worker's own structured events), `Retire` (asks to be recycled) and
-`Cut` (the rest of this batch did not start: its results so far passed the batch's budget).
+run), plus `Log` (the worker's own structured events), `Retire` (asks to be recycled), `Cut`
+(the rest of this batch did not start: its results so far passed the batch's budget),
+`Timed` (how long the actions answered since the last `Timed` ran) and `Progress` (what
+the handler reported of the action now running: the next one to be answered).
 Handler output on stdout/stderr never touches the channel: it has descriptors of its own.
 """
 
@@ -35,7 +37,10 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "DURATION_BOUNDS",
     "MAX_FRAME",
+    "MAX_PROGRESS_BYTES",
+    "REPORT_INTERVAL",
     "Batch",
     "Cut",
     "Done",
@@ -43,6 +48,7 @@ __all__ = [
     "FromMaster",
     "FromWorker",
     "Log",
+    "Progress",
     "ProtocolError",
     "Raised",
     "RawBatch",
@@ -51,16 +57,33 @@ __all__ = [
     "Retire",
     "StartFailed",
     "Stop",
+    "Timed",
     "Unencodable",
     "WorkerSpec",
     "ZygoteSpec",
+    "bucket_of_bits",
+    "duration_bucket",
     "encode_batch",
     "encode_frame",
+    "encode_progress",
+    "encode_timed",
     "join_done",
+    "split_timed",
 ]
 
 #: The longest frame either side accepts; anything longer means the stream is corrupt.
 MAX_FRAME = 1 << 30
+#: The longest progress value (as JSON) a handler may report: a status, not a payload. A
+#: longer one raises `ValueError` in the handler; a `Progress` frame carrying one is a
+#: protocol error.
+MAX_PROGRESS_BYTES = 4096
+#: Seconds between a worker's unprompted reports: its `Timed` frames during a long batch,
+#: and the progress frames a handler's reports are coalesced into.
+REPORT_INTERVAL = 0.05
+
+#: Upper bounds, in seconds, of the buckets that count how long actions ran on a worker:
+#: powers of two from 4 µs to about 33 s, then one bucket for everything longer.
+DURATION_BOUNDS: tuple[float, ...] = tuple(2**k / 1_000_000 for k in range(2, 26))
 
 
 class ProtocolError(Exception):
@@ -158,6 +181,24 @@ class Cut(_Message, tag=17):
     The rest of the batch never started; the worker takes the next batch as usual."""
 
 
+class Progress(_Message, tag=19):
+    """The handler reported `value` (raw JSON text) on the action now running."""
+
+    value: msgspec.Raw
+
+
+class Timed(_Message, tag=30):
+    """How long the actions counted since the previous `Timed` ran on the worker: `total`
+    nanoseconds in all, and `counts` as flat pairs `[bucket, actions, bucket, actions,
+    ...]`, `bucket` an index into `DURATION_BOUNDS` (its length for actions longer than
+    every bound). A worker counts each action where it times it and sends one `Timed` just
+    before the answer that ends a batch (so a batch's last outcome never overtakes its
+    timings), and one mid-batch at most every `REPORT_INTERVAL` seconds."""
+
+    total: int
+    counts: list[int]
+
+
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker process needs to start, handed to it by the master."""
 
@@ -216,7 +257,19 @@ class ZygoteSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 FromMaster = Batch | Stop
-FromWorker = Ready | StartFailed | Done | Raised | Unencodable | Refused | Log | Retire | Cut
+FromWorker = (
+    Ready
+    | StartFailed
+    | Done
+    | Raised
+    | Unencodable
+    | Refused
+    | Log
+    | Retire
+    | Cut
+    | Progress
+    | Timed
+)
 ToZygote = Fork | Stop
 FromZygote = Ready | Forked | Exited | Log
 
@@ -236,6 +289,61 @@ def encode_batch(seq: int, actions: list[bytes]) -> bytes:
 def encode_done(result: bytes) -> bytes:
     """A `Done` frame from a result already encoded as JSON."""
     return b"[12,%b]\n" % result
+
+
+def encode_timed(total: int, counts: list[int]) -> bytes:
+    """A `Timed` frame (its fields as `Timed` has them)."""
+    return b"[30,%d,[%b]]\n" % (total, b",".join(b"%d" % n for n in counts))
+
+
+def encode_progress(value: bytes) -> bytes:
+    """A `Progress` frame from a value already encoded as JSON."""
+    return b"[19,%b]\n" % value
+
+
+def duration_bucket(ns: int) -> int:
+    """The bucket (an index into `DURATION_BOUNDS`, its length past every bound) of an
+    action that ran `ns` nanoseconds: exact to the nanosecond, in integers. A worker counts
+    `((ns - 1) // 1000).bit_length()`, the least `k` with `2**k` µs >= `ns`, and maps it
+    here (`bucket_of_bits`) once per batch rather than once per action."""
+    return bucket_of_bits(((ns - 1) // 1000).bit_length())
+
+
+def bucket_of_bits(bits: int) -> int:
+    """The bucket of actions a worker counted under `bits` (see `duration_bucket`): the
+    bound `2**bits` µs is `DURATION_BOUNDS[bits - 2]`; below 4 µs is the first bucket."""
+    return min(max(bits - 2, 0), len(DURATION_BOUNDS))
+
+
+_TIMED = b"[30,"
+_TIMED_SEAM = b"\n[30,"
+
+
+def _timed_after(chunk: bytes, offset: int) -> int:
+    """Where the first `Timed` frame after the newline at or past `offset` starts, or -1."""
+    at = chunk.find(_TIMED_SEAM, offset)
+    return at + 1 if at >= 0 else -1
+
+
+def split_timed(chunk: bytes) -> tuple[bytes, list[bytes]] | None:
+    """The complete frames of `chunk` without their `Timed` frames, and those (None if it
+    has none): what lets a read that ends a batch, its answers and one `Timed`, still take
+    `join_done`'s path. A frame starts `[30,` only if it is a `Timed` (no raw newline occurs
+    inside a frame, so `\\n[30,` is always a frame's start)."""
+    at = 0 if chunk.startswith(_TIMED) else _timed_after(chunk, 0)
+    if at < 0:
+        return None
+    rest: list[bytes] = []
+    timed: list[bytes] = []
+    start = 0
+    while at >= 0:
+        end = chunk.index(b"\n", at) + 1
+        rest.append(chunk[start:at])
+        timed.append(chunk[at:end])
+        start = end
+        at = _timed_after(chunk, end - 1)
+    rest.append(chunk[start:])
+    return b"".join(rest), timed
 
 
 _DONE_START = b"[12,"

@@ -31,13 +31,12 @@ import select
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
 
-from qoper8d import wire
+from qoper8d import _report, wire
 
 __all__ = [
     "EXIT_LOST_MASTER",
@@ -235,43 +234,12 @@ def arm_lifeline(fd: int) -> None:
 
 
 _DONE = b"[12,"
+#: (Moved to `_report`; kept here for those who import them from the worker.)
+MAX_TEXT = _report.MAX_TEXT
+_describe = _report.describe
 #: Bytes a `Done` frame adds to its result: `[12,` and `]\n`.
 _DONE_OVERHEAD = 6
 _END: Any = object()
-#: The most characters of an exception's message, and of its traceback, sent to the master.
-MAX_TEXT = 1 << 16
-
-
-def _describe(exc: BaseException) -> tuple[str, str, str]:
-    """An exception as type, message and traceback text: bounded, and never raising (a
-    handler's exception may have a `__str__` that raises, or be nested deeply)."""
-    kind = type(exc).__qualname__
-    try:
-        message = str(exc)
-    except Exception:
-        message = f"<{kind} whose str() raised>"
-    try:
-        text = "".join(traceback.format_exception(exc))
-    except Exception:
-        text = f"<the traceback of {kind} could not be formatted>"
-    return _cut(kind), _cut(message), _cut(text)
-
-
-def _cut(text: str) -> str:
-    """`text`, at most about `MAX_TEXT` characters of it, and only what UTF-8 can carry (a
-    lone surrogate is shown as an escape instead of failing the frame's encoding)."""
-    if len(text) > MAX_TEXT:
-        half = MAX_TEXT // 2
-        text = f"{text[:half]}\n[... {len(text) - MAX_TEXT} characters ...]\n{text[-half:]}"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _raised(exc: Exception) -> bytes:
-    return wire.encode_frame(wire.Raised(*_describe(exc)))
 
 
 def _rss_bytes() -> int:
@@ -295,6 +263,7 @@ class _Runner:
         self.check_rss: Callable[[], bool] | None = self._check_rss if self.max_rss else None
         #: It sent `Retire`: it runs nothing more and waits to be stopped.
         self.retired = False
+        self.reports = _report.Reports(channel.write)
 
     def _check_rss(self) -> bool:
         """True once the worker is over its memory limit: it has said so and stops here."""
@@ -302,7 +271,8 @@ class _Runner:
         if rss <= self.max_rss:
             return False
         # The rest of the batch is not run: the master puts it back on the queue and
-        # replaces this worker.
+        # replaces this worker. Its timings go first: the Retire ends the batch.
+        self.channel.write(self.reports.flush(time.perf_counter_ns()))
         self.channel.send(
             wire.Retire(
                 f"rss {rss >> 20} MiB over pool.max_worker_rss_mb ({self.max_rss >> 20} MiB)"
@@ -333,7 +303,7 @@ class _Runner:
         return frame
 
     def _unencodable(self, why: str) -> bytes:
-        return wire.encode_frame(wire.Unencodable(_cut(why)))
+        return wire.encode_frame(wire.Unencodable(_report.cut(why)))
 
     def split(self, batch: _PartialBatch) -> Iterator[wire.Batch]:
         """A batch with actions that could not be decoded: each of those is refused here,
@@ -360,33 +330,71 @@ class _Runner:
         pick = self.handlers.pick
         check_rss = self.check_rss
         budget = self.batch_budget
+        counts = self.reports.counts
+        clock = time.perf_counter_ns
+        reports = self.reports
+        last = batch.actions[-1]
         actions = iter(batch.actions)
+        quick = clock()
+        reports.start(quick)
+        quick += 4000
+        fast = 0  # actions in the first bucket (up to 4 us) not yet in `counts`
         for action in actions:
             try:
                 result = pick(action)(action)
             except Exception as exc:  # the handler's failure is the action's outcome
-                frame = _raised(exc)
+                frame = _report.raised(exc)
             else:
                 frame = answer(result)
+            # Timed here, counted here: one clock read and one comparison an action in
+            # bulk (`quick`: 4 us after the previous answer was ready).
+            now = clock()
+            if now <= quick:
+                fast += 1
+            else:
+                counts[((now - quick + 3999) // 1000).bit_length()] += 1
+            quick = now + 4000
             budget -= len(frame)
             if budget < 0:
-                self.last(frame, actions)
+                counts[0] += fast
+                self.last(frame, actions, now)
                 break
-            write(frame)
-            if check_rss is not None and check_rss():
-                break
+            # The batch's last answer carries its timings (the same object earlier in the
+            # batch, a small int say, flushes early: harmless).
+            if now < reports.report_at and action is not last:
+                write(frame)
+            else:
+                counts[0] += fast
+                fast = 0
+                write(reports.flush(now) + frame)
+            if check_rss is not None:
+                counts[0] += fast
+                fast = 0
+                if check_rss():
+                    break
+        reports.running = False
         self.after_batch()
 
     async def run_async(self, batch: wire.Batch) -> None:
         if self.retired:
             return
         budget = self.batch_budget
+        reports = self.reports
+        clock = time.perf_counter_ns
+        left = len(batch.actions)
         actions = iter(batch.actions)
+        then = clock()
+        reports.start(then)
         for action in actions:
             frame = await self._answer_async(action)
+            now = clock()
+            reports.counts[((now - then - 1) // 1000).bit_length()] += 1
+            then = now
+            left -= 1
             budget -= len(frame)
-            if self._written(frame, budget, actions):
+            if self._written(frame, budget, actions, now, left):
                 break
+        reports.running = False
         self.after_batch()
 
     async def _answer_async(self, action: Any) -> bytes:
@@ -395,23 +403,27 @@ class _Runner:
             if inspect.isawaitable(result):
                 result = await result
         except Exception as exc:  # the handler's failure is the action's outcome
-            return _raised(exc)
+            return _report.raised(exc)
         return self.answer(result)
 
-    def _written(self, frame: bytes, budget: int, rest: Iterator[Any]) -> bool:
-        """Write an action's answer, with `budget` left after it; True if the batch stops
-        here (`run_sync` does the same inline)."""
+    def _written(self, frame: bytes, budget: int, rest: Iterator[Any], now: int, left: int) -> bool:
+        """Write an action's answer (answered at `now`, `left` more in the batch), with
+        `budget` left after it; True if the batch stops here (`run_sync` does the same
+        inline)."""
         if budget < 0:
-            self.last(frame, rest)
+            self.last(frame, rest, now)
             return True
-        self.channel.write(frame)
+        if left and now < self.reports.report_at:
+            self.channel.write(frame)
+        else:
+            self.channel.write(self.reports.flush(now) + frame)
         return self.check_rss is not None and self.check_rss()
 
-    def last(self, frame: bytes, rest: Iterator[Any]) -> None:
-        """Write the answer that took the batch past its budget, and stop the batch there:
-        the actions left (if any) go back to the master (`Cut`), unless the worker is over
-        its memory limit and retires instead."""
-        self.channel.write(self.over_budget(frame))
+    def last(self, frame: bytes, rest: Iterator[Any], now: int) -> None:
+        """Write the answer that took the batch past its budget (and the timings up to
+        `now` before it), and stop the batch there: the actions left (if any) go back to the
+        master (`Cut`), unless the worker is over its memory limit and retires instead."""
+        self.channel.write(self.reports.flush(now) + self.over_budget(frame))
         if self.check_rss is None or not self.check_rss():
             self.cut(rest)
 
@@ -470,7 +482,7 @@ async def _serve_async(runner: _Runner, handlers: _Handlers, backend: str) -> in
 
 
 def _start_failed(channel: _Channel, exc: BaseException) -> int:
-    channel.send(wire.StartFailed(*_describe(exc)))
+    channel.send(wire.StartFailed(*_report.describe(exc)))
     return EXIT_START_FAILED
 
 
@@ -521,6 +533,7 @@ def serve(spec: wire.WorkerSpec) -> int:
     except Exception as exc:
         return _start_failed(channel, exc)
     runner = _Runner(spec, handlers, channel)
+    runner.reports.install()
     if handlers.is_async:
         backend = spec.async_backend
         return _run_async(lambda: _serve_async(runner, handlers, backend), backend)

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import structlog
 
+# The cluster tests' redis-server fixtures, one for the session and one per test.
+from tests.redis_fixtures import redis_own, redis_session  # noqa: F401
+
 PR_SET_CHILD_SUBREAPER = 36
 
 

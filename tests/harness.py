@@ -44,6 +44,7 @@ SNAPSHOT_FIELDS = {
     "durations",
     "recent_exits",
     "daemon",
+    "cluster",
 }
 
 

@@ -98,7 +98,8 @@ def test_unknown_key_without_a_close_match_has_no_hint(tmp_path: Path) -> None:
 def test_unknown_section(tmp_path: Path) -> None:
     path = write(tmp_path, "[widgets]\ncount = 1\n")
     assert errors_of(path) == [
-        f"{path}: widgets: unknown section (sections: pool, supervisor, server, monitor, http)"
+        f"{path}: widgets: unknown section "
+        "(sections: pool, supervisor, server, monitor, http, cluster)"
     ]
 
 
@@ -225,7 +226,14 @@ def test_dump_round_trips() -> None:
         config, server=config.server.replace(socket=str(default_socket_path()))
     )
     assert config_from_mapping(tomllib.loads(text)) == resolved
-    assert list(tomllib.loads(text)) == ["pool", "supervisor", "server", "monitor", "http"]
+    assert list(tomllib.loads(text)) == [
+        "pool",
+        "supervisor",
+        "server",
+        "monitor",
+        "http",
+        "cluster",
+    ]
 
 
 def test_dump_of_the_defaults_loads_again(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ CHILD_ALLOWED = {
     "qoper8d._version",
 }
 #: What the children import as the package itself: its face, run before any submodule.
-CHILDREN = {"worker", "zygote", "_check"}
+CHILDREN = {"worker", "zygote", "_check", "_report"}
 
 
 def floors() -> dict[str, int | str]:

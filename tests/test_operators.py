@@ -3,6 +3,8 @@ reloads that keep the command line's overrides and always say how they went."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pty
 import re
@@ -15,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import tomli_w
 import trio
 import trio.testing
 
 from qoper8d import monitor
 from qoper8d._console import ConsoleRenderer, snapshot_line
-from qoper8d.cli import CTL_FAILED, CTL_OK, EXIT_CONFIG, EXIT_OK, ctl_main
+from qoper8d.cli import CTL_FAILED, CTL_OK, EXIT_CONFIG, EXIT_OK, ctl_main, daemon_main
 from tests.harness import ROOT, Connection, Daemon, Event, base_config, running_daemon
 
 pytestmark = pytest.mark.timeout(60)
@@ -311,22 +314,28 @@ def test_no_color_and_force_color(short_tmp: Path) -> None:
 # -- --check-config runs what a worker runs before it is ready -----------------------------------
 
 
-def _check_config(tmp: Path, pool: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+@pytest.fixture
+def in_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the throwaway worker imports handlers/ from the current directory
+
+
+def _check_config(
+    capsys: pytest.CaptureFixture[str], tmp: Path, pool: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    """`qoper8d --check-config`, in this process (its throwaway worker is a process still)."""
     path = tmp / "check.toml"
     path.write_text(tomli_w.dumps({"pool": pool}))
-    return subprocess.run(
-        [sys.executable, "-m", "qoper8d", "--config", str(path), "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    code = daemon_main(["--config", str(path), "--check-config"])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([], code, out, err)
 
 
-def test_check_config_runs_setup_and_fails_on_one_line_when_it_raises(short_tmp: Path) -> None:
+@pytest.mark.usefixtures("in_root")
+def test_check_config_runs_setup_and_fails_on_one_line_when_it_raises(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = short_tmp / "check.toml"
-    done = _check_config(short_tmp, {"handler": "handlers.broken_setup:handle"})
+    done = _check_config(capsys, short_tmp, {"handler": "handlers.broken_setup:handle"})
     assert done.returncode == EXIT_CONFIG
     assert done.stderr == (
         f"{path}: pool.handler: handlers.broken_setup.setup() raised RuntimeError: "
@@ -334,33 +343,51 @@ def test_check_config_runs_setup_and_fails_on_one_line_when_it_raises(short_tmp:
     )
     # A route's module is set up too, and named by its key.
     done = _check_config(
+        capsys,
         short_tmp,
         {"handler": "handlers.echo:handle", "routes": {"boom": "handlers.broken_setup:handle"}},
     )
     assert done.returncode == EXIT_CONFIG
     assert done.stderr.startswith(f"{path}: pool.routes.boom: handlers.broken_setup.setup()")
+    # One that exits, or never returns, is named too.
+    done = _check_config(capsys, short_tmp, {"handler": "handlers.exiting_setup:handle"})
+    assert (done.returncode, done.stderr) == (
+        EXIT_CONFIG,
+        f"{path}: pool.handler: handlers.exiting_setup.setup() exited (SystemExit 3)\n",
+    )
+    done = _check_config(
+        capsys, short_tmp, {"handler": "handlers.hang_setup:handle", "start_timeout": 0.5}
+    )
+    assert (done.returncode, done.stderr) == (
+        EXIT_CONFIG,
+        f"{path}: pool.handler: importing it and its setup() took longer than "
+        "pool.start_timeout (0.5 s)\n",
+    )
     # A setup that succeeds (and its teardown) passes; an async module's runs on its loop.
-    done = _check_config(short_tmp, {"handler": "handlers.lifecycle:handle"})
+    done = _check_config(capsys, short_tmp, {"handler": "handlers.lifecycle:handle"})
     assert (done.returncode, done.stdout) == (EXIT_OK, f"{path}: ok\n"), done.stderr
 
 
-def test_check_config_notices_a_trio_route_under_asyncio(short_tmp: Path) -> None:
+@pytest.mark.usefixtures("in_root")
+def test_check_config_notices_a_trio_route_under_asyncio(
+    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = short_tmp / "check.toml"
     pool: dict[str, Any] = {
         "handler": "handlers.sleep:handle_async",  # anyio: fine on either loop
         "routes": {"t": "handlers.trio_only:handle"},
         "async_backend": "asyncio",
     }
-    done = _check_config(short_tmp, pool)
+    done = _check_config(capsys, short_tmp, pool)
     assert done.returncode == EXIT_CONFIG
     assert done.stderr == (
         f"{path}: pool.routes.t: 'handlers.trio_only:handle' is an async handler that calls "
         'trio, but pool.async_backend is "asyncio" (set it to "trio", or write it with anyio)\n'
     )
-    done = _check_config(short_tmp, {**pool, "async_backend": "trio"})
+    done = _check_config(capsys, short_tmp, {**pool, "async_backend": "trio"})
     assert done.returncode == EXIT_OK, done.stderr
     done = _check_config(
-        short_tmp, {"handler": "handlers.sleep:handle_async", "async_backend": "asyncio"}
+        capsys, short_tmp, {"handler": "handlers.sleep:handle_async", "async_backend": "asyncio"}
     )
     assert done.returncode == EXIT_OK, done.stderr
 
@@ -389,3 +416,22 @@ async def test_lines_past_the_backlog_are_dropped_and_counted_in_the_logs_own_fo
     tail = shown.decode().split("\n")[1:-1]
     assert tail[:5] == [f"line {i}" for i in range(5)], "the oldest lines are kept"
     assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} warning  log\.dropped lines=7", tail[5]), tail
+
+
+def test_log_format_json_wins_over_force_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    shown: dict[str, str] = {}
+    for log_format in ("json", "auto", "console"):
+        stream = io.StringIO()  # not a terminal
+        monitor.configure_logging(log_format, stream=stream)
+        structlog.get_logger().info("e", a=1)
+        shown[log_format] = stream.getvalue()
+    assert json.loads(shown["json"])["a"] == 1
+    assert "\x1b[" in shown["auto"]
+    assert shown["auto"] == shown["console"]
+    monkeypatch.setenv("NO_COLOR", "1")
+    stream = io.StringIO()
+    monitor.configure_logging("auto", stream=stream)
+    structlog.get_logger().info("e", a=1)
+    assert re.fullmatch(r"\S+ info     e a=1\n", stream.getvalue())

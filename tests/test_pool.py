@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from structlog.testing import capture_logs
 
 import qoper8d
 from qoper8d import SupervisorConfig, open_pool
+from qoper8d.stats import RECENT_EXITS
+from qoper8d.wire import DURATION_BOUNDS
 
 CRASH = "handlers.crash:handle"
 # Crash tests restart workers quickly and many times; nothing here is about backoff.
@@ -105,6 +108,10 @@ async def test_a_dying_worker_gives_worker_lost_with_its_exit(
             assert stats.workers[0].pid == new_pid
             assert stats.workers[0].restarts == 1
             assert stats.outcomes["worker_lost"] == 1
+            last = stats.recent_exits[-1]
+            assert (last.slot, last.pid, last.reason) == (0, pid, "crash")
+            assert last.exit == details.get("signal", details.get("exit_code"))
+            assert abs(last.at - time.time()) < 60
     exits = [e for e in logs if e["event"] == "worker.exit" and e["pid"] == pid]
     assert len(exits) == 1
     assert exits[0]["reason"] == "crash"
@@ -406,3 +413,72 @@ async def test_tasks_sharing_a_session_take_turns_in_call_order() -> None:
     assert order == [0, 1, 2, 3], "in call order"
     assert stats.outcomes["result"] == 4
     assert stats.restarts == 0
+
+
+def _at_or_past(seconds: float) -> int:
+    """The first bucket an action that ran at least `seconds` can land in."""
+    return next(k for k, bound in enumerate(DURATION_BOUNDS) if bound >= seconds)
+
+
+async def test_durations_count_each_action_in_its_bucket_as_its_worker_timed_it() -> None:
+    """Counted per action where it ran, merged per batch: a map's quick actions and three
+    known sleeps add up to what ran, each sleep at or past its own bucket (a slow machine
+    can only make them longer); batch means would put the sleeps' time on their
+    neighbours."""
+    sleeps = [0.005, 0.02, 0.1]
+    with trio.fail_after(30):
+        async with open_pool(CRASH, size=1) as pool:
+            assert pool.statistics().durations.counts == (0,) * (len(DURATION_BOUNDS) + 1)
+            actions = [{"mode": "ok", "n": i} for i in range(500)]
+            actions[100:100] = [{"mode": "ok", "sleep": s} for s in sleeps]
+            assert len([r async for r in pool.map(actions)]) == 503
+            for s in sleeps:
+                await pool.run({"mode": "ok", "sleep": s})
+            durations = pool.statistics().durations
+    counts = durations.counts
+    assert sum(counts) == 503 + 3, "every action counted once, none left behind"
+    for i, s in enumerate(sorted(sleeps, reverse=True)):
+        assert sum(counts[_at_or_past(s) :]) >= 2 * (i + 1), (s, counts)
+    assert durations.total >= 2 * sum(sleeps)
+
+
+async def test_recent_exits_keep_the_last_few_oldest_first() -> None:
+    with trio.fail_after(60):
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            pids = []
+            for _ in range(RECENT_EXITS + 1):
+                pids.append(await pool.run({"mode": "pid"}))
+                with pytest.raises(qoper8d.WorkerLost):
+                    await pool.run({"mode": "sigkill"})
+            exits = pool.statistics().recent_exits
+    assert [e.pid for e in exits] == pids[1:]
+    assert {(e.exit, e.reason) for e in exits} == {("SIGKILL", "crash")}
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        '[30,"soon",[]]\n',  # undecodable
+        "[30,5,[0]]\n",  # counts not in pairs
+        "[30,5,[99,1]]\n",  # no such bucket
+        "[30,-5,[0,1]]\n",  # negative time
+        '[15,"info","x",{}]\n[30,5,[0,0]]\n',  # among other frames, counting nothing
+        '[19,"' + "x" * 5000 + '"]\n',  # a progress value past MAX_PROGRESS_BYTES
+    ],
+    ids=["undecodable", "odd", "bucket", "negative", "mixed", "long_progress"],
+)
+async def test_a_forged_timed_or_progress_frame_is_a_protocol_error(forged: str) -> None:
+    """A handler writing such frames on its channel costs its worker (replaced) and the
+    action it ran; the counts stay as they were and the pool carries on."""
+    with trio.fail_after(20), capture_logs() as logs:
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            pid = await pool.run({"mode": "pid"})
+            before = pool.statistics().durations
+            with pytest.raises(qoper8d.WorkerLost):
+                await pool.run({"mode": "channel", "data": forged})
+            assert await pool.run({"mode": "pid"}) != pid
+            stats = pool.statistics()
+    assert [e["pid"] for e in logs if e["event"] == "worker.protocol_error"] == [pid]
+    assert stats.recent_exits[-1].reason == "protocol error"
+    # The pid run after, and the forging action if its own Timed frame came first.
+    assert sum(stats.durations.counts) - sum(before.counts) in (1, 2)

@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -22,9 +21,10 @@ import pytest
 import tomli_w
 import trio
 
-from qoper8d import open_pool
+from qoper8d import PoolConfig, open_pool
 from qoper8d._systemd import SYSTEMD_VARIABLES, Notifier, listen_socket, serve_watchdog
 from qoper8d.cli import EXIT_SOCKET
+from qoper8d.pool import check_handlers
 from tests import harness
 from tests.harness import ROOT, Connection, base_config
 
@@ -133,7 +133,8 @@ def test_socket_activation_serves_the_socket_as_handed_over(short_tmp: Path) -> 
         config = base_config(short_tmp, pool=write_handler(short_tmp))
         service = Service(short_tmp, config, {"WATCHDOG_USEC": "30000000"}, listener)
         try:
-            ready = service.notifications(until="READY=1")[-1]
+            starting, *_, ready = service.notifications(until="READY=1")
+            assert starting == {"STATUS": "starting 2 workers"}
             assert ready["MAINPID"] == str(service.proc.pid)
             assert ready["STATUS"].startswith("serving: 2 workers")
             with open(f"/proc/{service.proc.pid}/environ", "rb") as f:
@@ -297,6 +298,20 @@ async def test_open_pool_workers_never_see_systemds_variables(
     assert "PATH" in keys
 
 
+def test_check_configs_throwaway_worker_never_sees_them(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (short_tmp / "sd_check.py").write_text(
+        "import os\n"
+        f"def setup():\n    assert not os.environ.keys() & set({sorted(SYSTEMD_VARIABLES)})\n"
+        "def handle(action):\n    return action\n"
+    )
+    for name in SYSTEMD_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    config = PoolConfig(handler="sd_check:handle", handler_path=[str(short_tmp)])
+    assert check_handlers(config) == []
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze here")
 def test_the_unit_files_verify(tmp_path: Path) -> None:
     for name in ("qoper8d.service", "qoper8d.socket"):
@@ -316,9 +331,20 @@ def test_the_unit_files_verify(tmp_path: Path) -> None:
     )
     # verify exits 0 even for an unknown key or a value it cannot parse: it only says so.
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
-    service = textwrap.dedent((ROOT / "etc" / "qoper8d.service").read_text())
-    for line in ("Type=notify", "NotifyAccess=main", "KillMode=mixed", "Restart=on-failure"):
-        assert f"\n{line}\n" in service
+
+
+def test_the_readme_shows_the_units_as_they_are() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Running under systemd") :]
+    excerpt = section[
+        section.index("```ini\n") + 7 : section.index("\n```\n", section.index("```ini"))
+    ]
+    unit = ""
+    for line in excerpt.splitlines():
+        if line.startswith("# "):
+            unit = (ROOT / "etc" / line[2:]).read_text()
+        elif line:
+            assert line in unit.splitlines(), line
 
 
 def test_an_abstract_notify_socket_gets_one_bounded_status_line() -> None:

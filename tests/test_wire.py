@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qoper8d import wire
+from qoper8d.stats import DurationCounts
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
@@ -121,7 +122,8 @@ def test_a_worker_refuses_only_the_action_it_cannot_decode() -> None:
         while len(got) < count:
             data = answers.read(65536)
             assert data, f"the worker hung up after {got}"
-            got += reader.feed(data)
+            # Timings come with each batch's last answer; this test is about the answers.
+            got += [m for m in reader.feed(data) if not isinstance(m, wire.Timed)]
         return got
 
     try:
@@ -142,3 +144,43 @@ def test_a_worker_refuses_only_the_action_it_cannot_decode() -> None:
         for fd in (batches_w, lifeline_w):
             os.close(fd)
         answers.close()
+
+
+def test_a_duration_lands_in_the_first_bucket_whose_bound_holds_it() -> None:
+    bounds_ns = [round(b * 1e9) for b in wire.DURATION_BOUNDS]
+    probes = [0, 1, 999, 1000, 3999, 4000, 4001, 7999, 8000, 8001, 1_000_000, 10**12]
+    probes += [b + d for b in bounds_ns for d in (-1, 0, 1)]
+    for ns in probes:
+        expected = next((k for k, b in enumerate(bounds_ns) if ns <= b), len(bounds_ns))
+        assert wire.duration_bucket(ns) == expected, ns
+
+
+def test_split_timed_takes_every_timed_frame_out_and_keeps_the_rest_in_order() -> None:
+    timed = wire.encode_timed(5, [0, 2])
+    chunk = b"[12,1]\n" + timed + b"[12,2]\n" + timed + b'[15,"info","x",{}]\n' + timed
+    split = wire.split_timed(chunk)
+    assert split == (b'[12,1]\n[12,2]\n[15,"info","x",{}]\n', [timed] * 3)
+    assert wire.split_timed(timed) == (b"", [timed])
+    # A result that merely contains the bytes of a Timed tag is no Timed frame.
+    assert wire.split_timed(b'[12,"[30,"]\n[12,[30,1]]\n') is None
+    assert wire.FrameReader(wire.FromWorker).feed(timed) == [wire.Timed(5, [0, 2])]
+
+
+def test_durations_merge_a_batch_at_a_time_and_refuse_what_no_worker_sends() -> None:
+    counts = DurationCounts()
+    counts.add(wire.Timed(3000, [0, 2, 24, 1]))
+    counts.add(wire.Timed(1000, [0, 1]))
+    snap = counts.snapshot()
+    assert snap.counts[0] == 3
+    assert snap.counts[24] == 1
+    assert sum(snap.counts) == 4
+    assert len(snap.counts) == len(wire.DURATION_BOUNDS) + 1
+    assert snap.total == pytest.approx(4e-6)
+    for forged in ([0], [25, 1], [-1, 1], [0, 0], [0, -3], [0, 1] * 26):
+        with pytest.raises(wire.ProtocolError):
+            counts.add(wire.Timed(1, forged))
+    with pytest.raises(wire.ProtocolError):
+        counts.add(wire.Timed(-1, []))
+    with pytest.raises(wire.ProtocolError):
+        counts.add_frames([b'[30,"soon",[]]\n'])
+    assert counts.snapshot() == snap, "a refused frame counts nothing"

@@ -1,0 +1,600 @@
+"""A cluster node: between the control socket and the pool, one durable queue in Redis.
+
+With `[cluster] backend = "redis"` every submit on this node's socket becomes an entry of
+the shared stream, and this node's workers take entries from it like every other node's
+(docs/cluster.md has the formats and the guarantees). The pool below knows nothing of it:
+the node accepts entries into the pool as a front end does, and is their sink.
+
+Tasks, each batching all that piled up since it last ran (one Redis call per wake-up, never
+one per action):
+
+- intake: the submits of every connection since the last call, added in one script call
+  (checked against `pool.max_queue` entries waiting in the stream);
+- feeder: `XREADGROUP COUNT` = what this node can take (a worker each plus
+  `cluster.prefetch`, minus what it holds), each entry onto the pool;
+- replier: the outcomes of what this node ran, each acknowledged and pushed to its
+  submitter's reply list in one atomic script (the first acknowledgement wins, so a
+  submitter gets one reply per entry however many nodes ran it);
+- listener: this node's reply list (answers for its clients) and control list (cancels of
+  entries it holds);
+- keeper: every `claim_idle / 3` seconds the heartbeat (`status` lists live nodes), the
+  renewal of the claims on what this node holds (no delivery counted), the takeover of
+  entries silent nodes held past `claim_idle`, and the removal of dead nodes' consumers.
+
+Bounds: this node's submits waiting for an answer, 2 x `pool.max_queue` (then
+`queue_full`); entries held, `pool.size + cluster.prefetch` plus 1,000 awaiting replies.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any
+
+import coredis.exceptions
+import msgspec
+import structlog
+import trio
+from coredis.tokens import PureToken
+
+from qoper8d._jobs import Job, decode_json, encode_action
+from qoper8d._link import LOST, Link, redacted
+from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, decode_reply, entry_fields
+from qoper8d._wakeup import Wakeup
+from qoper8d.config import ClusterConfig
+from qoper8d.errors import (
+    ActionCancelled,
+    ActionError,
+    BadRequest,
+    QueueFull,
+    ShuttingDown,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from qoper8d.pool import Pool
+
+__all__ = ["Node", "Ticket", "node_name"]
+
+log = structlog.get_logger("qoper8d.cluster")
+
+#: Most submits one intake call adds, and most replies one replier call pushes: a script
+#: call holds Redis for its length, so other nodes wait no longer than that.
+_CHUNK = 1000
+#: Milliseconds a feeder's or listener's blocking read waits before it looks again.
+_BLOCK_MS = 1000
+#: Most elements of the reply and control lists taken per wake-up.
+_TAKE = 1000
+_encode = msgspec.json.Encoder().encode
+
+
+def node_name(config: ClusterConfig) -> str:
+    """This node's consumer name: `cluster.node`, or hostname-pid."""
+    return config.node or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Ticket(Job, gc=False, eq=False):
+    """A submit of this node's client, as its connection holds it, until its reply."""
+
+    #: Its tag in the entry and the reply (this node's start token and a count).
+    ref: str = ""
+    #: Its entry id, once the intake has added it.
+    entry: bytes = b""
+    #: Its client went away before it was added: its entry is withdrawn, not cancelled.
+    withdrawn: bool = False
+
+
+class _Held(msgspec.Struct, gc=False):
+    """An entry this node took and runs, until its outcome is pushed."""
+
+    entry: bytes
+    reply_to: bytes
+    ref: bytes
+    job: Job | None = None
+    #: Its claim was lost (another node took it, or it was cancelled): nothing to reply.
+    lost: bool = False
+    #: Its outcome is known (its reply may still wait for the replier).
+    done: bool = False
+
+
+class Node:
+    """One node of the cluster (see the module docstring)."""
+
+    def __init__(self, link: Link, pool: Pool, config: ClusterConfig) -> None:
+        self.link = link
+        self.pool = pool
+        self.config = config
+        self.keys = link.keys
+        self.name = link.keys.node
+        self._boot = secrets.token_hex(4)
+        self._count = 0
+        #: This node's submits waiting for a reply, by ref.
+        self.tickets: dict[str, Ticket] = {}
+        self._intake: list[Ticket] = []
+        self._intake_wake = Wakeup()
+        #: Entries this node holds (in its pool or waiting for the replier), by id.
+        self.held: dict[bytes, _Held] = {}
+        self._room = Wakeup()
+        #: Held entries whose outcome is not known yet: what room is counted against.
+        self._running = 0
+        self._replies: list[tuple[_Held, bytes]] = []
+        self._replier = Wakeup()
+        self._cancels: list[tuple[bytes, bool]] = []
+        self._canceller = Wakeup()
+        self.accepting = True
+        self.taking = True
+        self._quiet: trio.Event | None = None
+        self._feeder = trio.CancelScope()
+        #: What the last heartbeat learnt: live nodes, pending, waiting, dead.
+        self.seen: dict[str, Any] = {"nodes": [], "pending": 0, "waiting": 0, "dead": 0}
+
+    # -- the front side: submits of this node's clients ------------------------------------
+
+    def submit(
+        self,
+        conn: Any,
+        id_json: bytes,
+        action: Any,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Ticket:
+        """Accept a submit for the stream; its answer goes to `conn`. Raises at once, taking
+        nothing: `ShuttingDown`, `Unavailable` (Redis is lost), `QueueFull`, `BadRequest`."""
+        if not self.accepting:
+            raise ShuttingDown("the daemon is stopping")
+        if not self.link.connected:
+            raise Unavailable(
+                f"this node has lost Redis ({redacted(self.config.url)}); it is reconnecting"
+            )
+        if len(self.tickets) >= 2 * self.pool.config.max_queue:
+            # As many waiting in the stream as it takes, and as many running on any node.
+            raise QueueFull(
+                f"{len(self.tickets)} submits of this node wait for their answer",
+                max_queue=self.pool.config.max_queue,
+            )
+        payload = encode_action(action)
+        if timeout is not None and not 0 <= timeout <= 1e9:
+            raise BadRequest("timeout must be a number of seconds >= 0")
+        self._count += 1
+        ref = f"{self._boot}.{self._count}"
+        ticket = Ticket(payload, conn, id_json, ref=ref)
+        if timeout is not None:
+            ticket.timeout = timeout
+        if max_attempts is not None:
+            ticket.max_attempts = max_attempts
+        self.tickets[ref] = ticket
+        conn.pending[id_json] = ticket
+        self._intake.append(ticket)
+        self._intake_wake.wake()
+        return ticket
+
+    def cancel(self, ticket: Any) -> None:
+        """The client cancels a submit: an entry nobody took is removed, a held one's node
+        is told (docs/cluster.md). Answered `cancelled` here, at once."""
+        if not isinstance(ticket, Ticket) or self.tickets.pop(ticket.ref, None) is None:
+            return
+        if ticket.entry:
+            self._cancels.append((ticket.entry, True))
+            self._canceller.wake()
+        else:
+            ticket.cancelled = True  # the intake skips it
+        ticket.sink.error(ticket, ActionCancelled("cancelled by the submitter"), None)
+        self._check_quiet()
+
+    def withdraw(self, conn: Any) -> None:
+        """The client is gone: entries nobody took are removed; taken ones finish unseen."""
+        for ticket in list(conn.pending.values()):
+            if isinstance(ticket, Ticket) and self.tickets.pop(ticket.ref, None) is not None:
+                if ticket.entry:
+                    self._cancels.append((ticket.entry, False))
+                else:
+                    ticket.cancelled = ticket.withdrawn = True
+        self._canceller.wake()
+        self._check_quiet()
+
+    def _answer(self, ticket: Ticket, line: bytes) -> None:
+        conn = ticket.sink
+        conn.pending.pop(ticket.tag, None)  # type: ignore[attr-defined]
+        conn.send(line)  # type: ignore[attr-defined]
+        self._check_quiet()
+
+    def _refuse(self, ticket: Ticket, err: Exception) -> None:
+        if self.tickets.pop(ticket.ref, None) is not None:
+            wire = err.to_wire() if hasattr(err, "to_wire") else {"message": str(err)}
+            self._answer(ticket, b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, _encode(wire)))
+
+    async def intake(self) -> None:
+        """Add the submits that piled up, in one script call per wake-up."""
+        keys = self.keys
+        while True:
+            if not self._intake:
+                await self._intake_wake.wait()
+                continue
+            batch = [t for t in self._intake[:_CHUNK] if not t.cancelled]
+            del self._intake[:_CHUNK]
+            if not batch:
+                continue
+            args: list[Any] = [keys.group, self.pool.config.max_queue, len(batch)]
+            for t in batch:
+                fields = [b"action", t.payload, b"reply_to", keys.reply, b"tag", t.ref]
+                if t.timeout:
+                    fields += [b"timeout", repr(t.timeout)]
+                if t.max_attempts:
+                    fields += [b"max_attempts", str(t.max_attempts)]
+                args.append(len(fields) // 2)
+                args.extend(fields)
+            try:
+                ids = await self.link.call("SUBMIT", [keys.stream], args)
+            except Unavailable as exc:
+                # The call may have run: the entries may be in the stream. The client is
+                # told so; a reply that comes all the same is dropped (its ref is gone).
+                exc.details["in_doubt"] = True
+                for t in batch:
+                    self._refuse(t, exc)
+                continue
+            for t, entry in zip(batch, ids, strict=True):
+                if entry == 0:
+                    self._refuse(
+                        t,
+                        QueueFull(
+                            f"{self.pool.config.max_queue} entries wait in the stream already",
+                            max_queue=self.pool.config.max_queue,
+                        ),
+                    )
+                elif t.cancelled:  # cancelled, or its client gone, while it was added
+                    self._cancels.append((entry, not t.withdrawn))
+                    self._canceller.wake()
+                else:
+                    t.entry = entry
+
+    async def listen(self) -> None:
+        """Answer this node's clients from its reply list; cancel what its control list
+        names. One blocking call takes a whole batch (BLMPOP, Redis 7); on Redis 6.2, a
+        BLPOP and then an LPOP for the rest."""
+        keys = self.keys
+        client = self.link.client
+        watched = [keys.reply, keys.control]
+        batched = True
+        while True:
+            await self.link.up()
+            try:
+                if batched:
+                    got = await client.blmpop(
+                        watched, _BLOCK_MS / 1000, PureToken.LEFT, count=_TAKE
+                    )
+                    if got is None:
+                        continue
+                    key, values = got[0], list(got[1])
+                else:
+                    first = await client.blpop(watched, timeout=_BLOCK_MS / 1000)
+                    if first is None:
+                        continue
+                    key, value = first
+                    values = [value, *(await client.lpop(key, _TAKE) or [])]
+            except (
+                coredis.exceptions.UnknownCommandError,
+                coredis.exceptions.CommandNotSupportedError,
+            ):
+                batched = False
+                continue
+            except LOST as exc:
+                self.link.lost(exc)
+                continue
+            except coredis.exceptions.RedisError as exc:
+                await self.link.refused(exc, "BLMPOP" if batched else "BLPOP")
+                continue
+            if key == keys.control.encode():
+                self._stop_held(values)
+            else:
+                self._replied(values)
+
+    def _replied(self, values: list[bytes]) -> None:
+        # One write per connection for the whole read, not one per answer.
+        lines: dict[Any, list[bytes]] = {}
+        for value in values:
+            try:
+                reply = decode_reply(value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("cluster.bad_reply", reply=value[:200])
+                continue
+            if reply.ok is None:
+                continue  # progress: not sent on (SPEC 9 is not built here yet)
+            ticket = self.tickets.pop(reply.tag, None)
+            if ticket is None:
+                continue  # a late second reply, a cancelled submit's, or a past life's
+            conn: Any = ticket.sink
+            conn.pending.pop(ticket.tag, None)
+            if reply.ok:
+                line = b'{"id":%b,"ok":true,"result":%b}\n' % (ticket.tag, reply.result)
+            else:
+                line = b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, reply.error)
+            lines.setdefault(conn, []).append(line)
+        for conn, some in lines.items():
+            conn.send(b"".join(some))
+        self._check_quiet()
+
+    def _stop_held(self, entries: list[bytes]) -> None:
+        """Stop the jobs of entries this node no longer holds (cancelled, or taken over).
+        One whose outcome is known already is left alone: it is not running, and its entry
+        was answered by this node's own replier (which a renewal in flight can see)."""
+        for entry in entries:
+            held = self.held.get(entry)
+            if held is not None and held.job is not None and not (held.done or held.lost):
+                held.lost = True
+                self.pool.cancel(held.job)
+
+    async def cancel_entries(self) -> None:
+        """Remove (or withdraw) the entries of cancelled submits, in one call per wake-up."""
+        keys = self.keys
+        while True:
+            if not self._cancels:
+                await self._canceller.wait()
+                continue
+            batch, self._cancels = self._cancels[:_CHUNK], self._cancels[_CHUNK:]
+            for mode in ("cancel", "withdraw"):
+                ids = [entry for entry, hard in batch if hard == (mode == "cancel")]
+                if not ids:
+                    continue
+                ttl = int(self.config.result_ttl * 1000)
+                args = [keys.group, keys.control_prefix, mode, ttl, *ids]
+                try:
+                    await self.link.call("CANCEL", [keys.stream], args)
+                except Unavailable:
+                    await self.link.up()  # the entries run, their replies are dropped
+
+    # -- the worker side: entries this node takes ------------------------------------------
+
+    def capacity(self) -> int:
+        return self.pool.size + self.config.prefetch
+
+    def room(self) -> int:
+        """Entries this node may take now: one per worker plus the prefetch, minus those
+        whose outcome is not known yet; none while a full call's worth of replies waits."""
+        if len(self._replies) >= _CHUNK:
+            return 0
+        return self.capacity() - self._running
+
+    async def feed(self) -> None:
+        """Take entries as this node has room for them, each onto the pool."""
+        keys = self.keys
+        client = self.link.client
+        while self.taking:
+            room = self.room()
+            # Read in batches: while work is held, wait for half the room to be free, not
+            # for each outcome (a read per action costs what a batch read of a hundred does).
+            if room <= 0 or (self._running and room < self.capacity() // 2):
+                await self._room.wait()
+                continue
+            await self.link.up()
+            try:
+                got = await client.xreadgroup(
+                    keys.group, self.name, streams={keys.stream: ">"}, count=room, block=_BLOCK_MS
+                )
+            except LOST as exc:
+                self.link.lost(exc)
+                continue
+            except coredis.exceptions.RedisError as exc:
+                await self.link.refused(exc, "XREADGROUP")
+                continue
+            if got and self.taking:
+                for entries in got.values():
+                    self._take([(e.identifier, e.field_values) for e in entries])
+
+    def _take(self, entries: list[tuple[Any, Any]]) -> None:
+        for entry, raw in entries:
+            if entry in self.held:
+                continue  # taken over from ourselves: it runs here already
+            fields = entry_fields(raw)
+            held = _Held(entry, fields.get(b"reply_to", b""), fields.get(b"tag", b""))
+            self.held[entry] = held
+            self._running += 1
+            try:
+                action = decode_json(fields[b"action"])
+                timeout = float(fields[b"timeout"]) if b"timeout" in fields else None
+                attempts = int(fields[b"max_attempts"]) if b"max_attempts" in fields else None
+                if attempts is not None and not 1 <= attempts <= 100:
+                    raise ValueError("max_attempts must be from 1 to 100")
+                job = self.pool.accept(action, self, entry, timeout=timeout, max_attempts=attempts)
+            except (KeyError, ValueError, msgspec.DecodeError, ActionError, BadRequest) as exc:
+                why = (
+                    exc
+                    if isinstance(exc, BadRequest | ActionError)
+                    else BadRequest(f"not an entry qoper8d can run: {exc!r}")
+                )
+                self._reply(held, b'"ok":false,"error":%b' % _encode(why.to_wire()))
+                continue
+            except QueueFull as exc:
+                self._reply(held, b'"ok":false,"error":%b' % _encode(exc.to_wire()))
+                continue
+            held.job = job
+            self.pool.enqueue(job)
+
+    # The pool's sink: outcomes of the entries this node runs.
+
+    def result(self, job: Job, payload: msgspec.Raw, worker: Any) -> None:
+        held = self.held.get(job.tag)
+        if held is not None:
+            self._reply(held, b'"ok":true,"result":%b' % payload)
+
+    def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Any) -> None:
+        for job, payload in zip(jobs, payloads, strict=True):
+            self.result(job, payload, worker)
+
+    def error(self, job: Job, err: ActionError, worker: Any) -> None:
+        held = self.held.get(job.tag)
+        if held is None:
+            return
+        if held.lost:
+            self._release(held)
+        elif isinstance(err, ShuttingDown):
+            # Never started here, and this node stops: back in the stream for the others.
+            held.job = None
+            self._done(held)
+            self._replies.append((held, b""))
+            self._replier.wake()
+        else:
+            self._reply(held, b'"ok":false,"error":%b' % _encode(err.to_wire()))
+
+    def _reply(self, held: _Held, body: bytes) -> None:
+        tag = _encode(held.ref.decode(errors="replace"))  # any client may have written it
+        self._replies.append((held, b'{"tag":%b,"entry":"%b",%b}' % (tag, held.entry, body)))
+        self._done(held)
+        self._replier.wake()
+
+    def _done(self, held: _Held) -> None:
+        if not held.done:
+            held.done = True
+            self._running -= 1
+            self._room.wake()
+
+    def _release(self, held: _Held) -> None:
+        if self.held.pop(held.entry, None) is not None:
+            self._done(held)
+            self._room.wake()
+            self._check_quiet()
+
+    async def reply(self) -> None:
+        """Acknowledge and push the outcomes that piled up, in one call per wake-up. Lost
+        with Redis, they wait and are sent again once it is back: the script pushes a reply
+        only with an entry's first acknowledgement, so sending twice never answers twice."""
+        keys = self.keys
+        while True:
+            if not self._replies:
+                await self._replier.wait()
+                continue
+            batch = self._replies[:_CHUNK]
+            answers = [(h, line) for h, line in batch if line]
+            back = [h.entry for h, line in batch if not line]
+            try:
+                if answers:
+                    args: list[Any] = [
+                        keys.group,
+                        int(self.config.result_ttl * 1000),
+                        REPLY_MAXLEN,
+                    ]
+                    for held, line in answers:
+                        args += [held.entry, held.reply_to, line]
+                    await self.link.call("REPLY", [keys.stream], args)
+                if back:
+                    await self.link.call("REQUEUE", [keys.stream], [keys.group, *back])
+            except Unavailable:
+                await self.link.up()
+                continue
+            del self._replies[: len(batch)]
+            for held, _ in batch:
+                self._release(held)
+
+    async def keep(self) -> None:
+        """Heartbeat, renew, take over, sweep: every `claim_idle / 3` seconds."""
+        period = self.config.claim_idle / 3
+        while True:
+            await self.link.up()
+            try:
+                await self._beat()
+                await self._renew()
+                if self.taking:
+                    await self._reclaim()
+                await self.link.call(
+                    "SWEEP",
+                    [self.keys.stream, self.keys.nodes],
+                    [self.keys.group, int(self.config.claim_idle * 3000)],
+                )
+            except Unavailable:
+                continue
+            await trio.sleep(period)
+
+    async def _beat(self) -> None:
+        keys = self.keys
+        me = _encode(
+            {
+                "node": self.name,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "size": self.pool.size,
+                "held": len(self.held),
+            }
+        )
+        info, pending, waiting, dead = await self.link.call(
+            "BEAT",
+            [keys.stream, keys.nodes, keys.dead],
+            [keys.group, self.name, me, self.config.claim_idle],
+        )
+        nodes = [decode_json(i) for i in info if i]
+        self.seen = {"nodes": nodes, "pending": pending, "waiting": waiting, "dead": dead}
+
+    async def _renew(self) -> None:
+        held = [h.entry for h in self.held.values() if not h.lost]
+        for start in range(0, len(held), _CHUNK):
+            lost = await self.link.call(
+                "RENEW",
+                [self.keys.stream],
+                [self.keys.group, self.name, *held[start : start + _CHUNK]],
+            )
+            self._stop_held(lost[::2])
+
+    async def _reclaim(self) -> None:
+        room = self.room()
+        if room <= 0:
+            return
+        keys = self.keys
+        cfg = self.config
+        args = [keys.group, self.name, int(cfg.claim_idle * 1000), room, cfg.max_deliveries]
+        args += [DEAD_MAXLEN, int(cfg.result_ttl * 1000), REPLY_MAXLEN]
+        _, taken, poisoned, _ = await self.link.call("RECLAIM", [keys.stream, keys.dead], args)
+        if taken or poisoned:
+            log.info("cluster.taken_over", entries=len(taken), poisoned=poisoned)
+        self._take([(e[0], e[1]) for e in taken])
+
+    # -- running and stopping --------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for task in (self.intake, self.listen, self.cancel_entries, self.reply, self.keep):
+                nursery.start_soon(task)
+            nursery.start_soon(self._feed_scoped)
+            task_status.started()
+
+    async def _feed_scoped(self) -> None:
+        with self._feeder:
+            await self.feed()
+
+    def stop_taking(self) -> None:
+        """The daemon stops: no new submits, no new entries; what is held finishes (or goes
+        back to the stream: `error` with `shutting_down`)."""
+        self.accepting = False
+        self.taking = False
+        self._feeder.cancel()
+        for ticket in self._intake:
+            self._refuse(ticket, ShuttingDown("the daemon is stopping"))
+        self._intake.clear()
+
+    async def drained(self, *, tickets: bool = True) -> None:
+        """Return once nothing is held, every reply is pushed and (with `tickets`) every
+        submit of this node's clients is answered."""
+        while self.held or self._replies or (tickets and self.tickets):
+            self._quiet = trio.Event()
+            await self._quiet.wait()
+
+    def _check_quiet(self) -> None:
+        if self._quiet is not None and not (self.held or self._replies):
+            self._quiet.set()
+
+    def give_up(self) -> None:
+        """The grace period is over: the submits still unanswered end `shutting_down` (their
+        entries stay in the stream and run elsewhere; their replies expire)."""
+        for ticket in list(self.tickets.values()):
+            self._refuse(ticket, ShuttingDown("the daemon stopped before the answer came"))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": "redis",
+            "url": redacted(self.config.url),
+            "stream": self.config.stream,
+            "node": self.name,
+            "connected": self.link.connected,
+            "outages": self.link.outages,
+            "held": len(self.held),
+            "awaiting": len(self.tickets),
+            **self.seen,
+        }

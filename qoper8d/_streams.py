@@ -1,0 +1,296 @@
+"""What the nodes of a cluster keep in Redis: the keys, the entry and reply formats, and
+the Lua scripts that change them (docs/cluster.md is the same, for other languages).
+
+Every change that must be all-or-nothing is one script, so one round trip and atomic: a
+batch of submits checked against the bound and added; a batch of replies each pushed only
+if its entry's acknowledgement is the first (so a submitter gets one reply per entry even
+when two nodes ran it); a cancel that removes an entry nobody took, or tells its holder;
+a takeover that poisons what was delivered too often. Sans-IO: no client here, only text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "BEAT",
+    "CANCEL",
+    "DEAD_MAXLEN",
+    "PROGRESS",
+    "RECLAIM",
+    "RENEW",
+    "REPLY",
+    "REPLY_MAXLEN",
+    "REQUEUE",
+    "SUBMIT",
+    "SWEEP",
+    "Keys",
+    "Reply",
+    "decode_reply",
+    "entry_fields",
+]
+
+#: About how many entries `<stream>:dead` keeps (`XADD MAXLEN ~`): the oldest go first.
+DEAD_MAXLEN = 10_000
+#: Most replies a reply list keeps (`LTRIM`), should its node never read them.
+REPLY_MAXLEN = 1_000_000
+
+
+class Keys:
+    """The names of a stream's keys, as bytes, for the node called `node`."""
+
+    def __init__(self, stream: str, node: str) -> None:
+        self.stream = stream
+        self.group = stream
+        self.node = node
+        self.dead = f"{stream}:dead"
+        self.nodes = f"{stream}:nodes"
+        self.reply = self.reply_of(node)
+        self.control = self.control_prefix + node
+
+    @property
+    def control_prefix(self) -> str:
+        return f"{self.stream}:control:"
+
+    def reply_of(self, node: str) -> str:
+        return f"{self.stream}:reply:{node}"
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """One element of a reply list: a final outcome (`ok` true or false) or a progress
+    report (`ok` absent). Results and errors stay raw JSON, spliced into the client's line."""
+
+    tag: str
+    entry: str = ""
+    ok: bool | None = None
+    result: msgspec.Raw = msgspec.Raw(b"null")
+    error: msgspec.Raw = msgspec.Raw(b"null")
+    progress: msgspec.Raw = msgspec.Raw(b"null")
+
+
+decode_reply = msgspec.json.Decoder(Reply).decode
+
+
+def _lua(text: str) -> bytes:
+    return text.strip().encode()
+
+
+#: KEYS: stream. ARGV: group, max_queue, entry count, then per entry its field count and
+#: fields. Each entry is added while fewer than max_queue wait (in the stream, not yet
+#: taken); the reply holds its id, or 0 for one refused.
+SUBMIT = _lua("""
+local s = KEYS[1]
+local limit = tonumber(ARGV[2])
+local waiting = redis.call('XLEN', s)
+local p = redis.pcall('XPENDING', s, ARGV[1])
+if type(p) == 'table' and p[1] then waiting = waiting - p[1] end
+local out, i = {}, 4
+for n = 1, tonumber(ARGV[3]) do
+  local k = tonumber(ARGV[i])
+  if waiting < limit then
+    out[n] = redis.call('XADD', s, '*', unpack(ARGV, i + 1, i + 2 * k))
+    waiting = waiting + 1
+  else
+    out[n] = 0
+  end
+  i = i + 1 + 2 * k
+end
+return out
+""")
+
+#: KEYS: stream. ARGV: group, ttl in ms, list cap, then per entry its id, its reply list
+#: and the reply. An entry acknowledged now for the first time is deleted and its reply
+#: pushed (the list expires ttl after its last reply); one acknowledged before (another
+#: node was first, or it was cancelled) gets nothing. The reply: 1 or 0 per entry.
+REPLY = _lua("""
+local s, g, ttl, cap = KEYS[1], ARGV[1], ARGV[2], -tonumber(ARGV[3])
+local out = {}
+for i = 4, #ARGV, 3 do
+  local first = redis.call('XACK', s, g, ARGV[i])
+  if first == 1 then
+    redis.call('XDEL', s, ARGV[i])
+    local key = ARGV[i + 1]
+    if key ~= '' then
+      redis.call('RPUSH', key, ARGV[i + 2])
+      redis.call('LTRIM', key, cap, -1)
+      redis.call('PEXPIRE', key, ttl)
+    end
+  end
+  out[#out + 1] = first
+end
+return out
+""")
+
+#: KEYS: stream. ARGV: group, ttl in ms, then per entry its id, its reply list and a
+#: progress report: pushed only while the entry is still pending (not answered yet).
+PROGRESS = _lua("""
+local s, g, ttl = KEYS[1], ARGV[1], ARGV[2]
+for i = 3, #ARGV, 3 do
+  local p = redis.call('XPENDING', s, g, ARGV[i], ARGV[i], 1)
+  if p[1] and ARGV[i + 1] ~= '' then
+    redis.call('RPUSH', ARGV[i + 1], ARGV[i + 2])
+    redis.call('PEXPIRE', ARGV[i + 1], ttl)
+  end
+end
+return 0
+""")
+
+#: KEYS: stream. ARGV: group, the control lists' prefix, "cancel" or "withdraw", ttl in
+#: ms, then entry ids. An entry nobody took yet is deleted: it never runs (1). One a node
+#: holds: on "cancel" it is acknowledged and deleted (its holder's reply will be dropped)
+#: and the holder told on its control list (its name); on "withdraw" it is left to finish
+#: (2). An id not in the stream: 0.
+CANCEL = _lua("""
+local s, g, prefix, mode, ttl = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', s, g, id, id, 1)
+  if p[1] then
+    if mode == 'cancel' then
+      redis.call('XACK', s, g, id)
+      redis.call('XDEL', s, id)
+      redis.call('RPUSH', prefix .. p[1][2], id)
+      redis.call('PEXPIRE', prefix .. p[1][2], ttl)
+      out[#out + 1] = p[1][2]
+    else
+      out[#out + 1] = 2
+    end
+  else
+    out[#out + 1] = redis.call('XDEL', s, id)
+  end
+end
+return out
+""")
+
+#: KEYS: stream. ARGV: group, this node, then ids it holds. Each still held by this node
+#: has its idle time reset (XCLAIM JUSTID: no delivery counted). The reply: the ids lost,
+#: each followed by 1 (another node holds it now) or 0 (it is answered or cancelled).
+RENEW = _lua("""
+local s, g, me = KEYS[1], ARGV[1], ARGV[2]
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', s, g, ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == me then
+    redis.call('XCLAIM', s, g, me, 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = p[1] and 1 or 0
+  end
+end
+return lost
+""")
+
+#: KEYS: stream, dead stream. ARGV: group, this node, min idle ms, count, max_deliveries,
+#: dead cap, reply ttl ms, reply list cap. Takes over up to `count` entries idle that long
+#: (XAUTOCLAIM, which counts a delivery). One delivered more than max_deliveries times now
+#: is not run again: it moves to the dead stream with the reason, and its submitter gets
+#: `poisoned`. The reply: {next cursor, entries taken over, poisoned, deleted}.
+RECLAIM = _lua("""
+local s, dead, g, me = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local most, cap, ttl, rcap = tonumber(ARGV[5]), ARGV[6], ARGV[7], -tonumber(ARGV[8])
+local r = redis.call('XAUTOCLAIM', s, g, me, ARGV[3], '0-0', 'COUNT', ARGV[4])
+local taken, poisoned = {}, 0
+for _, e in ipairs(r[2]) do
+  local id, fields = e[1], e[2]
+  local p = redis.call('XPENDING', s, g, id, id, 1)
+  local n = p[1] and p[1][4] or 0
+  if fields and n > most then
+    local f = {}
+    for i = 1, #fields, 2 do f[fields[i]] = fields[i + 1] end
+    local why = 'delivered ' .. (n - 1) .. ' times (cluster.max_deliveries = ' .. most .. ')'
+    redis.call('XADD', dead, 'MAXLEN', '~', cap, '*', 'entry', id, 'reason', why,
+      'deliveries', n - 1, unpack(fields))
+    redis.call('XACK', s, g, id)
+    redis.call('XDEL', s, id)
+    if f.reply_to and f.reply_to ~= '' then
+      redis.call('RPUSH', f.reply_to, cjson.encode({tag = f.tag or '', entry = id, ok = false,
+        error = {code = 'poisoned', message = 'the action was ' .. why, deliveries = n - 1}}))
+      redis.call('LTRIM', f.reply_to, rcap, -1)
+      redis.call('PEXPIRE', f.reply_to, ttl)
+    end
+    poisoned = poisoned + 1
+  elseif fields then
+    taken[#taken + 1] = e
+  else
+    redis.call('XACK', s, g, id)
+  end
+end
+return {r[1], taken, poisoned, #(r[3] or {})}
+""")
+
+#: KEYS: stream. ARGV: group, then ids of entries this node holds but never started (it is
+#: stopping): each is added again at the stream's end, as it was, and the old one
+#: acknowledged and deleted, so another node runs it at once and no delivery is counted.
+REQUEUE = _lua("""
+local s, g = KEYS[1], ARGV[1]
+local moved = 0
+for i = 2, #ARGV do
+  local e = redis.call('XRANGE', s, ARGV[i], ARGV[i])
+  if e[1] and redis.call('XACK', s, g, ARGV[i]) == 1 then
+    redis.call('XADD', s, '*', unpack(e[1][2]))
+    redis.call('XDEL', s, ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+""")
+
+#: KEYS: stream, nodes (sorted set: node -> when last seen, ms, Redis's clock), dead stream.
+#: ARGV: group, this node, its description (JSON), seconds a node stays listed unseen.
+#: Marks this node seen; the reply: {live nodes' descriptions, entries pending (taken, not
+#: answered), entries waiting (not taken), entries in the dead stream}.
+BEAT = _lua("""
+local s, nodes, dead, g, me = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', nodes, now, me)
+redis.call('HSET', nodes .. ':info', me, ARGV[3])
+local live = redis.call('ZRANGEBYSCORE', nodes, now - ARGV[4] * 1000, '+inf')
+local info = {}
+if #live > 0 then info = redis.call('HMGET', nodes .. ':info', unpack(live)) end
+local pending = 0
+local p = redis.pcall('XPENDING', s, g)
+if type(p) == 'table' and p[1] then pending = p[1] end
+return {info, pending, redis.call('XLEN', s) - pending, redis.call('XLEN', dead)}
+""")
+
+#: KEYS: stream, nodes. ARGV: group, ms a node must be unseen to count as gone. Removes
+#: the consumers of gone nodes that hold no entries any more (their entries were taken
+#: over), and forgets those nodes. The reply: the names removed.
+SWEEP = _lua("""
+local s, nodes, g = KEYS[1], KEYS[2], ARGV[1]
+local t = redis.call('TIME')
+local cutoff = t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ARGV[2])
+local gone, held = {}, {}
+local consumers = redis.pcall('XINFO', 'CONSUMERS', s, g)
+if type(consumers) ~= 'table' or consumers.err then consumers = {} end
+for _, c in ipairs(consumers) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  local seen = redis.call('ZSCORE', nodes, f.name)
+  if f.pending == 0 and (not seen or tonumber(seen) < cutoff) then
+    redis.call('XGROUP', 'DELCONSUMER', s, g, f.name)
+    gone[#gone + 1] = f.name
+  else
+    held[f.name] = true
+  end
+end
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', cutoff)) do
+  if not held[name] then
+    redis.call('ZREM', nodes, name)
+    redis.call('HDEL', nodes .. ':info', name)
+  end
+end
+return gone
+""")
+
+
+def entry_fields(fields: Any) -> dict[bytes, bytes]:
+    """An entry's fields as XREADGROUP / XAUTOCLAIM give them, as a dict."""
+    if isinstance(fields, dict):
+        return fields
+    it = iter(fields)
+    return dict(zip(it, it, strict=True))
