@@ -121,8 +121,9 @@ class Pool:
         handle for `cancel()`. Raises `QueueFull`, `ShuttingDown` or `BadRequest` at once,
         accepting nothing.
         """
-        engine = self._engine
-        job = engine.accept(encode_action(action), sink, tag, timeout)
+        if max_attempts is not None and not 1 <= max_attempts <= 100:
+            raise BadRequest("max_attempts must be an integer from 1 to 100")
+        job = self._engine.accept(encode_action(action), sink, tag, timeout)
         if max_attempts is not None:
             job.max_attempts = max_attempts
         return job

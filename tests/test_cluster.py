@@ -7,6 +7,7 @@ sleeps), has a deadline through the harness's timeouts, and leaves no process be
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -383,5 +384,30 @@ def test_renewals_racing_the_replies_stop_nothing(
             assert after["queued"] == 0
             assert after["outcomes"]["cancelled"] == 0
         assert a.stop() == 0
+    finally:
+        a.close()
+
+
+def test_an_entry_too_deep_to_decode_gets_bad_request_and_the_node_carries_on(
+    short_tmp: Path, redis_session: RedisServer
+) -> None:
+    """Anyone who can write to the stream is a client: an action nested 50,000 deep, added
+    by hand, is answered `bad_request` on its reply list and costs the node nothing."""
+    cluster = cluster_section(redis_session)
+    a = node(short_tmp, "a", cluster, size=1)
+    try:
+        deep = "[" * 50_000 + "]" * 50_000
+        stream = cluster["stream"]
+        redis_session.cli("XADD", stream, "*", "action", deep, "reply_to", "deep:r", "tag", "t1")
+        reply = redis_session.cli("BLPOP", "deep:r", "8").split("\n")
+        assert reply[0] == "deep:r", reply
+        answer = json.loads(reply[1])
+        assert answer["tag"] == "t1"
+        assert answer["ok"] is False
+        assert answer["error"]["code"] == "bad_request", answer
+        with Connection(a.socket) as conn:
+            ok = conn.request({"id": 1, "op": "submit", "action": {"mode": "pid"}})
+        assert ok["ok"] is True, ok
+        assert a.proc.poll() is None
     finally:
         a.close()
