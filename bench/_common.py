@@ -83,6 +83,16 @@ def pinned(cpus: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM `proc` and wait for it; SIGKILL it if it has not gone after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (from /proc)."""
     with open(f"/proc/{pid}/stat", "rb") as f:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from bench._common import (
     percentile,
     say,
     say_figures,
+    stop,
 )
 
 HANDLER = "handlers.echo:plus_one"
@@ -109,15 +109,6 @@ def _start(tmp: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextmanager
 def node(size: int, cluster: dict[str, Any] | None) -> Iterator[Path]:
     """A qoper8d (a cluster node if `cluster`) for the block: its socket path."""
@@ -127,7 +118,7 @@ def node(size: int, cluster: dict[str, Any] | None) -> Iterator[Path]:
     try:
         yield tmp / "q.sock"
     finally:
-        _stop(proc)
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -254,12 +245,7 @@ def celery_worker(sock: Path, concurrency: int) -> Iterator[Any]:
         yield q8tasks
     finally:
         sys.path.remove(str(tmp))
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -349,7 +335,7 @@ def _soak(sock: Path, seconds: float, claim_idle: float) -> dict[str, float]:
                     say(f"  {name}: busy {got['busy']} queued {got['queued']} {got['cluster']}")
     finally:
         for proc in procs.values():
-            _stop(proc)
+            stop(proc)
         for name, tmp in dirs.items():
             if os.environ.get("Q8_BENCH_KEEP"):
                 say(f"  node {name}: {tmp}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,16 @@ from typing import Any
 import tomli_w
 
 from bench import physical
-from bench._common import ROOT, Figure, cpu_seconds, figure, median, percentile, say_figures
+from bench._common import (
+    ROOT,
+    Figure,
+    cpu_seconds,
+    figure,
+    median,
+    percentile,
+    say_figures,
+    stop,
+)
 
 HANDLER = "handlers.echo:plus_one"
 #: Daemon starts the idle latency is measured over.
@@ -58,12 +66,7 @@ def daemon(size: int = 2, handler: str = HANDLER) -> Iterator[tuple[Path, int]]:
             pass
         yield tmp / "q.sock", proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         notify.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
