@@ -21,9 +21,9 @@ from typing import Any
 import msgspec
 
 from qoper8d import wire
+from qoper8d._report import describe
 from qoper8d.worker import (
     HandlerLoadError,
-    _describe,
     _Handlers,
     _run_async,
     extend_path,
@@ -101,7 +101,7 @@ def _run_hooks(spec: wire.WorkerSpec, handlers: _Handlers, name: str) -> str | N
         else:
             run_sync()
     except Exception as exc:
-        kind, message, _ = _describe(exc)
+        kind, message, _ = describe(exc)
         module = started[-1] if started else "?"
         line = f"{_key(spec, module)}: {module}.{name}() raised {kind}: {message}"
         return line.replace("\n", " ")
@@ -120,7 +120,7 @@ def check(spec: wire.WorkerSpec) -> str | None:
     except HandlerLoadError as exc:
         return f"pool.handler: {exc}"
     except Exception as exc:
-        kind, message, _ = _describe(exc)
+        kind, message, _ = describe(exc)
         return f"pool.handler: handler {spec.handler!r}: importing it raised {kind}: {message}"
     return (
         _wrong_loop(spec)

@@ -234,9 +234,6 @@ def arm_lifeline(fd: int) -> None:
 
 
 _DONE = b"[12,"
-#: (Moved to `_report`; kept here for those who import them from the worker.)
-MAX_TEXT = _report.MAX_TEXT
-_describe = _report.describe
 #: Bytes a `Done` frame adds to its result: `[12,` and `]\n`.
 _DONE_OVERHEAD = 6
 _END: Any = object()

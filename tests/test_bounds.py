@@ -9,8 +9,8 @@ from structlog.testing import capture_logs
 
 from qoper8d import open_pool
 from qoper8d._output import MAX_LINE
+from qoper8d._report import MAX_TEXT
 from qoper8d.errors import HandlerError
-from qoper8d.worker import MAX_TEXT
 
 pytestmark = pytest.mark.timeout(60)
 
