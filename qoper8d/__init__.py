@@ -19,6 +19,7 @@ the package itself; `tests/test_layers.py` reads this table and holds the code t
 | 4 | `client` `_aclient` | the clients: blocking, async (anyio) |
 | 4 | `_protocol` `_ops` `_connect` | their sans-IO protocol; each op once; finding the socket |
 | 5 | `pool` | open_pool() and Pool: the API over the engine and the supervisor |
+| 5 | `_submits` | a cluster node's front: its clients' submits into the stream, answered |
 | 5 | `_link` | a node's connection to Redis, reconnecting with backoff |
 | 6 | `_supervise` | slots: start, watch, replace and stop workers |
 | 6 | `_classic` `_map` `_calls` | Q-Oper8's API and sessions; map; run |

@@ -154,7 +154,7 @@ class Connection:
     def result(self, job: Job, payload: msgspec.Raw, worker: Any) -> None:
         self.pending.pop(job.tag, None)
         line = b'{"id":%b,"ok":true,"result":%b}\n' % (job.tag, payload)
-        self.send(self._unwatch(job.tag) + line if self.watching else line)
+        self.send(self.unwatch(job.tag) + line if self.watching else line)
 
     def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Any) -> None:
         pop = self.pending.pop
@@ -163,13 +163,13 @@ class Connection:
             pop(job.tag, None)
             lines.append(b'{"id":%b,"ok":true,"result":%b}\n' % (job.tag, payload))
         if self.watching:
-            lines[:0] = map(self._unwatch, [job.tag for job in jobs])
+            lines[:0] = map(self.unwatch, [job.tag for job in jobs])
         self.send(b"".join(lines))
 
     def error(self, job: Job, err: ActionError, worker: Any) -> None:
         self.pending.pop(job.tag, None)
         line = error_line(job.tag, err.to_wire())
-        self.send(self._unwatch(job.tag) + line if self.watching else line)
+        self.send(self.unwatch(job.tag) + line if self.watching else line)
 
     def progress(self, job: Job, value: msgspec.Raw) -> None:
         """The handler of `job` reported `value`: a line for the client if it asked, sent
@@ -196,7 +196,7 @@ class Connection:
         """The submit of id `tag` asked for progress lines."""
         self.watching.add(tag)
 
-    def _unwatch(self, tag: bytes) -> bytes:
+    def unwatch(self, tag: bytes) -> bytes:
         """The submit of id `tag` has its answer: the progress line held back for it (b""
         if none), to be sent just before that answer."""
         self.watching.discard(tag)

@@ -1,32 +1,35 @@
 """A cluster node: between the control socket and the pool, one durable queue in Redis.
 
 With `[cluster] backend = "redis"` every submit on this node's socket becomes an entry of
-the shared stream, and this node's workers take entries from it like every other node's
-(docs/cluster.md has the formats and the guarantees). The pool below knows nothing of it:
-the node accepts entries into the pool as a front end does, and is their sink.
+the shared stream (`_submits`, the front side), and this node's workers take entries from
+it like every other node's (docs/cluster.md has the formats and the guarantees). The pool
+below knows nothing of it: the node accepts entries into the pool as a front end does, and
+is their sink.
 
 Tasks, each batching all that piled up since it last ran (one Redis call per wake-up, never
 one per action):
 
-- intake: the submits of every connection since the last call, added in one script call
-  (checked against `pool.max_queue` entries waiting in the stream);
+- intake and canceller (`Submits`): this node's clients' submits and cancels;
 - feeder: `XREADGROUP COUNT` = what this node can take (a worker each plus
   `cluster.prefetch`, minus what it holds), each entry onto the pool;
-- replier: the outcomes of what this node ran, each acknowledged and pushed to its
-  submitter's reply list in one atomic script (the first acknowledgement wins, so a
-  submitter gets one reply per entry however many nodes ran it);
-- listener: this node's reply list (answers for its clients) and control list (cancels of
-  entries it holds);
+- replier: the progress reports of what this node runs (those whose submitter asked, the
+  latest of each), then their outcomes, each acknowledged and pushed to its submitter's
+  reply list in one atomic script (the first acknowledgement wins, so a submitter gets one
+  reply per entry however many nodes ran it);
+- listener: this node's reply list (answers and progress for its clients) and control list
+  (cancels of entries it holds);
 - keeper: every `claim_idle / 3` seconds the heartbeat (`status` lists live nodes), the
   renewal of the claims on what this node holds (no delivery counted), the takeover of
   entries silent nodes held past `claim_idle`, and the removal of dead nodes' consumers.
 
 Bounds: this node's submits waiting for an answer, 2 x `pool.max_queue` (then
-`queue_full`); entries held, `pool.size + cluster.prefetch` plus 1,000 awaiting replies.
+`queue_full`); entries held, `pool.size + cluster.prefetch` plus 1,000 awaiting replies;
+progress reports waiting, one per entry held.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -38,30 +41,21 @@ import structlog
 import trio
 from coredis.tokens import PureToken
 
-from qoper8d._jobs import Job, decode_json, encode_action
+from qoper8d._jobs import Job, decode_json
 from qoper8d._link import LOST, Link, redacted
-from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, decode_reply, entry_fields
+from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, entry_fields
+from qoper8d._submits import CHUNK, Submits
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
-from qoper8d.errors import (
-    ActionCancelled,
-    ActionError,
-    BadRequest,
-    QueueFull,
-    ShuttingDown,
-    Unavailable,
-)
+from qoper8d.errors import ActionError, BadRequest, QueueFull, ShuttingDown, Unavailable
 
 if TYPE_CHECKING:
     from qoper8d.pool import Pool
 
-__all__ = ["Node", "Ticket", "node_name"]
+__all__ = ["Node", "node_name"]
 
 log = structlog.get_logger("qoper8d.cluster")
 
-#: Most submits one intake call adds, and most replies one replier call pushes: a script
-#: call holds Redis for its length, so other nodes wait no longer than that.
-_CHUNK = 1000
 #: Milliseconds a feeder's or listener's blocking read waits before it looks again.
 _BLOCK_MS = 1000
 #: Most elements of the reply and control lists taken per wake-up.
@@ -76,23 +70,14 @@ def node_name(config: ClusterConfig) -> str:
     return config.node or f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Ticket(Job, gc=False, eq=False):
-    """A submit of this node's client, as its connection holds it, until its reply."""
-
-    #: Its tag in the entry and the reply (this node's start token and a count).
-    ref: str = ""
-    #: Its entry id, once the intake has added it.
-    entry: bytes = b""
-    #: Its client went away before it was added: its entry is withdrawn, not cancelled.
-    withdrawn: bool = False
-
-
 class _Held(msgspec.Struct, gc=False):
     """An entry this node took and runs, until its outcome is pushed."""
 
     entry: bytes
     reply_to: bytes
     ref: bytes
+    #: Its submitter asked for progress reports.
+    progress: bool = False
     job: Job | None = None
     #: Its claim was lost (another node took it, or it was cancelled): nothing to reply.
     lost: bool = False
@@ -109,146 +94,23 @@ class Node:
         self.config = config
         self.keys = link.keys
         self.name = link.keys.node
-        self._boot = secrets.token_hex(4)
-        self._count = 0
-        #: This node's submits waiting for a reply, by ref.
-        self.tickets: dict[str, Ticket] = {}
-        self._intake: list[Ticket] = []
-        self._intake_wake = Wakeup()
+        self.submits = Submits(
+            link, config, secrets.token_hex(4), pool.config.max_queue, self._check_quiet
+        )
         #: Entries this node holds (in its pool or waiting for the replier), by id.
         self.held: dict[bytes, _Held] = {}
         self._room = Wakeup()
         #: Held entries whose outcome is not known yet: what room is counted against.
         self._running = 0
         self._replies: list[tuple[_Held, bytes]] = []
+        #: The latest progress report of each held entry whose submitter asked, by id.
+        self._reports: dict[bytes, tuple[_Held, bytes]] = {}
         self._replier = Wakeup()
-        self._cancels: list[tuple[bytes, bool]] = []
-        self._canceller = Wakeup()
-        self.accepting = True
         self.taking = True
         self._quiet: trio.Event | None = None
         self._feeder = trio.CancelScope()
         #: What the last heartbeat learnt: live nodes, pending, waiting, dead.
         self.seen: dict[str, Any] = {"nodes": [], "pending": 0, "waiting": 0, "dead": 0}
-
-    # -- the front side: submits of this node's clients ------------------------------------
-
-    def submit(
-        self,
-        conn: Any,
-        id_json: bytes,
-        action: Any,
-        timeout: float | None = None,
-        max_attempts: int | None = None,
-    ) -> Ticket:
-        """Accept a submit for the stream; its answer goes to `conn`. Raises at once, taking
-        nothing: `ShuttingDown`, `Unavailable` (Redis is lost), `QueueFull`, `BadRequest`."""
-        if not self.accepting:
-            raise ShuttingDown("the daemon is stopping")
-        if not self.link.connected:
-            raise Unavailable(
-                f"this node has lost Redis ({redacted(self.config.url)}); it is reconnecting"
-            )
-        if len(self.tickets) >= 2 * self.pool.config.max_queue:
-            # As many waiting in the stream as it takes, and as many running on any node.
-            raise QueueFull(
-                f"{len(self.tickets)} submits of this node wait for their answer",
-                max_queue=self.pool.config.max_queue,
-            )
-        payload = encode_action(action)
-        if timeout is not None and not 0 <= timeout <= 1e9:
-            raise BadRequest("timeout must be a number of seconds >= 0")
-        self._count += 1
-        ref = f"{self._boot}.{self._count}"
-        ticket = Ticket(payload, conn, id_json, ref=ref)
-        if timeout is not None:
-            ticket.timeout = timeout
-        if max_attempts is not None:
-            ticket.max_attempts = max_attempts
-        self.tickets[ref] = ticket
-        conn.pending[id_json] = ticket
-        self._intake.append(ticket)
-        self._intake_wake.wake()
-        return ticket
-
-    def cancel(self, ticket: Any) -> None:
-        """The client cancels a submit: an entry nobody took is removed, a held one's node
-        is told (docs/cluster.md). Answered `cancelled` here, at once."""
-        if not isinstance(ticket, Ticket) or self.tickets.pop(ticket.ref, None) is None:
-            return
-        if ticket.entry:
-            self._cancels.append((ticket.entry, True))
-            self._canceller.wake()
-        else:
-            ticket.cancelled = True  # the intake skips it
-        ticket.sink.error(ticket, ActionCancelled("cancelled by the submitter"), None)
-        self._check_quiet()
-
-    def withdraw(self, conn: Any) -> None:
-        """The client is gone: entries nobody took are removed; taken ones finish unseen."""
-        for ticket in list(conn.pending.values()):
-            if isinstance(ticket, Ticket) and self.tickets.pop(ticket.ref, None) is not None:
-                if ticket.entry:
-                    self._cancels.append((ticket.entry, False))
-                else:
-                    ticket.cancelled = ticket.withdrawn = True
-        self._canceller.wake()
-        self._check_quiet()
-
-    def _answer(self, ticket: Ticket, line: bytes) -> None:
-        conn = ticket.sink
-        conn.pending.pop(ticket.tag, None)  # type: ignore[attr-defined]
-        conn.send(line)  # type: ignore[attr-defined]
-        self._check_quiet()
-
-    def _refuse(self, ticket: Ticket, err: Exception) -> None:
-        if self.tickets.pop(ticket.ref, None) is not None:
-            wire = err.to_wire() if hasattr(err, "to_wire") else {"message": str(err)}
-            self._answer(ticket, b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, _encode(wire)))
-
-    async def intake(self) -> None:
-        """Add the submits that piled up, in one script call per wake-up."""
-        keys = self.keys
-        while True:
-            if not self._intake:
-                await self._intake_wake.wait()
-                continue
-            batch = [t for t in self._intake[:_CHUNK] if not t.cancelled]
-            del self._intake[:_CHUNK]
-            if not batch:
-                continue
-            args: list[Any] = [keys.group, self.pool.config.max_queue, len(batch)]
-            for t in batch:
-                fields = [b"action", t.payload, b"reply_to", keys.reply, b"tag", t.ref]
-                if t.timeout:
-                    fields += [b"timeout", repr(t.timeout)]
-                if t.max_attempts:
-                    fields += [b"max_attempts", str(t.max_attempts)]
-                args.append(len(fields) // 2)
-                args.extend(fields)
-            try:
-                ids = await self.link.call("SUBMIT", [keys.stream], args)
-            except Unavailable as exc:
-                # The call may have run: the entries may be in the stream. The client is
-                # told so; a reply that comes all the same is dropped (its ref is gone).
-                exc.details["in_doubt"] = True
-                for t in batch:
-                    self._refuse(t, exc)
-                continue
-            for t, entry in zip(batch, ids, strict=True):
-                if entry == 0:
-                    self._refuse(
-                        t,
-                        QueueFull(
-                            f"{self.pool.config.max_queue} entries wait in the stream already",
-                            max_queue=self.pool.config.max_queue,
-                        ),
-                    )
-                elif t.cancelled:  # cancelled, or its client gone, while it was added
-                    self._cancels.append((entry, not t.withdrawn))
-                    self._canceller.wake()
-                else:
-                    t.entry = entry
 
     async def listen(self) -> None:
         """Answer this node's clients from its reply list; cancel what its control list
@@ -289,32 +151,7 @@ class Node:
             if key == keys.control.encode():
                 self._stop_held(values)
             else:
-                self._replied(values)
-
-    def _replied(self, values: list[bytes]) -> None:
-        # One write per connection for the whole read, not one per answer.
-        lines: dict[Any, list[bytes]] = {}
-        for value in values:
-            try:
-                reply = decode_reply(value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                log.warning("cluster.bad_reply", reply=value[:200])
-                continue
-            if reply.ok is None:
-                continue  # progress: not sent on (SPEC 9 is not built here yet)
-            ticket = self.tickets.pop(reply.tag, None)
-            if ticket is None:
-                continue  # a late second reply, a cancelled submit's, or a past life's
-            conn: Any = ticket.sink
-            conn.pending.pop(ticket.tag, None)
-            if reply.ok:
-                line = b'{"id":%b,"ok":true,"result":%b}\n' % (ticket.tag, reply.result)
-            else:
-                line = b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, reply.error)
-            lines.setdefault(conn, []).append(line)
-        for conn, some in lines.items():
-            conn.send(b"".join(some))
-        self._check_quiet()
+                self.submits.replied(values)
 
     def _stop_held(self, entries: list[bytes]) -> None:
         """Stop the jobs of entries this node no longer holds (cancelled, or taken over).
@@ -326,25 +163,6 @@ class Node:
                 held.lost = True
                 self.pool.cancel(held.job)
 
-    async def cancel_entries(self) -> None:
-        """Remove (or withdraw) the entries of cancelled submits, in one call per wake-up."""
-        keys = self.keys
-        while True:
-            if not self._cancels:
-                await self._canceller.wait()
-                continue
-            batch, self._cancels = self._cancels[:_CHUNK], self._cancels[_CHUNK:]
-            for mode in ("cancel", "withdraw"):
-                ids = [entry for entry, hard in batch if hard == (mode == "cancel")]
-                if not ids:
-                    continue
-                ttl = int(self.config.result_ttl * 1000)
-                args = [keys.group, keys.control_prefix, mode, ttl, *ids]
-                try:
-                    await self.link.call("CANCEL", [keys.stream], args)
-                except Unavailable:
-                    await self.link.up()  # the entries run, their replies are dropped
-
     # -- the worker side: entries this node takes ------------------------------------------
 
     def capacity(self) -> int:
@@ -353,7 +171,7 @@ class Node:
     def room(self) -> int:
         """Entries this node may take now: one per worker plus the prefetch, minus those
         whose outcome is not known yet; none while a full call's worth of replies waits."""
-        if len(self._replies) >= _CHUNK:
+        if len(self._replies) >= CHUNK:
             return 0
         return self.capacity() - self._running
 
@@ -388,7 +206,9 @@ class Node:
             if entry in self.held:
                 continue  # taken over from ourselves: it runs here already
             fields = entry_fields(raw)
-            held = _Held(entry, fields.get(b"reply_to", b""), fields.get(b"tag", b""))
+            reply_to = fields.get(b"reply_to", b"")
+            wants = bool(reply_to) and fields.get(b"progress") == b"1"
+            held = _Held(entry, reply_to, fields.get(b"tag", b""), progress=wants)
             self.held[entry] = held
             self._running += 1
             try:
@@ -420,6 +240,16 @@ class Node:
     def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Any) -> None:
         for job, payload in zip(jobs, payloads, strict=True):
             self.result(job, payload, worker)
+
+    def progress(self, job: Job, value: msgspec.Raw) -> None:
+        """The handler reported progress: kept as the latest for its entry if its submitter
+        asked, pushed by the replier before anything it pushes after."""
+        held = self.held.get(job.tag)
+        if held is not None and held.progress and not (held.done or held.lost):
+            tag = _encode(held.ref.decode(errors="replace"))
+            line = b'{"tag":%b,"entry":"%b","progress":%b}' % (tag, held.entry, value)
+            self._reports[held.entry] = (held, line)
+            self._replier.wake()
 
     def error(self, job: Job, err: ActionError, worker: Any) -> None:
         held = self.held.get(job.tag)
@@ -460,10 +290,13 @@ class Node:
         only with an entry's first acknowledgement, so sending twice never answers twice."""
         keys = self.keys
         while True:
+            if self._reports:
+                await self._report()
             if not self._replies:
-                await self._replier.wait()
+                if not self._reports:
+                    await self._replier.wait()
                 continue
-            batch = self._replies[:_CHUNK]
+            batch = self._replies[:CHUNK]
             answers = [(h, line) for h, line in batch if line]
             back = [h.entry for h, line in batch if not line]
             try:
@@ -484,6 +317,17 @@ class Node:
             del self._replies[: len(batch)]
             for held, _ in batch:
                 self._release(held)
+
+    async def _report(self) -> None:
+        """Push the progress reports that piled up (best-effort: lost with Redis, they are
+        dropped). Each goes only to an entry still pending, so never after its reply."""
+        reports, self._reports = self._reports, {}
+        ttl = int(self.config.result_ttl * 1000)
+        args: list[Any] = [self.keys.group, ttl, REPLY_MAXLEN]
+        for held, line in reports.values():
+            args += [held.entry, held.reply_to, line]
+        with contextlib.suppress(Unavailable):
+            await self.link.call("PROGRESS", [self.keys.stream], args)
 
     async def keep(self) -> None:
         """Heartbeat, renew, take over, sweep: every `claim_idle / 3` seconds."""
@@ -525,11 +369,11 @@ class Node:
 
     async def _renew(self) -> None:
         held = [h.entry for h in self.held.values() if not h.lost]
-        for start in range(0, len(held), _CHUNK):
+        for start in range(0, len(held), CHUNK):
             lost = await self.link.call(
                 "RENEW",
                 [self.keys.stream],
-                [self.keys.group, self.name, *held[start : start + _CHUNK]],
+                [self.keys.group, self.name, *held[start : start + CHUNK]],
             )
             self._stop_held(lost[::2])
 
@@ -550,7 +394,8 @@ class Node:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for task in (self.intake, self.listen, self.cancel_entries, self.reply, self.keep):
+            front = self.submits
+            for task in (front.intake, front.cancel_entries, self.listen, self.reply, self.keep):
                 nursery.start_soon(task)
             nursery.start_soon(self._feed_scoped)
             task_status.started()
@@ -562,29 +407,20 @@ class Node:
     def stop_taking(self) -> None:
         """The daemon stops: no new submits, no new entries; what is held finishes (or goes
         back to the stream: `error` with `shutting_down`)."""
-        self.accepting = False
+        self.submits.stop()
         self.taking = False
         self._feeder.cancel()
-        for ticket in self._intake:
-            self._refuse(ticket, ShuttingDown("the daemon is stopping"))
-        self._intake.clear()
 
     async def drained(self, *, tickets: bool = True) -> None:
         """Return once nothing is held, every reply is pushed and (with `tickets`) every
         submit of this node's clients is answered."""
-        while self.held or self._replies or (tickets and self.tickets):
+        while self.held or self._replies or (tickets and self.submits.tickets):
             self._quiet = trio.Event()
             await self._quiet.wait()
 
     def _check_quiet(self) -> None:
         if self._quiet is not None and not (self.held or self._replies):
             self._quiet.set()
-
-    def give_up(self) -> None:
-        """The grace period is over: the submits still unanswered end `shutting_down` (their
-        entries stay in the stream and run elsewhere; their replies expire)."""
-        for ticket in list(self.tickets.values()):
-            self._refuse(ticket, ShuttingDown("the daemon stopped before the answer came"))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -595,6 +431,6 @@ class Node:
             "connected": self.link.connected,
             "outages": self.link.outages,
             "held": len(self.held),
-            "awaiting": len(self.tickets),
+            "awaiting": len(self.submits.tickets),
             **self.seen,
         }

@@ -123,18 +123,22 @@ end
 return out
 """)
 
-#: KEYS: stream. ARGV: group, ttl in ms, then per entry its id, its reply list and a
-#: progress report: pushed only while the entry is still pending (not answered yet).
+#: KEYS: stream. ARGV: group, ttl in ms, list cap, then per entry its id, its reply list
+#: and a progress report: pushed only while the entry is still pending (not answered yet),
+#: so never after its reply. The reply: how many were pushed.
 PROGRESS = _lua("""
-local s, g, ttl = KEYS[1], ARGV[1], ARGV[2]
-for i = 3, #ARGV, 3 do
+local s, g, ttl, cap = KEYS[1], ARGV[1], ARGV[2], -tonumber(ARGV[3])
+local pushed = 0
+for i = 4, #ARGV, 3 do
   local p = redis.call('XPENDING', s, g, ARGV[i], ARGV[i], 1)
   if p[1] and ARGV[i + 1] ~= '' then
     redis.call('RPUSH', ARGV[i + 1], ARGV[i + 2])
+    redis.call('LTRIM', ARGV[i + 1], cap, -1)
     redis.call('PEXPIRE', ARGV[i + 1], ttl)
+    pushed = pushed + 1
   end
 end
-return 0
+return pushed
 """)
 
 #: KEYS: stream. ARGV: group, the control lists' prefix, "cancel" or "withdraw", ttl in

@@ -294,7 +294,7 @@ class ControlServer:
 
     def withdraw(self, conn: Connection) -> None:
         if self.node is not None:
-            self.node.withdraw(conn)
+            self.node.submits.withdraw(conn)
         else:
             self.pool.withdraw(conn)
 
@@ -377,7 +377,14 @@ def _check_submit(conn: Connection, request: Request, id_json: bytes) -> None:
 def _submit(server: ControlServer, conn: Connection, request: Request, id_json: bytes) -> None:
     _check_submit(conn, request, id_json)
     if server.node is not None:
-        server.node.submit(conn, id_json, request.action, request.timeout, request.max_attempts)
+        server.node.submits.submit(
+            conn,
+            id_json,
+            request.action,
+            request.timeout,
+            request.max_attempts,
+            progress=request.progress,
+        )
         return
     job = server.pool.accept(
         request.action, conn, id_json, timeout=request.timeout, max_attempts=request.max_attempts
@@ -402,7 +409,7 @@ def _cancel(server: ControlServer, conn: Connection, request: Request, id_json: 
     job = conn.pending.get(_encode(request.target))
     if job is not None:
         if server.node is not None:
-            server.node.cancel(job)
+            server.node.submits.cancel(job)
         else:
             server.pool.cancel(job)
     conn.send(result_line(id_json, {"cancelled": job is not None}))

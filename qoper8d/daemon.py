@@ -342,7 +342,7 @@ class Daemon:
         if node is not None:
             with trio.move_on_after(5):  # what the pool cut short: replies, entries put back
                 await node.drained(tickets=False)
-            node.give_up()
+            node.submits.give_up()
         # Every accepted action has its outcome now; make sure its client hears it.
         if self._control is not None:
             with trio.move_on_after(5):

@@ -29,13 +29,17 @@ __all__ = ["RedisServer", "cluster_section", "redis_own", "redis_session"]
 class RedisServer:
     """A redis-server process on `directory/redis.sock`; `start()` again after `kill()`."""
 
-    def __init__(self, directory: Path, *, fsync_always: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, fsync_always: bool = False, extra: tuple[str, ...] = ()
+    ) -> None:
+        """`extra`: more of redis-server's arguments (`--rename-command X Y`, say)."""
         if shutil.which("redis-server") is None:  # pragma: no cover - `make test` installs it
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
         self.dir = directory
         self.socket = directory / "redis.sock"
         self.url = f"unix://{self.socket}"
         self.fsync = "always" if fsync_always else "everysec"
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -52,7 +56,8 @@ class RedisServer:
             "daemonize": "no",
             "logfile": str(self.dir / "redis.log"),
         }
-        return [word for key, value in pairs.items() for word in (f"--{key}", value)]
+        words = [word for key, value in pairs.items() for word in (f"--{key}", value)]
+        return [*words, *self.extra]
 
     def start(self, timeout: float = 10.0) -> None:
         notify_path = self.dir / "redis.notify"

@@ -1,0 +1,267 @@
+"""A cluster node's front side: its clients' submits, into the shared stream and answered.
+
+Each submit of this node's socket becomes a `Ticket` until its reply comes back on this
+node's reply list (docs/cluster.md). Two tasks, each batching all that piled up since it
+last ran (one Redis call per wake-up, never one per action):
+
+- intake: the submits of every connection since the last call, added in one script call
+  (checked against `pool.max_queue` entries waiting in the stream);
+- canceller: the entries of cancelled submits and of clients gone away, removed (or, for
+  an entry a node holds, its node told) in one script call.
+
+`replied` answers the clients from what the node's listener read off the reply list:
+outcomes, and progress reports for the submits that asked for them (SPEC 9).
+
+Bound: this node's submits waiting for an answer, 2 x `pool.max_queue` (then
+`queue_full`): as many waiting in the stream as it takes, and as many running anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import structlog
+
+from qoper8d._jobs import Job, encode_action
+from qoper8d._link import Link, redacted
+from qoper8d._streams import decode_reply
+from qoper8d._wakeup import Wakeup
+from qoper8d.config import ClusterConfig
+from qoper8d.errors import ActionCancelled, BadRequest, QueueFull, ShuttingDown, Unavailable
+
+__all__ = ["CHUNK", "Submits", "Ticket"]
+
+log = structlog.get_logger("qoper8d.cluster")
+
+#: Most submits one intake call adds (and most entries one cancel call names, most replies
+#: one replier call pushes): a script call holds Redis for its length, so other nodes wait
+#: no longer than that.
+CHUNK = 1000
+_encode = msgspec.json.Encoder().encode
+
+
+class Ticket(Job, gc=False, eq=False):
+    """A submit of this node's client, as its connection holds it, until its reply."""
+
+    #: Its tag in the entry and the reply (this node's start token and a count).
+    ref: str = ""
+    #: Its entry id, once the intake has added it.
+    entry: bytes = b""
+    #: Its client went away before it was added: its entry is withdrawn, not cancelled.
+    withdrawn: bool = False
+    #: Its client asked for progress lines (the entry says so to the node that runs it).
+    progress: bool = False
+
+
+class Submits:
+    """This node's clients' submits (see the module docstring). `on_answer` runs after
+    each answer, so that a stopping node learns when the last one is out."""
+
+    def __init__(
+        self,
+        link: Link,
+        config: ClusterConfig,
+        boot: str,
+        max_queue: int,
+        on_answer: Callable[[], None],
+    ) -> None:
+        self.link = link
+        self.keys = link.keys
+        self.config = config
+        self.max_queue = max_queue
+        self._boot = boot
+        self._count = 0
+        self._on_answer = on_answer
+        #: This node's submits waiting for a reply, by ref.
+        self.tickets: dict[str, Ticket] = {}
+        self._intake: list[Ticket] = []
+        self._intake_wake = Wakeup()
+        self._cancels: list[tuple[bytes, bool]] = []
+        self._canceller = Wakeup()
+        self.accepting = True
+
+    def submit(
+        self,
+        conn: Any,
+        id_json: bytes,
+        action: Any,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        *,
+        progress: bool = False,
+    ) -> Ticket:
+        """Accept a submit for the stream; its answer goes to `conn`. Raises at once, taking
+        nothing: `ShuttingDown`, `Unavailable` (Redis is lost), `QueueFull`, `BadRequest`."""
+        if not self.accepting:
+            raise ShuttingDown("the daemon is stopping")
+        if not self.link.connected:
+            raise Unavailable(
+                f"this node has lost Redis ({redacted(self.config.url)}); it is reconnecting"
+            )
+        if len(self.tickets) >= 2 * self.max_queue:
+            raise QueueFull(
+                f"{len(self.tickets)} submits of this node wait for their answer",
+                max_queue=self.max_queue,
+            )
+        payload = encode_action(action)
+        if timeout is not None and not 0 <= timeout <= 1e9:
+            raise BadRequest("timeout must be a number of seconds >= 0")
+        self._count += 1
+        ref = f"{self._boot}.{self._count}"
+        ticket = Ticket(payload, conn, id_json, ref=ref, progress=progress)
+        if timeout is not None:
+            ticket.timeout = timeout
+        if max_attempts is not None:
+            ticket.max_attempts = max_attempts
+        self.tickets[ref] = ticket
+        conn.pending[id_json] = ticket
+        if progress:
+            conn.watch(id_json)
+        self._intake.append(ticket)
+        self._intake_wake.wake()
+        return ticket
+
+    def cancel(self, ticket: Any) -> None:
+        """The client cancels a submit: an entry nobody took is removed, a held one's node
+        is told (docs/cluster.md). Answered `cancelled` here, at once."""
+        if not isinstance(ticket, Ticket) or self.tickets.pop(ticket.ref, None) is None:
+            return
+        if ticket.entry:
+            self._cancels.append((ticket.entry, True))
+            self._canceller.wake()
+        else:
+            ticket.cancelled = True  # the intake skips it
+        self._answer(ticket, ActionCancelled("cancelled by the submitter").to_wire())
+
+    def withdraw(self, conn: Any) -> None:
+        """The client is gone: entries nobody took are removed; taken ones finish unseen."""
+        for ticket in list(conn.pending.values()):
+            if isinstance(ticket, Ticket) and self.tickets.pop(ticket.ref, None) is not None:
+                if ticket.entry:
+                    self._cancels.append((ticket.entry, False))
+                else:
+                    ticket.cancelled = ticket.withdrawn = True
+        self._canceller.wake()
+        self._on_answer()
+
+    def _answer(self, ticket: Ticket, wire: dict[str, Any]) -> None:
+        conn = ticket.sink
+        conn.pending.pop(ticket.tag, None)  # type: ignore[attr-defined]
+        line = b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, _encode(wire))
+        if ticket.progress:
+            line = conn.unwatch(ticket.tag) + line  # type: ignore[attr-defined]
+        conn.send(line)  # type: ignore[attr-defined]
+        self._on_answer()
+
+    def refuse(self, ticket: Ticket, err: Exception) -> None:
+        """Answer `ticket` with `err`, unless it has its answer already."""
+        if self.tickets.pop(ticket.ref, None) is not None:
+            wire = err.to_wire() if hasattr(err, "to_wire") else {"message": str(err)}
+            self._answer(ticket, wire)
+
+    async def intake(self) -> None:
+        """Add the submits that piled up, in one script call per wake-up."""
+        keys = self.keys
+        while True:
+            if not self._intake:
+                await self._intake_wake.wait()
+                continue
+            batch = [t for t in self._intake[:CHUNK] if not t.cancelled]
+            del self._intake[:CHUNK]
+            if not batch:
+                continue
+            args: list[Any] = [keys.group, self.max_queue, len(batch)]
+            for t in batch:
+                fields = [b"action", t.payload, b"reply_to", keys.reply, b"tag", t.ref]
+                if t.timeout:
+                    fields += [b"timeout", repr(t.timeout)]
+                if t.max_attempts:
+                    fields += [b"max_attempts", str(t.max_attempts)]
+                if t.progress:
+                    fields += [b"progress", b"1"]
+                args.append(len(fields) // 2)
+                args.extend(fields)
+            try:
+                ids = await self.link.call("SUBMIT", [keys.stream], args)
+            except Unavailable as exc:
+                # The call may have run: the entries may be in the stream. The client is
+                # told so; a reply that comes all the same is dropped (its ref is gone).
+                exc.details["in_doubt"] = True
+                for t in batch:
+                    self.refuse(t, exc)
+                continue
+            for t, entry in zip(batch, ids, strict=True):
+                if entry == 0:
+                    full = f"{self.max_queue} entries wait in the stream already"
+                    self.refuse(t, QueueFull(full, max_queue=self.max_queue))
+                elif t.cancelled:  # cancelled, or its client gone, while it was added
+                    self._cancels.append((entry, not t.withdrawn))
+                    self._canceller.wake()
+                else:
+                    t.entry = entry
+
+    def replied(self, values: list[bytes]) -> None:
+        """Answer this node's clients from what its reply list held: one write per
+        connection for the whole read, not one per answer."""
+        lines: dict[Any, list[bytes]] = {}
+        for value in values:
+            try:
+                reply = decode_reply(value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("cluster.bad_reply", reply=value[:200])
+                continue
+            if reply.ok is None:  # a progress report: sent on if its submit asked
+                ticket = self.tickets.get(reply.tag)
+                if ticket is not None and ticket.progress:
+                    # Before its own answer, which is later in the list: all it must precede.
+                    ticket.sink.progress(ticket, reply.progress)  # type: ignore[attr-defined]
+                continue
+            ticket = self.tickets.pop(reply.tag, None)
+            if ticket is None:
+                continue  # a late second reply, a cancelled submit's, or a past life's
+            conn: Any = ticket.sink
+            conn.pending.pop(ticket.tag, None)
+            if reply.ok:
+                line = b'{"id":%b,"ok":true,"result":%b}\n' % (ticket.tag, reply.result)
+            else:
+                line = b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, reply.error)
+            if ticket.progress:
+                line = conn.unwatch(ticket.tag) + line
+            lines.setdefault(conn, []).append(line)
+        for conn, some in lines.items():
+            conn.send(b"".join(some))
+        self._on_answer()
+
+    async def cancel_entries(self) -> None:
+        """Remove (or withdraw) the entries of cancelled submits, in one call per wake-up."""
+        keys = self.keys
+        while True:
+            if not self._cancels:
+                await self._canceller.wait()
+                continue
+            batch, self._cancels = self._cancels[:CHUNK], self._cancels[CHUNK:]
+            for mode in ("cancel", "withdraw"):
+                ids = [entry for entry, hard in batch if hard == (mode == "cancel")]
+                if not ids:
+                    continue
+                ttl = int(self.config.result_ttl * 1000)
+                args = [keys.group, keys.control_prefix, mode, ttl, *ids]
+                try:
+                    await self.link.call("CANCEL", [keys.stream], args)
+                except Unavailable:
+                    await self.link.up()  # the entries run, their replies are dropped
+
+    def stop(self) -> None:
+        """The daemon stops: no new submits; those not added yet are refused."""
+        self.accepting = False
+        for ticket in self._intake:
+            self.refuse(ticket, ShuttingDown("the daemon is stopping"))
+        self._intake.clear()
+
+    def give_up(self) -> None:
+        """The grace period is over: the submits still unanswered end `shutting_down` (their
+        entries stay in the stream and run elsewhere; their replies expire)."""
+        for ticket in list(self.tickets.values()):
+            self.refuse(ticket, ShuttingDown("the daemon stopped before the answer came"))
