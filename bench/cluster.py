@@ -290,11 +290,11 @@ def _soak(sock: Path, seconds: float, claim_idle: float) -> dict[str, float]:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(str(dirs["a"] / "q.sock"))
         reader = conn.makefile("rb")
-        stop = threading.Event()
+        ending = threading.Event()
 
         def feed() -> None:
             i = 0
-            while not stop.is_set():
+            while not ending.is_set():
                 batch = []
                 for _ in range(20):
                     sent[i] = time.monotonic()
@@ -313,7 +313,7 @@ def _soak(sock: Path, seconds: float, claim_idle: float) -> dict[str, float]:
             procs["c"].wait()
             kills += 1
             procs["c"] = _start(dirs["c"])
-        stop.set()
+        ending.set()
         feeder.join()
         conn.settimeout(2 * claim_idle + 10)
         while len(answered) < len(sent):
