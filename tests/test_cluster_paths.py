@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from qoper8d import _streams
 from tests.harness import Connection, Daemon
@@ -19,6 +22,16 @@ from tests.redis_fixtures import RedisServer, _short_dir, cluster_section
 from tests.test_cluster import busy_with_gate, node, status, until
 
 PROGRESS = "handlers.progress:handle"
+
+
+@pytest.fixture
+def closing() -> Iterator[list[Daemon]]:
+    """Daemons a test appends here are closed after it, whatever it did (each test's nodes
+    start one after another, some only once the first is busy)."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.close()
 
 
 def wait_for_redis(server: RedisServer, check: str, *args: str, expect: str) -> None:
@@ -30,107 +43,95 @@ def wait_for_redis(server: RedisServer, check: str, *args: str, expect: str) -> 
 
 
 def test_progress_travels_the_reply_path_to_the_submitting_node(
-    short_tmp: Path, redis_session: RedisServer
+    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
 ) -> None:
     cluster = cluster_section(redis_session, claim_idle=0.6)
     gate, held = short_tmp / "gate", short_tmp / "held"
     a = node(short_tmp, "a", cluster, size=1, handler=PROGRESS)
-    b: Daemon | None = None
-    try:
-        with Connection(a.socket) as conn:
-            # A's one worker runs a submit that reports progress but did not ask for it.
-            steps = {"mode": "steps", "path": str(gate)}
-            conn.send({"id": "gate", "op": "submit", "action": steps})
-            until(a, lambda s: s["busy"] == 1)
-            b = node(short_tmp, "b", cluster, size=1, handler=PROGRESS)
-            steps = {"mode": "steps", "path": str(held)}
-            conn.send({"id": "p", "op": "submit", "action": steps, "progress": True})
-            assert conn.receive() == {"id": "p", "progress": "started"}
-            assert status(b)["busy"] == 1  # run on B, reported through A's reply list
-            held.touch()
-            assert conn.receive() == {"id": "p", "progress": "ending"}
-            assert conn.receive() == {"id": "p", "ok": True, "result": "done"}
-            gate.touch()
-            # The submit that did not ask sees its answer and nothing before it.
-            assert conn.receive() == {"id": "gate", "ok": True, "result": "done"}
-        assert a.stop() == 0
-        assert b.stop() == 0
-    finally:
-        a.close()
-        if b is not None:
-            b.close()
+    closing.append(a)
+    with Connection(a.socket) as conn:
+        # A's one worker runs a submit that reports progress but did not ask for it.
+        steps = {"mode": "steps", "path": str(gate)}
+        conn.send({"id": "gate", "op": "submit", "action": steps})
+        until(a, lambda s: s["busy"] == 1)
+        b = node(short_tmp, "b", cluster, size=1, handler=PROGRESS)
+        closing.append(b)
+        steps = {"mode": "steps", "path": str(held)}
+        conn.send({"id": "p", "op": "submit", "action": steps, "progress": True})
+        assert conn.receive() == {"id": "p", "progress": "started"}
+        assert status(b)["busy"] == 1  # run on B, reported through A's reply list
+        held.touch()
+        assert conn.receive() == {"id": "p", "progress": "ending"}
+        assert conn.receive() == {"id": "p", "ok": True, "result": "done"}
+        gate.touch()
+        # The submit that did not ask sees its answer and nothing before it.
+        assert conn.receive() == {"id": "gate", "ok": True, "result": "done"}
+    assert a.stop() == 0
+    assert b.stop() == 0
 
 
 def test_a_disconnect_withdraws_what_no_node_took_and_lets_the_rest_finish(
-    short_tmp: Path, redis_session: RedisServer
+    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
 ) -> None:
     cluster = cluster_section(redis_session, claim_idle=0.6)  # status fresh every 0.2 s
     gate_a, gate_b, held = short_tmp / "gate-a", short_tmp / "gate-b", short_tmp / "held"
     record = short_tmp / "record"
     a = node(short_tmp, "a", cluster, size=1)
-    b: Daemon | None = None
-    try:
-        with Connection(a.socket) as conn_a:
-            busy_with_gate(conn_a, a, gate_a)
-            b = node(short_tmp, "b", cluster, size=1)
-            with Connection(b.socket) as conn_b:
-                busy_with_gate(conn_b, b, gate_b)
-                # Both nodes busy: a submit of B's client waits in the stream, not taken.
-                with Connection(b.socket) as gone:
-                    action = {"mode": "pid", "record": str(record), "id": "waiting"}
-                    gone.send({"id": 1, "op": "submit", "action": action})
-                    until(b, lambda s: s["cluster"]["waiting"] == 1)
-                # Its client gone, its entry is removed from the shared stream.
-                until(b, lambda s: s["cluster"]["waiting"] == 0)
-                gate_b.touch()
-                assert conn_b.receive()["id"] == "gate"  # type: ignore[index]
-            # One that B runs for a client of A: its client gone, it runs to its end.
-            with Connection(a.socket) as gone:
-                action = {"mode": "wait_for", "path": str(held), "record": str(record)}
-                gone.send({"id": 2, "op": "submit", "action": {**action, "id": "running"}})
-                until(b, lambda s: s["busy"] == 1)
-            held.touch()
-            until(b, lambda s: s["outcomes"]["result"] == 2)
-            gate_a.touch()
-            assert conn_a.receive()["id"] == "gate"  # type: ignore[index]
-            assert conn_a.request({"id": 3, "op": "submit", "action": {"mode": "pid"}})["ok"]
-            assert record.read_text().split() == ["running"]
-            # Its reply came to A for a submit nobody waits for: dropped, the list emptied.
-            assert redis_session.cli("LLEN", f"{cluster['stream']}:reply:a") == "0"
-        assert a.stop() == 0
-        assert b.stop() == 0
-    finally:
-        a.close()
-        if b is not None:
-            b.close()
+    closing.append(a)
+    with Connection(a.socket) as conn_a:
+        busy_with_gate(conn_a, a, gate_a)
+        b = node(short_tmp, "b", cluster, size=1)
+        closing.append(b)
+        with Connection(b.socket) as conn_b:
+            busy_with_gate(conn_b, b, gate_b)
+            # Both nodes busy: a submit of B's client waits in the stream, not taken.
+            with Connection(b.socket) as gone:
+                action = {"mode": "pid", "record": str(record), "id": "waiting"}
+                gone.send({"id": 1, "op": "submit", "action": action})
+                until(b, lambda s: s["cluster"]["waiting"] == 1)
+            # Its client gone, its entry is removed from the shared stream.
+            until(b, lambda s: s["cluster"]["waiting"] == 0)
+            gate_b.touch()
+            assert conn_b.receive()["id"] == "gate"  # type: ignore[index]
+        # One that B runs for a client of A: its client gone, it runs to its end.
+        with Connection(a.socket) as gone:
+            action = {"mode": "wait_for", "path": str(held), "record": str(record)}
+            gone.send({"id": 2, "op": "submit", "action": {**action, "id": "running"}})
+            until(b, lambda s: s["busy"] == 1)
+        held.touch()
+        until(b, lambda s: s["outcomes"]["result"] == 2)
+        gate_a.touch()
+        assert conn_a.receive()["id"] == "gate"  # type: ignore[index]
+        assert conn_a.request({"id": 3, "op": "submit", "action": {"mode": "pid"}})["ok"]
+        assert record.read_text().split() == ["running"]
+        # Its reply came to A for a submit nobody waits for: dropped, the list emptied.
+        assert redis_session.cli("LLEN", f"{cluster['stream']}:reply:a") == "0"
+    assert a.stop() == 0
+    assert b.stop() == 0
 
 
 def test_the_replies_of_a_submitter_that_died_expire(
-    short_tmp: Path, redis_session: RedisServer
+    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
 ) -> None:
     cluster = cluster_section(redis_session, claim_idle=0.5, result_ttl=2.0)
     gate, held = short_tmp / "gate", short_tmp / "held"
     a = node(short_tmp, "a", cluster, size=1)
-    b: Daemon | None = None
-    try:
-        with Connection(a.socket) as conn:
-            busy_with_gate(conn, a, gate)
-            b = node(short_tmp, "b", cluster, size=1)
-            conn.send({"id": 1, "op": "submit", "action": {"mode": "wait_for", "path": str(held)}})
-            until(b, lambda s: s["busy"] == 1)
-        a.kill()  # the submitter dies; B runs its entry, then takes over the gate's
-        held.touch()
-        gate.touch()
-        until(b, lambda s: s["outcomes"]["result"] == 2, timeout=30)
-        replies = f"{cluster['stream']}:reply:a"
-        assert redis_session.cli("LLEN", replies) == "2"  # unread: nobody is left to read
-        assert 0 < int(redis_session.cli("PTTL", replies)) <= 2000
-        wait_for_redis(redis_session, "the replies expire", "EXISTS", replies, expect="0")
-        assert b.stop() == 0
-    finally:
-        a.close()
-        if b is not None:
-            b.close()
+    closing.append(a)
+    with Connection(a.socket) as conn:
+        busy_with_gate(conn, a, gate)
+        b = node(short_tmp, "b", cluster, size=1)
+        closing.append(b)
+        conn.send({"id": 1, "op": "submit", "action": {"mode": "wait_for", "path": str(held)}})
+        until(b, lambda s: s["busy"] == 1)
+    a.kill()  # the submitter dies; B runs its entry, then takes over the gate's
+    held.touch()
+    gate.touch()
+    until(b, lambda s: s["outcomes"]["result"] == 2, timeout=30)
+    replies = f"{cluster['stream']}:reply:a"
+    assert redis_session.cli("LLEN", replies) == "2"  # unread: nobody is left to read
+    assert 0 < int(redis_session.cli("PTTL", replies)) <= 2000
+    wait_for_redis(redis_session, "the replies expire", "EXISTS", replies, expect="0")
+    assert b.stop() == 0
 
 
 def test_the_dead_stream_is_capped(redis_session: RedisServer) -> None:
@@ -158,10 +159,11 @@ def test_the_dead_stream_is_capped(redis_session: RedisServer) -> None:
 
 
 def test_entries_written_by_hand_that_cannot_run_get_bad_request(
-    short_tmp: Path, redis_session: RedisServer
+    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
 ) -> None:
     cluster = cluster_section(redis_session)
     a = node(short_tmp, "a", cluster, size=1)
+    closing.append(a)
     stream = cluster["stream"]
     wrong = {  # each entry's fields besides reply_to and its tag
         "no-action": [],
@@ -173,54 +175,49 @@ def test_entries_written_by_hand_that_cannot_run_get_bad_request(
         "attempts-zero": ["action", "1", "max_attempts", "0"],
         "attempts-text": ["action", "1", "max_attempts", "x"],
     }
-    try:
-        for tag, fields in wrong.items():
-            redis_session.cli("XADD", stream, "*", *fields, "reply_to", "hand:r", "tag", tag)
-        answers = {}
-        for _ in wrong:
-            reply = redis_session.cli("BLPOP", "hand:r", "10").split("\n")
-            assert reply[0] == "hand:r", reply
-            answer = json.loads(reply[1])
-            answers[answer["tag"]] = answer
-        assert sorted(answers) == sorted(wrong)
-        for tag, answer in answers.items():
-            assert answer["ok"] is False, answer
-            assert answer["error"]["code"] == "bad_request", (tag, answer)
-        # The node and its worker carry on, and nothing is left pending in the stream.
-        with Connection(a.socket) as conn:
-            ok = conn.request({"id": 1, "op": "submit", "action": {"mode": "pid"}})
-            assert ok["ok"] is True, ok
-            assert until(a, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
-        assert a.stop() == 0
-    finally:
-        a.close()
+    for tag, fields in wrong.items():
+        redis_session.cli("XADD", stream, "*", *fields, "reply_to", "hand:r", "tag", tag)
+    answers = {}
+    for _ in wrong:
+        reply = redis_session.cli("BLPOP", "hand:r", "10").split("\n")
+        assert reply[0] == "hand:r", reply
+        answer = json.loads(reply[1])
+        answers[answer["tag"]] = answer
+    assert sorted(answers) == sorted(wrong)
+    for tag, answer in answers.items():
+        assert answer["ok"] is False, answer
+        assert answer["error"]["code"] == "bad_request", (tag, answer)
+    # The node and its worker carry on, and nothing is left pending in the stream.
+    with Connection(a.socket) as conn:
+        ok = conn.request({"id": 1, "op": "submit", "action": {"mode": "pid"}})
+        assert ok["ok"] is True, ok
+        assert until(a, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
+    assert a.stop() == 0
 
 
 def test_a_submit_in_flight_when_redis_dies_is_answered_in_doubt(
-    short_tmp: Path, redis_own: RedisServer
+    short_tmp: Path, redis_own: RedisServer, closing: list[Daemon]
 ) -> None:
     cluster = cluster_section(redis_own, claim_idle=1.0)
     a = node(short_tmp, "a", cluster, size=1)
-    try:
-        with Connection(a.socket) as conn:
-            assert conn.request({"id": 0, "op": "submit", "action": {"mode": "pid"}})["ok"]
-            # Redis holds every write back: the node's script call adding the submit waits.
-            redis_own.cli("CLIENT", "PAUSE", "60000", "WRITE")
-            conn.send({"id": 1, "op": "submit", "action": {"mode": "pid"}})
-            # The status answer comes after the submit was taken (one connection, in order).
-            assert conn.request({"id": "s", "op": "status"})["ok"]
-            redis_own.kill()
-            answer = conn.receive()
-            assert answer is not None
-            assert answer["id"] == 1
-            assert answer["error"]["code"] == "unavailable", answer
-            assert answer["error"]["in_doubt"] is True, answer
-            redis_own.start()
-            until(a, lambda s: s["cluster"]["connected"], timeout=30)
-            assert conn.request({"id": 2, "op": "submit", "action": {"mode": "pid"}})["ok"]
-        assert a.stop() == 0
-    finally:
-        a.close()
+    closing.append(a)
+    with Connection(a.socket) as conn:
+        assert conn.request({"id": 0, "op": "submit", "action": {"mode": "pid"}})["ok"]
+        # Redis holds every write back: the node's script call adding the submit waits.
+        redis_own.cli("CLIENT", "PAUSE", "60000", "WRITE")
+        conn.send({"id": 1, "op": "submit", "action": {"mode": "pid"}})
+        # The status answer comes after the submit was taken (one connection, in order).
+        assert conn.request({"id": "s", "op": "status"})["ok"]
+        redis_own.kill()
+        answer = conn.receive()
+        assert answer is not None
+        assert answer["id"] == 1
+        assert answer["error"]["code"] == "unavailable", answer
+        assert answer["error"]["in_doubt"] is True, answer
+        redis_own.start()
+        until(a, lambda s: s["cluster"]["connected"], timeout=30)
+        assert conn.request({"id": 2, "op": "submit", "action": {"mode": "pid"}})["ok"]
+    assert a.stop() == 0
 
 
 def test_a_node_on_redis_without_blmpop_reads_its_replies_with_blpop(short_tmp: Path) -> None:
