@@ -9,13 +9,18 @@ is their sink.
 Tasks, each batching all that piled up since it last ran (one Redis call per wake-up, never
 one per action):
 
-- intake and canceller (`Submits`): this node's clients' submits and cancels;
+- intake and canceller (`Submits`): this node's clients' submits and cancels; the intake's
+  call also takes what this node has room for, so that its own submits run here at once
+  when it has idle workers (and, when it has not, on whichever node takes them first);
 - feeder: `XREADGROUP COUNT` = what this node can take (a worker each plus
-  `cluster.prefetch`, minus what it holds), each entry onto the pool;
+  `cluster.prefetch`, minus what it holds and what the intake's call in flight may take;
+  while it is idle, minus a reserve of a worker each, up to the prefetch, left for its own
+  clients' next submits), each entry onto the pool;
 - replier: the progress reports of what this node runs (those whose submitter asked, the
   latest of each), then their outcomes, each acknowledged and pushed to its submitter's
   reply list in one atomic script (the first acknowledgement wins, so a submitter gets one
-  reply per entry however many nodes ran it);
+  reply per entry however many nodes ran it). An entry of this node's own clients is
+  answered at once, in process, and only acknowledged;
 - listener: this node's reply list (answers and progress for its clients) and control list
   (cancels of entries it holds);
 - keeper: every `claim_idle / 3` seconds the heartbeat (`status` lists live nodes), the
@@ -83,6 +88,8 @@ class _Held(msgspec.Struct, gc=False):
     lost: bool = False
     #: Its outcome is known (its reply may still wait for the replier).
     done: bool = False
+    #: Its submitter is this node: answered in process, only acknowledged in Redis.
+    mine: bool = False
 
 
 class Node:
@@ -95,14 +102,28 @@ class Node:
         self.keys = link.keys
         self.name = link.keys.node
         self.submits = Submits(
-            link, config, secrets.token_hex(4), pool.config.max_queue, self._check_quiet
+            link,
+            config,
+            secrets.token_hex(4),
+            pool.config.max_queue,
+            self._check_quiet,
+            claim=self._claim,
+            taken=self._taken,
         )
+        self._mine = self.keys.reply.encode()
         #: Entries this node holds (in its pool or waiting for the replier), by id.
         self.held: dict[bytes, _Held] = {}
         self._room = Wakeup()
         #: Held entries whose outcome is not known yet: what room is counted against.
         self._running = 0
-        self._replies: list[tuple[_Held, bytes]] = []
+        #: Entries the feeder's read in flight, and the intake's call in flight, may take.
+        self._reading = 0
+        self._claimed = 0
+        #: Outcomes for the replier: the reply to push (b"" for this node's own entries,
+        #: only acknowledged), or None for an entry going back to the stream.
+        self._replies: list[tuple[_Held, bytes | None]] = []
+        #: Outcomes of this node's own entries, for its clients (ref, ok, result or error).
+        self._answers: list[tuple[str, bool, bytes]] = []
         #: The latest progress report of each held entry whose submitter asked, by id.
         self._reports: dict[bytes, tuple[_Held, bytes]] = {}
         self._replier = Wakeup()
@@ -168,12 +189,31 @@ class Node:
     def capacity(self) -> int:
         return self.pool.size + self.config.prefetch
 
-    def room(self) -> int:
+    def room(self, *, reading: bool = True) -> int:
         """Entries this node may take now: one per worker plus the prefetch, minus those
-        whose outcome is not known yet; none while a full call's worth of replies waits."""
+        whose outcome is not known yet and those a call in flight may take (the feeder's
+        blocked read left out with `reading` false); none while a full call's worth of
+        replies waits."""
         if len(self._replies) >= CHUNK:
             return 0
-        return self.capacity() - self._running
+        room = self.capacity() - self._running - self._claimed
+        return room - self._reading if reading else room
+
+    def _claim(self) -> int:
+        """The intake's call takes what there is room for (the feeder's read in flight
+        counted): its own submits among them, run here without another round trip."""
+        self._claimed = max(0, self.room())
+        return self._claimed
+
+    def _taken(self, entries: list[Any]) -> None:
+        self._claimed = 0
+        self._take([(e[0], e[1]) for e in entries])
+        self._room.wake()
+
+    def _reserve(self) -> int:
+        """What the feeder's read leaves to the intake while this node is idle: a worker
+        each (up to the prefetch), so that its clients' next submits run here at once."""
+        return 0 if self._running else min(self.pool.size, self.config.prefetch)
 
     async def feed(self) -> None:
         """Take entries as this node has room for them, each onto the pool."""
@@ -181,15 +221,17 @@ class Node:
         client = self.link.client
         while self.taking:
             room = self.room()
+            reserve = self._reserve()
             # Read in batches: while work is held, wait for half the room to be free, not
             # for each outcome (a read per action costs what a batch read of a hundred does).
-            if room <= 0 or (self._running and room < self.capacity() // 2):
+            if room <= reserve or (self._running and room < self.capacity() // 2):
                 await self._room.wait()
                 continue
             await self.link.up()
+            self._reading = count = room - reserve
             try:
                 got = await client.xreadgroup(
-                    keys.group, self.name, streams={keys.stream: ">"}, count=room, block=_BLOCK_MS
+                    keys.group, self.name, streams={keys.stream: ">"}, count=count, block=_BLOCK_MS
                 )
             except LOST as exc:
                 self.link.lost(exc)
@@ -197,6 +239,8 @@ class Node:
             except coredis.exceptions.RedisError as exc:
                 await self.link.refused(exc, "XREADGROUP")
                 continue
+            finally:
+                self._reading = 0
             if got and self.taking:
                 for entries in got.values():
                     self._take([(e.identifier, e.field_values) for e in entries])
@@ -208,7 +252,8 @@ class Node:
             fields = entry_fields(raw)
             reply_to = fields.get(b"reply_to", b"")
             wants = bool(reply_to) and fields.get(b"progress") == b"1"
-            held = _Held(entry, reply_to, fields.get(b"tag", b""), progress=wants)
+            mine = reply_to == self._mine
+            held = _Held(entry, reply_to, fields.get(b"tag", b""), wants, mine=mine)
             self.held[entry] = held
             self._running += 1
             try:
@@ -222,30 +267,36 @@ class Node:
                     if isinstance(exc, BadRequest | ActionError)
                     else BadRequest(f"not an entry qoper8d can run: {exc!r}")
                 )
-                self._reply(held, b'"ok":false,"error":%b' % _encode(why.to_wire()))
+                self._reply(held, False, _encode(why.to_wire()))
                 continue
             except QueueFull as exc:
-                self._reply(held, b'"ok":false,"error":%b' % _encode(exc.to_wire()))
+                self._reply(held, False, _encode(exc.to_wire()))
                 continue
             held.job = job
             self.pool.enqueue(job)
+        self._answer_mine()
 
     # The pool's sink: outcomes of the entries this node runs.
 
     def result(self, job: Job, payload: msgspec.Raw, worker: Any) -> None:
-        held = self.held.get(job.tag)
-        if held is not None:
-            self._reply(held, b'"ok":true,"result":%b' % payload)
+        self.results([job], [payload], worker)
 
     def results(self, jobs: list[Job], payloads: list[msgspec.Raw], worker: Any) -> None:
+        held = self.held
         for job, payload in zip(jobs, payloads, strict=True):
-            self.result(job, payload, worker)
+            one = held.get(job.tag)
+            if one is not None:
+                self._reply(one, True, payload)
+        self._answer_mine()
 
     def progress(self, job: Job, value: msgspec.Raw) -> None:
         """The handler reported progress: kept as the latest for its entry if its submitter
         asked, pushed by the replier before anything it pushes after."""
         held = self.held.get(job.tag)
         if held is not None and held.progress and not (held.done or held.lost):
+            if held.mine:
+                self.submits.progressed(held.ref.decode(errors="replace"), value)
+                return
             tag = _encode(held.ref.decode(errors="replace"))
             line = b'{"tag":%b,"entry":"%b","progress":%b}' % (tag, held.entry, value)
             self._reports[held.entry] = (held, line)
@@ -261,16 +312,30 @@ class Node:
             # Never started here, and this node stops: back in the stream for the others.
             held.job = None
             self._done(held)
-            self._replies.append((held, b""))
+            self._replies.append((held, None))
             self._replier.wake()
         else:
-            self._reply(held, b'"ok":false,"error":%b' % _encode(err.to_wire()))
+            self._reply(held, False, _encode(err.to_wire()))
+            self._answer_mine()
 
-    def _reply(self, held: _Held, body: bytes) -> None:
-        tag = _encode(held.ref.decode(errors="replace"))  # any client may have written it
-        self._replies.append((held, b'{"tag":%b,"entry":"%b",%b}' % (tag, held.entry, body)))
+    def _reply(self, held: _Held, ok: bool, raw: bytes) -> None:
+        """The outcome of `held`: for the replier to acknowledge and push; this node's own
+        clients' answered at once (`_answer_mine`), before their acknowledgement."""
+        ref = held.ref.decode(errors="replace")  # any client may have written it
+        if held.mine:
+            self._answers.append((ref, ok, raw))
+            line = b""
+        else:
+            body = b'"ok":true,"result":%b' % raw if ok else b'"ok":false,"error":%b' % raw
+            line = b'{"tag":%b,"entry":"%b",%b}' % (_encode(ref), held.entry, body)
+        self._replies.append((held, line))
         self._done(held)
         self._replier.wake()
+
+    def _answer_mine(self) -> None:
+        if self._answers:
+            answers, self._answers = self._answers, []
+            self.submits.answered(answers)
 
     def _done(self, held: _Held) -> None:
         if not held.done:
@@ -297,8 +362,8 @@ class Node:
                     await self._replier.wait()
                 continue
             batch = self._replies[:CHUNK]
-            answers = [(h, line) for h, line in batch if line]
-            back = [h.entry for h, line in batch if not line]
+            answers = [(h, line) for h, line in batch if line is not None]
+            back = [h.entry for h, line in batch if line is None]
             try:
                 if answers:
                     args: list[Any] = [
@@ -307,7 +372,7 @@ class Node:
                         REPLY_MAXLEN,
                     ]
                     for held, line in answers:
-                        args += [held.entry, held.reply_to, line]
+                        args += [held.entry, held.reply_to if line else b"", line]
                     await self.link.call("REPLY", [keys.stream], args)
                 if back:
                     await self.link.call("REQUEUE", [keys.stream], [keys.group, *back])
@@ -378,7 +443,9 @@ class Node:
             self._stop_held(lost[::2])
 
     async def _reclaim(self) -> None:
-        room = self.room()
+        # The feeder's read is not waited for: it blocks while no new entry comes, and
+        # what silent nodes held is older than any.
+        room = self.room(reading=False)
         if room <= 0:
             return
         keys = self.keys

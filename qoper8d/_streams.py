@@ -77,17 +77,20 @@ def _lua(text: str) -> bytes:
     return text.strip().encode()
 
 
-#: KEYS: stream. ARGV: group, max_queue, entry count, then per entry its field count and
-#: fields. Each entry is added while fewer than max_queue wait (in the stream, not yet
-#: taken); the reply holds its id, or 0 for one refused.
+#: KEYS: stream. ARGV: group, max_queue, this node's consumer name, how many entries it
+#: takes, the entry count, then per entry its field count and fields. Each entry is added
+#: while fewer than max_queue wait (in the stream, not yet taken); then the node takes up to
+#: as many entries as it has room for, the oldest waiting first (`XREADGROUP`, as its
+#: feeder would: its own submits when nothing older waits). The reply: the id of each entry,
+#: or 0 for one refused; the entries taken, each its id and fields.
 SUBMIT = _lua("""
-local s = KEYS[1]
-local limit = tonumber(ARGV[2])
+local s, g = KEYS[1], ARGV[1]
+local limit, take = tonumber(ARGV[2]), tonumber(ARGV[4])
 local waiting = redis.call('XLEN', s)
-local p = redis.pcall('XPENDING', s, ARGV[1])
+local p = redis.pcall('XPENDING', s, g)
 if type(p) == 'table' and p[1] then waiting = waiting - p[1] end
-local out, i = {}, 4
-for n = 1, tonumber(ARGV[3]) do
+local out, i = {}, 6
+for n = 1, tonumber(ARGV[5]) do
   local k = tonumber(ARGV[i])
   if waiting < limit then
     out[n] = redis.call('XADD', s, '*', unpack(ARGV, i + 1, i + 2 * k))
@@ -97,13 +100,14 @@ for n = 1, tonumber(ARGV[3]) do
   end
   i = i + 1 + 2 * k
 end
-return out
+local taken = {}
+if take > 0 then
+  local got = redis.call('XREADGROUP', 'GROUP', g, ARGV[3], 'COUNT', take, 'STREAMS', s, '>')
+  if got then taken = got[1][2] end
+end
+return {out, taken}
 """)
 
-#: KEYS: stream. ARGV: group, ttl in ms, list cap, then per entry its id, its reply list
-#: and the reply. An entry acknowledged now for the first time is deleted and its reply
-#: pushed (the list expires ttl after its last reply); one acknowledged before (another
-#: node was first, or it was cancelled) gets nothing. The reply: 1 or 0 per entry.
 REPLY = _lua("""
 local s, g, ttl, cap = KEYS[1], ARGV[1], ARGV[2], -tonumber(ARGV[3])
 local out = {}

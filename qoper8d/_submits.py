@@ -5,12 +5,15 @@ node's reply list (docs/cluster.md). Two tasks, each batching all that piled up 
 last ran (one Redis call per wake-up, never one per action):
 
 - intake: the submits of every connection since the last call, added in one script call
-  (checked against `pool.max_queue` entries waiting in the stream);
+  (checked against `pool.max_queue` entries waiting in the stream), which also takes for
+  this node as many waiting entries as it has room for (`claim`, then `taken`): so a node
+  with idle workers runs its own submits without another round trip;
 - canceller: the entries of cancelled submits and of clients gone away, removed (or, for
   an entry a node holds, its node told) in one script call.
 
 `replied` answers the clients from what the node's listener read off the reply list:
-outcomes, and progress reports for the submits that asked for them (SPEC 9).
+outcomes, and progress reports for the submits that asked for them (SPEC 9); `answered` and
+`progressed` do the same for the entries this node ran itself, with no trip through Redis.
 
 Bound: this node's submits waiting for an answer, 2 x `pool.max_queue` (then
 `queue_full`): as many waiting in the stream as it takes, and as many running anywhere.
@@ -18,7 +21,7 @@ Bound: this node's submits waiting for an answer, 2 x `pool.max_queue` (then
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -57,7 +60,9 @@ class Ticket(Job, gc=False, eq=False):
 
 class Submits:
     """This node's clients' submits (see the module docstring). `on_answer` runs after
-    each answer, so that a stopping node learns when the last one is out."""
+    each answer, so that a stopping node learns when the last one is out. Before each
+    intake call `claim()` says how many entries the node takes in that call; after it,
+    `taken` gets what it took (an empty list if the call failed)."""
 
     def __init__(
         self,
@@ -66,6 +71,8 @@ class Submits:
         boot: str,
         max_queue: int,
         on_answer: Callable[[], None],
+        claim: Callable[[], int] = lambda: 0,
+        taken: Callable[[list[Any]], None] = lambda entries: None,
     ) -> None:
         self.link = link
         self.keys = link.keys
@@ -74,6 +81,8 @@ class Submits:
         self._boot = boot
         self._count = 0
         self._on_answer = on_answer
+        self._claim = claim
+        self._taken = taken
         #: This node's submits waiting for a reply, by ref.
         self.tickets: dict[str, Ticket] = {}
         self._intake: list[Ticket] = []
@@ -172,7 +181,8 @@ class Submits:
             del self._intake[:CHUNK]
             if not batch:
                 continue
-            args: list[Any] = [keys.group, self.max_queue, len(batch)]
+            take = self._claim()
+            args: list[Any] = [keys.group, self.max_queue, keys.node, take, len(batch)]
             for t in batch:
                 fields = [b"action", t.payload, b"reply_to", keys.reply, b"tag", t.ref]
                 if t.timeout:
@@ -184,8 +194,9 @@ class Submits:
                 args.append(len(fields) // 2)
                 args.extend(fields)
             try:
-                ids = await self.link.call("SUBMIT", [keys.stream], args)
+                ids, taken = await self.link.call("SUBMIT", [keys.stream], args)
             except Unavailable as exc:
+                self._taken([])
                 # The call may have run: the entries may be in the stream. The client is
                 # told so; a reply that comes all the same is dropped (its ref is gone).
                 exc.details["in_doubt"] = True
@@ -201,11 +212,12 @@ class Submits:
                     self._canceller.wake()
                 else:
                     t.entry = entry
+            self._taken(taken)
 
     def replied(self, values: list[bytes]) -> None:
         """Answer this node's clients from what its reply list held: one write per
         connection for the whole read, not one per answer."""
-        lines: dict[Any, list[bytes]] = {}
+        answers = []
         for value in values:
             try:
                 reply = decode_reply(value)
@@ -213,20 +225,33 @@ class Submits:
                 log.warning("cluster.bad_reply", reply=value[:200])
                 continue
             if reply.ok is None:  # a progress report: sent on if its submit asked
-                ticket = self.tickets.get(reply.tag)
-                if ticket is not None and ticket.progress:
-                    # Before its own answer, which is later in the list: all it must precede.
-                    ticket.sink.progress(ticket, reply.progress)  # type: ignore[attr-defined]
-                continue
-            ticket = self.tickets.pop(reply.tag, None)
+                # Before its own answer, which is later in the list: all it must precede.
+                self.progressed(reply.tag, reply.progress)
+            else:
+                answers.append((reply.tag, reply.ok, reply.result if reply.ok else reply.error))
+        self.answered(answers)
+
+    def progressed(self, ref: str, value: msgspec.Raw) -> None:
+        """A progress report for the submit `ref`: sent on if it asked for them."""
+        ticket = self.tickets.get(ref)
+        if ticket is not None and ticket.progress:
+            ticket.sink.progress(ticket, value)  # type: ignore[attr-defined]
+
+    def answered(self, answers: Iterable[tuple[str, bool, bytes]]) -> None:
+        """Answer the submits named by ref, each with its result (ok) or error (raw JSON):
+        one write per connection for them all. A ref no longer waiting is skipped: a late
+        second reply, a cancelled submit's, or a past life's."""
+        lines: dict[Any, list[bytes]] = {}
+        for ref, ok, body in answers:
+            ticket = self.tickets.pop(ref, None)
             if ticket is None:
-                continue  # a late second reply, a cancelled submit's, or a past life's
+                continue
             conn: Any = ticket.sink
             conn.pending.pop(ticket.tag, None)
-            if reply.ok:
-                line = b'{"id":%b,"ok":true,"result":%b}\n' % (ticket.tag, reply.result)
+            if ok:
+                line = b'{"id":%b,"ok":true,"result":%b}\n' % (ticket.tag, body)
             else:
-                line = b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, reply.error)
+                line = b'{"id":%b,"ok":false,"error":%b}\n' % (ticket.tag, body)
             if ticket.progress:
                 line = conn.unwatch(ticket.tag) + line
             lines.setdefault(conn, []).append(line)

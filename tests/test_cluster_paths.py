@@ -1,7 +1,7 @@
 """The cluster's less travelled paths (SPEC 11), on real daemons and real redis-servers:
-progress over the reply path, a client's disconnect across nodes, replies of a submitter
-that died, the capped dead stream, entries written by hand, a submit in doubt, and Redis
-without BLMPOP (6.2).
+an idle node's own submits run and answered in process, progress over the reply path, a
+client's disconnect across nodes, replies of a submitter that died, the capped dead stream,
+entries written by hand, a submit in doubt, and Redis without BLMPOP (6.2).
 
 As in test_cluster.py: handshakes, log events and answers to wait on (a poll with a
 deadline only where Redis's own clock decides, as for an expiry), no process left behind.
@@ -66,6 +66,43 @@ def test_progress_travels_the_reply_path_to_the_submitting_node(
         gate.touch()
         # The submit that did not ask sees its answer and nothing before it.
         assert conn.receive() == {"id": "gate", "ok": True, "result": "done"}
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+def test_an_idle_node_runs_its_own_submits_and_answers_them_itself(
+    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+) -> None:
+    # A worker each and a prefetch of 1: an idle node's feeder leaves one entry's room to
+    # its own clients, which its intake's call takes with their submits.
+    cluster = cluster_section(redis_session, claim_idle=0.6, prefetch=1)
+    stream = cluster["stream"]
+    a = node(short_tmp, "a", cluster, size=1)
+    closing.append(a)
+    b = node(short_tmp, "b", cluster, size=1, handler=PROGRESS)
+    closing.append(b)
+    pids = [w["pid"] for w in status(a)["workers"]]
+    with Connection(a.socket) as conn:
+        for i in range(20):
+            reply = conn.request({"id": i, "op": "submit", "action": {"mode": "pid"}})
+            assert reply["ok"], reply
+            assert reply["result"] in pids, f"run on the other node: {reply}"
+    with Connection(b.socket) as conn:
+        # Its progress and its answer go straight to the client, in their order.
+        steps = {"mode": "steps", "path": str(short_tmp / "gate")}
+        conn.send({"id": "p", "op": "submit", "action": steps, "progress": True})
+        assert conn.receive() == {"id": "p", "progress": "started"}
+        assert status(b)["busy"] == 1
+        assert status(a)["busy"] == 0
+        (short_tmp / "gate").touch()
+        assert conn.receive() == {"id": "p", "progress": "ending"}
+        assert conn.receive() == {"id": "p", "ok": True, "result": "done"}
+    # Each entry acknowledged and deleted all the same (after its answer); no reply, and no
+    # progress report, went through a reply list.
+    wait_for_redis(redis_session, "acknowledged", "XLEN", stream, expect="0")
+    assert redis_session.cli("XPENDING", stream, stream).split("\n")[0] == "0"
+    for name in "ab":
+        assert redis_session.cli("EXISTS", f"{stream}:reply:{name}") == "0"
     assert a.stop() == 0
     assert b.stop() == 0
 
