@@ -12,8 +12,9 @@ one per action):
 - intake and canceller (`Submits`): this node's clients' submits and cancels; the intake's
   call also takes what this node has room for, so that its own submits run here at once
   when it has idle workers (and, when it has not, on whichever node takes them first);
-- feeder: `XREADGROUP COUNT` = what this node can take (a worker each plus
-  `cluster.prefetch`, minus what it holds and what the intake's call in flight may take;
+- feeder: `XREADGROUP COUNT` = what this node can take (a worker each plus the prefetch,
+  which follows the rate at which its actions end, up to `cluster.prefetch`; minus what it
+  holds and what the intake's call in flight may take;
   while it is idle, minus a reserve of a worker each, up to the prefetch, left for its own
   clients' next submits), each entry onto the pool;
 - replier: the progress reports of what this node runs (those whose submitter asked, the
@@ -35,6 +36,7 @@ progress reports waiting, one per entry held.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import socket
@@ -65,6 +67,12 @@ log = structlog.get_logger("qoper8d.cluster")
 _BLOCK_MS = 1000
 #: Most elements of the reply and control lists taken per wake-up.
 _TAKE = 1000
+#: Seconds of work a node prefetches, at the rate it finishes actions: enough to hide its
+#: reads (a read is sent with half of it still queued), little enough that long actions
+#: are not queued behind each other on one node while another is idle.
+_AHEAD = 0.02
+#: Seconds over which that rate is measured.
+_RATE_WINDOW = 0.05
 _encode = msgspec.json.Encoder().encode
 #: What is wrong with an entry written by hand that qoper8d cannot run: `bad_request`.
 _UNRUNNABLE = (KeyError, ValueError, RecursionError, msgspec.DecodeError, ActionError, BadRequest)
@@ -116,6 +124,11 @@ class Node:
         self._room = Wakeup()
         #: Held entries whose outcome is not known yet: what room is counted against.
         self._running = 0
+        #: The prefetch now: from a worker each (up to `cluster.prefetch`) to all of it, as
+        #: fast as actions end here (`_AHEAD`); outcomes known so far, and when last looked.
+        self.prefetch = self._least_prefetch()
+        self._ended = 0
+        self._rate_mark = (0.0, 0)
         #: Entries the feeder's read in flight, and the intake's call in flight, may take.
         self._reading = 0
         self._claimed = 0
@@ -187,7 +200,25 @@ class Node:
     # -- the worker side: entries this node takes ------------------------------------------
 
     def capacity(self) -> int:
-        return self.pool.size + self.config.prefetch
+        return self.pool.size + self.prefetch
+
+    def _least_prefetch(self) -> int:
+        return min(self.pool.size, self.config.prefetch)
+
+    def _pace(self) -> None:
+        """Set the prefetch from the rate at which actions ended here over the last
+        `_RATE_WINDOW`: `_AHEAD` seconds of them, between a worker each and
+        `cluster.prefetch`. Quick actions grow it to the cap in a few reads (what a node
+        holds bounds its rate, so a higher rate follows each step up); slow ones keep it
+        at the least, so they queue on no node while another has idle workers."""
+        now = trio.current_time()
+        since, ended = self._rate_mark
+        if now - since < _RATE_WINDOW:
+            return
+        rate = (self._ended - ended) / (now - since)
+        self._rate_mark = (now, self._ended)
+        want = math.ceil(rate * _AHEAD)
+        self.prefetch = max(self._least_prefetch(), min(self.config.prefetch, want))
 
     def room(self, *, reading: bool = True) -> int:
         """Entries this node may take now: one per worker plus the prefetch, minus those
@@ -213,13 +244,14 @@ class Node:
     def _reserve(self) -> int:
         """What the feeder's read leaves to the intake while this node is idle: a worker
         each (up to the prefetch), so that its clients' next submits run here at once."""
-        return 0 if self._running else min(self.pool.size, self.config.prefetch)
+        return 0 if self._running else self._least_prefetch()
 
     async def feed(self) -> None:
         """Take entries as this node has room for them, each onto the pool."""
         keys = self.keys
         client = self.link.client
         while self.taking:
+            self._pace()
             room = self.room()
             reserve = self._reserve()
             # Read in batches: while work is held, wait for half the room to be free, not
@@ -341,6 +373,7 @@ class Node:
         if not held.done:
             held.done = True
             self._running -= 1
+            self._ended += 1
             self._room.wake()
 
     def _release(self, held: _Held) -> None:
@@ -498,6 +531,7 @@ class Node:
             "connected": self.link.connected,
             "outages": self.link.outages,
             "held": len(self.held),
+            "prefetch": self.prefetch,
             "awaiting": len(self.submits.tickets),
             **self.seen,
         }

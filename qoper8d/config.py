@@ -245,8 +245,9 @@ class ClusterConfig(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     result_ttl: Annotated[float, msgspec.Meta(ge=1, le=30 * 86400, extra={"unit": "seconds"})] = (
         300.0
     )
-    # Actions a node takes beyond one per worker, so that it is never idle between reads.
-    prefetch: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
+    # Most actions a node takes beyond one per worker, so that it is never idle between
+    # reads: it prefetches about 20 ms of work at the rate its actions end, up to this.
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 512
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

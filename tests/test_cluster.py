@@ -346,12 +346,14 @@ def test_a_stopping_node_puts_back_what_it_did_not_finish(
     try:
         with Connection(a.socket) as conn:
             busy_with_gate(conn, a, gate)
-            # B holds three: one running, two prefetched in its pool's queue.
-            b = node(short_tmp, "b", {**cluster, "prefetch": 2}, size=1, grace_period=0.2)
+            # B holds two: one running, one prefetched in its pool's queue (no more, for
+            # actions this slow, whatever the cap: the third waits in the stream).
+            b = node(short_tmp, "b", {**cluster, "prefetch": 8}, size=1, grace_period=0.2)
             action = {"mode": "wait_for", "path": str(held)}
             conn.send(*({"id": i, "op": "submit", "action": action} for i in range(3)))
-            until(b, lambda s: s["cluster"]["held"] == 3 and s["busy"] == 1)
-            assert b.stop() == 0  # the grace period ends with all three unfinished
+            until(b, lambda s: s["cluster"]["held"] == 2 and s["cluster"]["waiting"] == 1)
+            assert status(b)["busy"] == 1
+            assert b.stop() == 0  # the grace period ends with both unfinished
             held.touch()
             gate.touch()
             replies = {r["id"]: r for r in conn.receive_all(4)}
