@@ -50,7 +50,7 @@ from coredis.tokens import PureToken
 
 from qoper8d._jobs import Job, decode_json
 from qoper8d._link import LOST, Link, redacted
-from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, entry_fields
+from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, entry_fields, pack
 from qoper8d._submits import CHUNK, Submits
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
@@ -399,13 +399,11 @@ class Node:
             back = [h.entry for h, line in batch if line is None]
             try:
                 if answers:
-                    args: list[Any] = [
-                        keys.group,
-                        int(self.config.result_ttl * 1000),
-                        REPLY_MAXLEN,
-                    ]
+                    flat: list[bytes] = []
                     for held, line in answers:
-                        args += [held.entry, held.reply_to if line else b"", line]
+                        flat += (held.entry, held.reply_to if line else b"", line)
+                    ttl = int(self.config.result_ttl * 1000)
+                    args = [keys.group, ttl, REPLY_MAXLEN, pack(flat)]
                     await self.link.call("REPLY", [keys.stream], args)
                 if back:
                     await self.link.call("REQUEUE", [keys.stream], [keys.group, *back])

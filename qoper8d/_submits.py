@@ -29,7 +29,7 @@ import structlog
 
 from qoper8d._jobs import Job, encode_action
 from qoper8d._link import Link, redacted
-from qoper8d._streams import decode_reply
+from qoper8d._streams import decode_reply, pack
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
 from qoper8d.errors import ActionCancelled, BadRequest, QueueFull, ShuttingDown, Unavailable
@@ -182,7 +182,7 @@ class Submits:
             if not batch:
                 continue
             take = self._claim()
-            args: list[Any] = [keys.group, self.max_queue, keys.node, take, len(batch)]
+            entries = []
             for t in batch:
                 fields = [b"action", t.payload, b"reply_to", keys.reply, b"tag", t.ref]
                 if t.timeout:
@@ -191,8 +191,8 @@ class Submits:
                     fields += [b"max_attempts", str(t.max_attempts)]
                 if t.progress:
                     fields += [b"progress", b"1"]
-                args.append(len(fields) // 2)
-                args.extend(fields)
+                entries.append(fields)
+            args = [keys.group, self.max_queue, keys.node, take, pack(entries)]
             try:
                 ids, taken = await self.link.call("SUBMIT", [keys.stream], args)
             except Unavailable as exc:

@@ -107,6 +107,35 @@ def test_an_idle_node_runs_its_own_submits_and_answers_them_itself(
     assert b.stop() == 0
 
 
+def test_actions_of_every_size_class_cross_the_scripts_intact(
+    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+) -> None:
+    # The scripts take a batch as one msgpack argument, its header by length: strings on each
+    # side of the 32, 256 and 65,536 byte steps, text that is not ASCII, and batches of more
+    # than 15 entries (pipelined), run here and on the other node (through its reply list).
+    cluster = cluster_section(redis_session, prefetch=4)
+    a = node(short_tmp, "a", cluster, size=1)
+    closing.append(a)
+    b = node(short_tmp, "b", cluster, size=1)
+    closing.append(b)
+    # The action field is the action's JSON: 20 bytes around the string.
+    sizes = [0, 11, 12, 13, 235, 236, 237, 65515, 65516, 65517, 200_000]
+    texts = ["x" * n for n in sizes] + ["é" * 40, "\u2603" * 30_000, '"\\\n{']
+    with Connection(a.socket) as conn:
+        sent = {}
+        for i in range(300):
+            action = {"mode": "ok", "s": texts[i % len(texts)]}
+            sent[i] = action
+            conn.send({"id": i, "op": "submit", "action": action})
+        for _ in sent:
+            reply = conn.receive()
+            assert reply["ok"], str(reply)[:300]
+            assert reply["result"] == sent[reply["id"]], reply["id"]
+    assert until(a, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
 def test_a_disconnect_withdraws_what_no_node_took_and_lets_the_rest_finish(
     short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
 ) -> None:
