@@ -50,7 +50,7 @@ from coredis.tokens import PureToken
 
 from qoper8d._jobs import Job, decode_json
 from qoper8d._link import LOST, Link, redacted
-from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, entry_fields, pack
+from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, call_length, entry_fields, pack
 from qoper8d._submits import CHUNK, Submits
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
@@ -81,6 +81,10 @@ _UNRUNNABLE = (KeyError, ValueError, RecursionError, msgspec.DecodeError, Action
 def node_name(config: ClusterConfig) -> str:
     """This node's consumer name: `cluster.node`, or hostname-pid."""
     return config.node or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _reply_size(item: tuple[_Held, bytes | None]) -> int:
+    return len(item[1] or b"")
 
 
 class _Held(msgspec.Struct, gc=False):
@@ -394,7 +398,7 @@ class Node:
                 if not self._reports:
                     await self._replier.wait()
                 continue
-            batch = self._replies[:CHUNK]
+            batch = self._replies[: call_length(self._replies, _reply_size, CHUNK)]
             answers = [(h, line) for h, line in batch if line is not None]
             back = [h.entry for h, line in batch if line is None]
             try:

@@ -10,12 +10,14 @@ a takeover that poisons what was delivered too often. Sans-IO: no client here, o
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
 __all__ = [
     "BEAT",
+    "CALL_BYTES",
     "CANCEL",
     "DEAD_MAXLEN",
     "PROGRESS",
@@ -28,6 +30,7 @@ __all__ = [
     "SWEEP",
     "Keys",
     "Reply",
+    "call_length",
     "decode_reply",
     "entry_fields",
     "pack",
@@ -317,6 +320,27 @@ for _, name in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', cutoff)) do
 end
 return gone
 """)
+
+
+#: About the most bytes of actions or replies one script call carries, one whole item at
+#: least: a call holds Redis for as long as it runs, and Redis takes no argument longer than
+#: its `proto-max-bulk-len` (512 MB by default) and no command past its
+#: `client-query-buffer-limit` (1 GB), which a batch of a thousand 1 MiB actions or 16 MiB
+#: results would pass.
+CALL_BYTES = 8 << 20
+
+_T = TypeVar("_T")
+
+
+def call_length(items: Sequence[_T], size: Callable[[_T], int], most: int) -> int:
+    """How many of `items`, from the first, one call carries: at most `most`, and no more
+    than `CALL_BYTES` of their `size` unless the first alone is longer."""
+    total = 0
+    for n in range(min(len(items), most)):
+        total += size(items[n])
+        if total > CALL_BYTES and n:
+            return n
+    return min(len(items), most)
 
 
 def pack(items: list[Any]) -> bytes:

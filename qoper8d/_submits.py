@@ -29,7 +29,7 @@ import structlog
 
 from qoper8d._jobs import Job, encode_action
 from qoper8d._link import Link, redacted
-from qoper8d._streams import decode_reply, pack
+from qoper8d._streams import call_length, decode_reply, pack
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
 from qoper8d.errors import ActionCancelled, BadRequest, QueueFull, ShuttingDown, Unavailable
@@ -43,6 +43,10 @@ log = structlog.get_logger("qoper8d.cluster")
 #: no longer than that.
 CHUNK = 1000
 _encode = msgspec.json.Encoder().encode
+
+
+def _payload_size(ticket: Ticket) -> int:
+    return len(ticket.payload)
 
 
 class Ticket(Job, gc=False, eq=False):
@@ -177,8 +181,9 @@ class Submits:
             if not self._intake:
                 await self._intake_wake.wait()
                 continue
-            batch = [t for t in self._intake[:CHUNK] if not t.cancelled]
-            del self._intake[:CHUNK]
+            n = call_length(self._intake, _payload_size, CHUNK)
+            batch = [t for t in self._intake[:n] if not t.cancelled]
+            del self._intake[:n]
             if not batch:
                 continue
             take = self._claim()

@@ -10,6 +10,7 @@ deadline only where Redis's own clock decides, as for an expiry), no process lef
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,41 @@ def test_actions_of_every_size_class_cross_the_scripts_intact(
             reply = conn.receive()
             assert reply["ok"], str(reply)[:300]
             assert reply["result"] == sent[reply["id"]], reply["id"]
+    assert until(a, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+def test_a_call_carries_at_most_call_bytes_of_actions_and_results(
+    short_tmp: Path, redis_own: RedisServer, closing: list[Daemon]
+) -> None:
+    # Redis here takes no argument longer than CALL_BYTES + 1 MiB: 40 actions of 900 kB
+    # waiting at once (36 MB), and their results as long, go in calls of at most that.
+    limit = (_streams.CALL_BYTES >> 20) + 1
+    redis_own.cli("CONFIG", "SET", "proto-max-bulk-len", f"{limit}mb")
+    cluster = cluster_section(redis_own, prefetch=8)
+    a = node(short_tmp, "a", cluster, size=1)
+    closing.append(a)
+    b = node(short_tmp, "b", cluster, size=1)
+    closing.append(b)
+    with Connection(a.socket) as conn:
+        # Sent from a thread while this one reads: the node stops reading a client that
+        # leaves its answers unread past server.max_unsent_bytes.
+        actions = [{"mode": "ok", "s": f"{i:02}" * 450_000} for i in range(40)]
+        sends = [{"id": i, "op": "submit", "action": action} for i, action in enumerate(actions)]
+        sender = threading.Thread(target=lambda: [conn.send(request) for request in sends])
+        # Redis holds the node's first call until all 40 wait in its intake for the next.
+        redis_own.cli("CLIENT", "PAUSE", "30000", "WRITE")
+        sender.start()
+        until(a, lambda s: s["cluster"]["awaiting"] == len(sends))
+        redis_own.cli("CLIENT", "UNPAUSE")
+        for reply in conn.receive_all(len(actions)):
+            assert reply["ok"], str(reply)[:300]
+            assert reply["result"] == actions[reply["id"]], reply["id"]
+        sender.join()
+    # Nothing refused (a second node's group creation and a script's first call aside).
+    errors = [line.split(":")[0] for line in redis_own.cli("INFO", "errorstats").splitlines()]
+    assert set(errors[1:]) <= {"errorstat_BUSYGROUP", "errorstat_NOSCRIPT"}, errors
     assert until(a, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
     assert a.stop() == 0
     assert b.stop() == 0
