@@ -128,8 +128,7 @@ def test_actions_of_every_size_class_cross_the_scripts_intact(
             action = {"mode": "ok", "s": texts[i % len(texts)]}
             sent[i] = action
             conn.send({"id": i, "op": "submit", "action": action})
-        for _ in sent:
-            reply = conn.receive()
+        for reply in conn.receive_all(len(sent)):
             assert reply["ok"], str(reply)[:300]
             assert reply["result"] == sent[reply["id"]], reply["id"]
     assert until(a, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
@@ -154,7 +153,12 @@ def test_a_call_carries_at_most_call_bytes_of_actions_and_results(
         # leaves its answers unread past server.max_unsent_bytes.
         actions = [{"mode": "ok", "s": f"{i:02}" * 450_000} for i in range(40)]
         sends = [{"id": i, "op": "submit", "action": action} for i, action in enumerate(actions)]
-        sender = threading.Thread(target=lambda: [conn.send(request) for request in sends])
+
+        def send_all() -> None:
+            for request in sends:
+                conn.send(request)
+
+        sender = threading.Thread(target=send_all)
         # Redis holds the node's first call until all 40 wait in its intake for the next.
         redis_own.cli("CLIENT", "PAUSE", "30000", "WRITE")
         sender.start()
