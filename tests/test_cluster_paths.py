@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,11 +27,17 @@ PROGRESS = "handlers.progress:handle"
 
 
 @pytest.fixture
-def closing() -> Iterator[list[Daemon]]:
-    """Daemons a test appends here are closed after it, whatever it did (each test's nodes
-    start one after another, some only once the first is busy)."""
+def start_node(short_tmp: Path) -> Iterator[Callable[..., Daemon]]:
+    """Starts a node of the test's cluster in `short_tmp` (`node`'s arguments after it), and
+    closes each one after the test, whatever it did (a test's nodes start one after another,
+    some only once the first is busy)."""
     daemons: list[Daemon] = []
-    yield daemons
+
+    def start(name: str, cluster: dict[str, Any], **pool: Any) -> Daemon:
+        daemons.append(node(short_tmp, name, cluster, **pool))
+        return daemons[-1]
+
+    yield start
     for daemon in daemons:
         daemon.close()
 
@@ -44,19 +51,17 @@ def wait_for_redis(server: RedisServer, check: str, *args: str, expect: str) -> 
 
 
 def test_progress_travels_the_reply_path_to_the_submitting_node(
-    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     cluster = cluster_section(redis_session, claim_idle=0.6)
     gate, held = short_tmp / "gate", short_tmp / "held"
-    a = node(short_tmp, "a", cluster, size=1, handler=PROGRESS)
-    closing.append(a)
+    a = start_node("a", cluster, size=1, handler=PROGRESS)
     with Connection(a.socket) as conn:
         # A's one worker runs a submit that reports progress but did not ask for it.
         steps = {"mode": "steps", "path": str(gate)}
         conn.send({"id": "gate", "op": "submit", "action": steps})
         until(a, lambda s: s["busy"] == 1)
-        b = node(short_tmp, "b", cluster, size=1, handler=PROGRESS)
-        closing.append(b)
+        b = start_node("b", cluster, size=1, handler=PROGRESS)
         steps = {"mode": "steps", "path": str(held)}
         conn.send({"id": "p", "op": "submit", "action": steps, "progress": True})
         assert conn.receive() == {"id": "p", "progress": "started"}
@@ -72,16 +77,14 @@ def test_progress_travels_the_reply_path_to_the_submitting_node(
 
 
 def test_an_idle_node_runs_its_own_submits_and_answers_them_itself(
-    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     # A worker each and a prefetch of 1: an idle node's feeder leaves one entry's room to
     # its own clients, which its intake's call takes with their submits.
     cluster = cluster_section(redis_session, claim_idle=0.6, prefetch=1)
     stream = cluster["stream"]
-    a = node(short_tmp, "a", cluster, size=1)
-    closing.append(a)
-    b = node(short_tmp, "b", cluster, size=1, handler=PROGRESS)
-    closing.append(b)
+    a = start_node("a", cluster, size=1)
+    b = start_node("b", cluster, size=1, handler=PROGRESS)
     pids = [w["pid"] for w in status(a)["workers"]]
     with Connection(a.socket) as conn:
         for i in range(20):
@@ -109,16 +112,14 @@ def test_an_idle_node_runs_its_own_submits_and_answers_them_itself(
 
 
 def test_actions_of_every_size_class_cross_the_scripts_intact(
-    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     # The scripts take a batch as one msgpack argument, its header by length: strings on each
     # side of the 32, 256 and 65,536 byte steps, text that is not ASCII, and batches of more
     # than 15 entries (pipelined), run here and on the other node (through its reply list).
     cluster = cluster_section(redis_session, prefetch=4)
-    a = node(short_tmp, "a", cluster, size=1)
-    closing.append(a)
-    b = node(short_tmp, "b", cluster, size=1)
-    closing.append(b)
+    a = start_node("a", cluster, size=1)
+    b = start_node("b", cluster, size=1)
     # The action field is the action's JSON: 20 bytes around the string.
     sizes = [0, 11, 12, 13, 235, 236, 237, 65515, 65516, 65517, 200_000]
     texts = ["x" * n for n in sizes] + ["é" * 40, "\u2603" * 30_000, '"\\\n{']
@@ -137,17 +138,15 @@ def test_actions_of_every_size_class_cross_the_scripts_intact(
 
 
 def test_a_call_carries_at_most_call_bytes_of_actions_and_results(
-    short_tmp: Path, redis_own: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_own: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     # Redis here takes no argument longer than CALL_BYTES + 1 MiB: 40 actions of 900 kB
     # waiting at once (36 MB), and their results as long, go in calls of at most that.
     limit = (_streams.CALL_BYTES >> 20) + 1
     redis_own.cli("CONFIG", "SET", "proto-max-bulk-len", f"{limit}mb")
     cluster = cluster_section(redis_own, prefetch=8)
-    a = node(short_tmp, "a", cluster, size=1)
-    closing.append(a)
-    b = node(short_tmp, "b", cluster, size=1)
-    closing.append(b)
+    a = start_node("a", cluster, size=1)
+    b = start_node("b", cluster, size=1)
     with Connection(a.socket) as conn:
         # Sent from a thread while this one reads: the node stops reading a client that
         # leaves its answers unread past server.max_unsent_bytes.
@@ -177,17 +176,15 @@ def test_a_call_carries_at_most_call_bytes_of_actions_and_results(
 
 
 def test_a_disconnect_withdraws_what_no_node_took_and_lets_the_rest_finish(
-    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     cluster = cluster_section(redis_session, claim_idle=0.6)  # status fresh every 0.2 s
     gate_a, gate_b, held = short_tmp / "gate-a", short_tmp / "gate-b", short_tmp / "held"
     record = short_tmp / "record"
-    a = node(short_tmp, "a", cluster, size=1)
-    closing.append(a)
+    a = start_node("a", cluster, size=1)
     with Connection(a.socket) as conn_a:
         busy_with_gate(conn_a, a, gate_a)
-        b = node(short_tmp, "b", cluster, size=1)
-        closing.append(b)
+        b = start_node("b", cluster, size=1)
         with Connection(b.socket) as conn_b:
             busy_with_gate(conn_b, b, gate_b)
             # Both nodes busy: a submit of B's client waits in the stream, not taken.
@@ -217,16 +214,14 @@ def test_a_disconnect_withdraws_what_no_node_took_and_lets_the_rest_finish(
 
 
 def test_the_replies_of_a_submitter_that_died_expire(
-    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     cluster = cluster_section(redis_session, claim_idle=0.5, result_ttl=2.0)
     gate, held = short_tmp / "gate", short_tmp / "held"
-    a = node(short_tmp, "a", cluster, size=1)
-    closing.append(a)
+    a = start_node("a", cluster, size=1)
     with Connection(a.socket) as conn:
         busy_with_gate(conn, a, gate)
-        b = node(short_tmp, "b", cluster, size=1)
-        closing.append(b)
+        b = start_node("b", cluster, size=1)
         conn.send({"id": 1, "op": "submit", "action": {"mode": "wait_for", "path": str(held)}})
         until(b, lambda s: s["busy"] == 1)
     a.kill()  # the submitter dies; B runs its entry, then takes over the gate's
@@ -265,11 +260,10 @@ def test_the_dead_stream_is_capped(redis_session: RedisServer) -> None:
 
 
 def test_entries_written_by_hand_that_cannot_run_get_bad_request(
-    short_tmp: Path, redis_session: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     cluster = cluster_section(redis_session)
-    a = node(short_tmp, "a", cluster, size=1)
-    closing.append(a)
+    a = start_node("a", cluster, size=1)
     stream = cluster["stream"]
     wrong = {  # each entry's fields besides reply_to and its tag
         "no-action": [],
@@ -302,11 +296,10 @@ def test_entries_written_by_hand_that_cannot_run_get_bad_request(
 
 
 def test_a_submit_in_flight_when_redis_dies_is_answered_in_doubt(
-    short_tmp: Path, redis_own: RedisServer, closing: list[Daemon]
+    short_tmp: Path, redis_own: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     cluster = cluster_section(redis_own, claim_idle=1.0)
-    a = node(short_tmp, "a", cluster, size=1)
-    closing.append(a)
+    a = start_node("a", cluster, size=1)
     with Connection(a.socket) as conn:
         assert conn.request({"id": 0, "op": "submit", "action": {"mode": "pid"}})["ok"]
         # Redis holds every write back: the node's script call adding the submit waits.
