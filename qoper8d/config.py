@@ -321,6 +321,7 @@ def config_from_mapping(
         else:
             sections[name] = _check_section(name, cls, table, source, errors)
     _check_http(sections["http"], source, errors)
+    _check_cluster(sections, source, errors)
     if errors:
         _fail(errors)
     socket = sections["server"].get("socket")
@@ -354,6 +355,26 @@ def _check_http(values: Mapping[str, Any], source: str, errors: list[str]) -> No
             f"{source}: http.listen: {shown} is not a loopback address; set "
             "http.allow_remote = true to serve other machines too"
         )
+
+
+#: The longest action or result a cluster node may be configured to carry: each travels in
+#: one Redis argument, which Redis refuses past its `proto-max-bulk-len` (512 MB by
+#: default); half that leaves room for the entry's other fields and the reply's envelope.
+CLUSTER_MAX_BYTES = 256 << 20
+
+
+def _check_cluster(sections: Mapping[str, Any], source: str, errors: list[str]) -> None:
+    """With `backend = "redis"`, no action or result may be longer than Redis takes: one
+    that was could never be added or answered (see `CLUSTER_MAX_BYTES`)."""
+    if sections["cluster"].get("backend") != "redis":
+        return
+    for section, key in (("server", "max_message_bytes"), ("pool", "max_result_bytes")):
+        value = sections[section].get(key)
+        if value is not None and value > CLUSTER_MAX_BYTES:
+            errors.append(
+                f"{source}: {section}.{key}: at most {CLUSTER_MAX_BYTES} with "
+                f'cluster.backend = "redis" (one Redis argument each), got {value}'
+            )
 
 
 def _fail(errors: list[str]) -> NoReturn:

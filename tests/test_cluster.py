@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from qoper8d import config
 from qoper8d.config import load_config
 from qoper8d.ctl import format_status, status_problems
 from qoper8d.errors import ConfigError
@@ -77,6 +78,28 @@ def test_cluster_keys_are_validated(tmp_path: Path, line: str, expected: str) ->
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert expected in str(info.value.details.get("errors", [info.value.message]))
+
+
+@pytest.mark.parametrize(
+    ("section", "key"), [("server", "max_message_bytes"), ("pool", "max_result_bytes")]
+)
+def test_a_cluster_node_carries_no_action_or_result_longer_than_redis_takes(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    path = tmp_path / "q.toml"
+    most = config.CLUSTER_MAX_BYTES
+    cluster = '[cluster]\nbackend = "redis"\n'
+    path.write_text(f"[{section}]\n{key} = {most}\n{cluster}")
+    assert getattr(getattr(load_config(path), section), key) == most
+    path.write_text(f"[{section}]\n{key} = {most + 1}\n{cluster}")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.details["errors"] == [
+        f'{path}: {section}.{key}: at most {most} with cluster.backend = "redis" (one Redis '
+        f"argument each), got {most + 1}"
+    ]
+    path.write_text(f"[{section}]\n{key} = {most + 1}\n")  # alone, no bound but its own
+    assert getattr(getattr(load_config(path), section), key) == most + 1
 
 
 def test_backend_none_imports_no_redis_client() -> None:
