@@ -112,7 +112,7 @@ def test_an_idle_node_runs_its_own_submits_and_answers_them_itself(
 
 
 def test_actions_of_every_size_class_cross_the_scripts_intact(
-    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
+    redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     # The scripts take a batch as one msgpack argument, its header by length: strings on each
     # side of the 32, 256 and 65,536 byte steps, text that is not ASCII, and batches of more
@@ -138,7 +138,7 @@ def test_actions_of_every_size_class_cross_the_scripts_intact(
 
 
 def test_a_call_carries_at_most_call_bytes_of_actions_and_results(
-    short_tmp: Path, redis_own: RedisServer, start_node: Callable[..., Daemon]
+    redis_own: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     # Redis here takes no argument longer than CALL_BYTES + 1 MiB: 40 actions of 900 kB
     # waiting at once (36 MB), and their results as long, go in calls of at most that.
@@ -260,7 +260,7 @@ def test_the_dead_stream_is_capped(redis_session: RedisServer) -> None:
 
 
 def test_entries_written_by_hand_that_cannot_run_get_bad_request(
-    short_tmp: Path, redis_session: RedisServer, start_node: Callable[..., Daemon]
+    redis_session: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     cluster = cluster_section(redis_session)
     a = start_node("a", cluster, size=1)
@@ -296,7 +296,7 @@ def test_entries_written_by_hand_that_cannot_run_get_bad_request(
 
 
 def test_a_submit_in_flight_when_redis_dies_is_answered_in_doubt(
-    short_tmp: Path, redis_own: RedisServer, start_node: Callable[..., Daemon]
+    redis_own: RedisServer, start_node: Callable[..., Daemon]
 ) -> None:
     cluster = cluster_section(redis_own, claim_idle=1.0)
     a = start_node("a", cluster, size=1)
