@@ -1,4 +1,5 @@
-"""One action for one caller: `pool.run`, and the idle fast path it and the socket share.
+"""One action for one caller: `pool.run`'s paths past the queue, the idle fast path it and
+the socket share, and the path of a call that watches its progress.
 
 On an idle pool a caller writes its action to a worker and reads the answer itself: one task
 hop instead of two (the worker's reader would otherwise read it, then wake the caller). The
@@ -21,39 +22,15 @@ import trio
 from qoper8d._channel import read_some
 from qoper8d._engine import Engine
 from qoper8d._handle import WorkerHandle
-from qoper8d._jobs import Job, Waiter, decode_json, encode_action, encode_json
+from qoper8d._jobs import Job, Waiter, decode_json
 
-__all__ = ["OnProgress", "run", "run_borrowed"]
+__all__ = ["OnProgress", "run_borrowed", "run_watched"]
 
 #: `pool.run`'s `on_progress`: called with each progress value (decoded), may be async.
 OnProgress = Callable[[Any], Any]
 
 #: Seconds the idle fast path polls for its answer before it lets other tasks run.
 _QUICK_SPIN = 0.00003
-
-
-async def run(
-    engine: Engine, action: Any, timeout: float | None, on_progress: OnProgress | None = None
-) -> Any:
-    """`pool.run`: the action's result, or its error outcome raised."""
-    try:
-        payload = encode_json(action)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        payload = encode_action(action)  # raises BadRequest, with the reason
-    if on_progress is not None:
-        return await _run_watched(engine, payload, timeout, on_progress)
-    waiter = Waiter()
-    job = engine.accept(payload, waiter, None, timeout)
-    worker = engine.borrowable()
-    if worker is not None:
-        await run_borrowed(engine, worker, job, lambda: waiter.done)
-        if not waiter.done:
-            # The worker died under us: the supervisor delivers the outcome, or a retry.
-            await waiter.wait(lambda: engine.cancel(job))
-        return waiter.outcome()
-    engine.enqueue(job)
-    await waiter.wait(lambda: engine.cancel(job))
-    return waiter.outcome()
 
 
 class _Watched(Waiter):
@@ -68,10 +45,10 @@ class _Watched(Waiter):
 
     def progress(self, job: Job, value: msgspec.Raw) -> None:
         self.value = value
-        self.wakeup.wake()
+        self.wake()
 
 
-async def _run_watched(
+async def run_watched(
     engine: Engine, payload: bytes, timeout: float | None, on_progress: OnProgress
 ) -> Any:
     # Always through the queue: on the idle fast path this task would be reading answers,
@@ -91,7 +68,7 @@ async def _run_watched(
             elif waiter.done:
                 break
             else:
-                await waiter.wakeup.wait()
+                await waiter.wait()
     except BaseException:
         if not waiter.done:
             engine.cancel(job)  # cancelled, or the callback raised: the action goes too

@@ -153,7 +153,7 @@ class Session:
             waiter = Waiter()
             job = Job(payload, waiter, None, engine.timeout_for(timeout))
             engine.run_reserved(worker, job)
-            await waiter.wait(lambda: engine.cancel(job))
+            await waiter.wait(engine, job)
             return waiter.outcome()
 
 

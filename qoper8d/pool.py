@@ -26,7 +26,7 @@ from qoper8d import _calls, wire
 from qoper8d._classic import Callbacks, OnResponse, Session, open_session
 from qoper8d._engine import Engine
 from qoper8d._jobqueue import BATCH_RESULT_BYTES
-from qoper8d._jobs import Job, encode_action, encode_json
+from qoper8d._jobs import Job, Waiter, encode_action, encode_json
 from qoper8d._map import MapIterator
 from qoper8d._process import ForkServerLauncher, Launcher, SpawnLauncher, worker_environ
 from qoper8d._supervise import Supervisor
@@ -82,7 +82,27 @@ class Pool:
         reported always before the outcome. If it raises, the action is cancelled and the
         exception propagates.
         """
-        return await _calls.run(self._engine, action, timeout, on_progress)
+        # The hottest single-call path: inline, and without closures, so that a burst of
+        # parked calls keeps as few objects alive as it can (see `Waiter`).
+        engine = self._engine
+        try:
+            payload = encode_json(action)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            payload = encode_action(action)  # raises BadRequest, with the reason
+        if on_progress is not None:
+            return await _calls.run_watched(engine, payload, timeout, on_progress)
+        waiter = Waiter()
+        job = engine.accept(payload, waiter, None, timeout)
+        worker = engine.borrowable()
+        if worker is not None:
+            await _calls.run_borrowed(engine, worker, job, waiter.is_done)
+            if not waiter.done:
+                # The worker died under us: the supervisor delivers the outcome, or a retry.
+                await waiter.wait(engine, job)
+            return waiter.outcome()
+        engine.enqueue(job)
+        await waiter.wait(engine, job)
+        return waiter.outcome()
 
     def map(
         self,

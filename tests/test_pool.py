@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 import qoper8d
 from qoper8d import SupervisorConfig, open_pool
+from qoper8d._jobs import Waiter
 from qoper8d.stats import RECENT_EXITS
 from qoper8d.wire import DURATION_BOUNDS
 
@@ -228,6 +229,35 @@ async def test_queue_full_is_refused_at_once() -> None:
             with pytest.raises(qoper8d.QueueFull):
                 await pool.run({"mode": "ok"})
             nursery.cancel_scope.cancel()
+
+
+async def test_ended_and_cancelled_calls_leave_no_waiter_behind() -> None:
+    # A job is not tracked by the garbage collector and refers to its waiter, which refers
+    # back to the job while it waits: a wait that ended without breaking that cycle would
+    # keep both alive for ever, in a daemon that runs for months. Every way out is taken
+    # here: answered on the idle fast path and through the queue, cancelled while queued
+    # and while running.
+    def waiters() -> int:
+        gc.collect()
+        return sum(isinstance(o, Waiter) for o in gc.get_objects())
+
+    with trio.fail_after(20):
+        async with open_pool(CRASH, size=1, supervisor=FAST_RESTARTS) as pool:
+            assert await pool.run({"mode": "ok"}) == {"mode": "ok"}
+            before = waiters()
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(pool.run, {"mode": "ok"})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.run, {"mode": "hang"})
+                await trio.testing.wait_all_tasks_blocked()
+                for _ in range(20):
+                    nursery.start_soon(pool.run, {"mode": "ok"})
+                await trio.testing.wait_all_tasks_blocked()
+                assert pool.statistics().queued == 20
+                nursery.cancel_scope.cancel()
+            assert pool.statistics().outcomes["cancelled"] == 21
+            assert waiters() == before
 
 
 async def test_a_shallow_queue_gives_each_worker_one_action() -> None:
