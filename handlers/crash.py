@@ -25,6 +25,7 @@
 | `{"mode": "big", "bytes": n}`        | return a string of n bytes                         |
 | `{"mode": "nested", "depth": n}`     | return a list nested n deep                        |
 | `{"mode": "wait_for", "path": p}`    | wait until file p exists, then return the pid      |
+| ... with `"bytes": n`                | ... then a string of n bytes instead of the pid    |
 | `{"mode": "limit_memory", "mb": n}`  | cap RLIMIT_AS n MiB above use (0: lift), then `"then"` |
 | `{"mode": "channel", "data": s}`     | write s (latin-1, `"repeat"` times) to the answers pipe |
 | `{"mode": "raise_unprintable"}`      | raise an exception whose `str()` raises            |
@@ -127,7 +128,7 @@ def handle(action: dict[str, Any]) -> Any:
     if mode == "wait_for":
         while not os.path.exists(action["path"]):
             time.sleep(0.005)
-        return os.getpid()
+        return "x" * int(action["bytes"]) if "bytes" in action else os.getpid()
     if mode == "limit_memory":
         _limit_memory(int(action.get("mb", 0)))
         return handle({**action, "mode": action.get("then", "pid")})

@@ -29,7 +29,7 @@ from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
 from qoper8d.errors import Unavailable
 
-__all__ = ["LOST", "Link", "open_link"]
+__all__ = ["LOST", "Link", "Refused", "open_link"]
 
 log = structlog.get_logger("qoper8d.cluster")
 
@@ -54,6 +54,25 @@ _REFUSED = 1.0
 _FIRST = 0.05
 _MOST = 2.0
 _SCRIPTS = ("SUBMIT", "REPLY", "PROGRESS", "CANCEL", "RENEW", "RECLAIM", "REQUEUE", "BEAT", "SWEEP")
+
+
+class Refused(Unavailable):
+    """Redis answered a script call with an error: it is there, but it refused this call.
+
+    `too_long`: the refusal was a protocol error, which is what Redis answers a command with
+    an argument longer than its `proto-max-bulk-len` (512 MB by default; lowered by hand, it
+    may be as little as 1 MB): Redis ran nothing of it, and the same call would be refused
+    for ever, so the caller sends less at a time instead. Any other refusal (out of memory,
+    a key of ours gone) may pass, and is retried after a pause.
+    """
+
+    def __init__(self, message: str, *, too_long: bool) -> None:
+        super().__init__(message)
+        self.too_long = too_long
+
+
+#: What a refusal for a command's length says (Redis: "Protocol error: invalid bulk length").
+_TOO_LONG = "Protocol error"
 
 
 def redacted(url: str) -> str:
@@ -83,16 +102,20 @@ class Link:
         self._back.set()
 
     async def call(self, script: str, keys: list[Any], args: list[Any]) -> Any:
-        """Run one of `_streams`' scripts; `Unavailable` if Redis is lost meanwhile, or if
-        it refuses (see `refused`)."""
+        """Run one of `_streams`' scripts; `Unavailable` if Redis is lost meanwhile, or
+        `Refused` (one) if it refuses the call (see `refused`)."""
         try:
             return await self.scripts[script](keys=keys, args=args)
         except LOST as exc:
             self.lost(exc)
             raise Unavailable(f"lost the connection to Redis: {exc}") from None
         except coredis.exceptions.RedisError as exc:
-            await self.refused(exc, script)
-            raise Unavailable(f"Redis refused {script}: {exc}") from None
+            too_long = _TOO_LONG in str(exc)
+            if too_long:
+                log.error("cluster.redis_error", command=script, error=str(exc), too_long=True)
+            else:
+                await self.refused(exc, script)
+            raise Refused(f"Redis refused {script}: {exc}", too_long=too_long) from None
 
     async def refused(self, exc: BaseException, what: str) -> None:
         """Redis answered with an error, not for want of a connection: out of memory, a key

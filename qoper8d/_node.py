@@ -49,12 +49,19 @@ import trio
 from coredis.tokens import PureToken
 
 from qoper8d._jobs import Job, decode_json
-from qoper8d._link import LOST, Link, redacted
+from qoper8d._link import LOST, Link, Refused, redacted
 from qoper8d._streams import DEAD_MAXLEN, REPLY_MAXLEN, call_length, entry_fields, pack
 from qoper8d._submits import CHUNK, Submits
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
-from qoper8d.errors import ActionError, BadRequest, QueueFull, ShuttingDown, Unavailable
+from qoper8d.errors import (
+    ActionError,
+    BadRequest,
+    BadResult,
+    QueueFull,
+    ShuttingDown,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from qoper8d.pool import Pool
@@ -139,6 +146,8 @@ class Node:
         #: Outcomes for the replier: the reply to push (b"" for this node's own entries,
         #: only acknowledged), or None for an entry going back to the stream.
         self._replies: list[tuple[_Held, bytes | None]] = []
+        #: The most replies one call carries now (see `_shorten`).
+        self._reply_most = CHUNK
         #: Outcomes of this node's own entries, for its clients (ref, ok, result or error).
         self._answers: list[tuple[str, bool, bytes]] = []
         #: The latest progress report of each held entry whose submitter asked, by id.
@@ -357,16 +366,21 @@ class Node:
     def _reply(self, held: _Held, ok: bool, raw: bytes) -> None:
         """The outcome of `held`: for the replier to acknowledge and push; this node's own
         clients' answered at once (`_answer_mine`), before their acknowledgement."""
-        ref = held.ref.decode(errors="replace")  # any client may have written it
         if held.mine:
-            self._answers.append((ref, ok, raw))
+            self._answers.append((held.ref.decode(errors="replace"), ok, raw))
             line = b""
         else:
-            body = b'"ok":true,"result":%b' % raw if ok else b'"ok":false,"error":%b' % raw
-            line = b'{"tag":%b,"entry":"%b",%b}' % (_encode(ref), held.entry, body)
+            line = self._line(held, ok, raw)
         self._replies.append((held, line))
         self._done(held)
         self._replier.wake()
+
+    @staticmethod
+    def _line(held: _Held, ok: bool, raw: bytes) -> bytes:
+        """The reply pushed to the submitter of `held`: its result (ok) or error (raw JSON)."""
+        ref = held.ref.decode(errors="replace")  # any client may have written it
+        body = b'"ok":true,"result":%b' % raw if ok else b'"ok":false,"error":%b' % raw
+        return b'{"tag":%b,"entry":"%b",%b}' % (_encode(ref), held.entry, body)
 
     def _answer_mine(self) -> None:
         if self._answers:
@@ -398,7 +412,7 @@ class Node:
                 if not self._reports:
                     await self._replier.wait()
                 continue
-            batch = self._replies[: call_length(self._replies, _reply_size, CHUNK)]
+            batch = self._replies[: call_length(self._replies, _reply_size, self._reply_most)]
             answers = [(h, line) for h, line in batch if line is not None]
             back = [h.entry for h, line in batch if line is None]
             try:
@@ -411,12 +425,37 @@ class Node:
                     await self.link.call("REPLY", [keys.stream], args)
                 if back:
                     await self.link.call("REQUEUE", [keys.stream], [keys.group, *back])
+            except Refused as exc:
+                if exc.too_long and not self._shorten(batch):
+                    await self.link.refused(exc, "REPLY")
+                continue
             except Unavailable:
                 await self.link.up()
                 continue
+            self._reply_most = min(CHUNK, self._reply_most * 2)
             del self._replies[: len(batch)]
             for held, _ in batch:
                 self._release(held)
+
+    def _shorten(self, batch: list[tuple[_Held, bytes | None]]) -> bool:
+        """Redis refused a REPLY for its length (see `Refused`): half as many replies a call
+        from now on (back up by doubling as calls pass), and a reply too long alone ends
+        `bad_result` instead: its action ran, but its result cannot pass through this Redis.
+        False if nothing was left to shorten."""
+        if len(batch) > 1:
+            self._reply_most = max(1, len(batch) // 2)
+            return True
+        ((held, line),) = batch
+        if not line or held.mine:
+            return False
+        log.warning("cluster.reply_too_long", entry=held.entry.decode(), bytes=len(line))
+        err = BadResult(
+            f"its result, {len(line)} bytes as a reply, is longer than Redis takes in one "
+            "argument (its proto-max-bulk-len)",
+            bytes=len(line),
+        )
+        self._replies[0] = (held, self._line(held, False, _encode(err.to_wire())))
+        return True
 
     async def _report(self) -> None:
         """Push the progress reports that piled up (best-effort: lost with Redis, they are

@@ -28,7 +28,7 @@ import msgspec
 import structlog
 
 from qoper8d._jobs import Job, encode_action
-from qoper8d._link import Link, redacted
+from qoper8d._link import Link, Refused, redacted
 from qoper8d._streams import call_length, decode_reply, pack
 from qoper8d._wakeup import Wakeup
 from qoper8d.config import ClusterConfig
@@ -90,6 +90,9 @@ class Submits:
         #: This node's submits waiting for a reply, by ref.
         self.tickets: dict[str, Ticket] = {}
         self._intake: list[Ticket] = []
+        #: The most submits one call carries now: `CHUNK`, halved by each refusal for
+        #: length (a Redis whose proto-max-bulk-len was lowered), doubled by each success.
+        self._most = CHUNK
         self._intake_wake = Wakeup()
         self._cancels: list[tuple[bytes, bool]] = []
         self._canceller = Wakeup()
@@ -181,7 +184,7 @@ class Submits:
             if not self._intake:
                 await self._intake_wake.wait()
                 continue
-            n = call_length(self._intake, _payload_size, CHUNK)
+            n = call_length(self._intake, _payload_size, self._most)
             batch = [t for t in self._intake[:n] if not t.cancelled]
             del self._intake[:n]
             if not batch:
@@ -202,12 +205,16 @@ class Submits:
                 ids, taken = await self.link.call("SUBMIT", [keys.stream], args)
             except Unavailable as exc:
                 self._taken([])
+                if isinstance(exc, Refused) and exc.too_long:
+                    self._shorten(batch)
+                    continue
                 # The call may have run: the entries may be in the stream. The client is
                 # told so; a reply that comes all the same is dropped (its ref is gone).
                 exc.details["in_doubt"] = True
                 for t in batch:
                     self.refuse(t, exc)
                 continue
+            self._most = min(CHUNK, self._most * 2)
             for t, entry in zip(batch, ids, strict=True):
                 if entry == 0:
                     full = f"{self.max_queue} entries wait in the stream already"
@@ -218,6 +225,21 @@ class Submits:
                 else:
                     t.entry = entry
             self._taken(taken)
+
+    def _shorten(self, batch: list[Ticket]) -> None:
+        """Redis refused a SUBMIT for its length (see `Refused`) and ran none of it: the
+        same submits go again, half as many a call (back up by doubling as calls pass); one
+        too long alone is refused, not in doubt."""
+        if len(batch) > 1:
+            self._most = max(1, len(batch) // 2)
+            self._intake[:0] = batch
+            return
+        (ticket,) = batch
+        why = (
+            f"the action, {len(ticket.payload)} bytes, is longer than Redis takes in one "
+            "argument (its proto-max-bulk-len)"
+        )
+        self.refuse(ticket, Unavailable(why, too_long=True))
 
     def replied(self, values: list[bytes]) -> None:
         """Answer this node's clients from what its reply list held: one write per

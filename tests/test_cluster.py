@@ -26,11 +26,16 @@ from tests.harness import ROOT, Connection, Daemon, base_config
 from tests.redis_fixtures import RedisServer, cluster_section
 
 
-def node(tmp: Path, name: str, cluster: dict[str, Any], **pool: Any) -> Daemon:
-    """A daemon called `name` in its own directory under `tmp`, on `cluster`."""
+def node(
+    tmp: Path, name: str, cluster: dict[str, Any], server: dict[str, Any] | None = None, **pool: Any
+) -> Daemon:
+    """A daemon called `name` in its own directory under `tmp`, on `cluster` (`server`: keys
+    of its `[server]` section besides the socket)."""
     directory = tmp / name
     directory.mkdir(mode=0o700, exist_ok=True)
-    config = base_config(directory, cluster={**cluster, "node": name}, pool=pool)
+    config = base_config(
+        directory, cluster={**cluster, "node": name}, pool=pool, server=server or {}
+    )
     return Daemon(directory, config)
 
 

@@ -34,7 +34,7 @@ def start_node(short_tmp: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
     def start(name: str, cluster: dict[str, Any], **pool: Any) -> Daemon:
-        daemons.append(node(short_tmp, name, cluster, **pool))
+        daemons.append(node(short_tmp, name, cluster, **pool))  # `server=` too
         return daemons[-1]
 
     yield start
@@ -173,6 +173,88 @@ def test_a_call_carries_at_most_call_bytes_of_actions_and_results(
     assert until(a, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+def protocol_errors(server: RedisServer) -> int:
+    """How many commands `server` refused with an error beginning "ERR" (a protocol error,
+    for a command with an argument past its proto-max-bulk-len, is one)."""
+    for line in server.cli("INFO", "errorstats").splitlines():
+        if line.startswith("errorstat_ERR:"):
+            return int(line.partition("count=")[2].split(",")[0])
+    return 0
+
+
+def test_replies_too_long_for_this_redis_go_in_shorter_calls_or_end_bad_result(
+    short_tmp: Path, redis_own: RedisServer, start_node: Callable[..., Daemon]
+) -> None:
+    # proto-max-bulk-len lowered by hand to 1 MiB, its least: Redis refuses any call with a
+    # longer argument, and would refuse the same call for ever. Replies of 600 kB that pile
+    # up go in shorter calls; one of 1.5 MB cannot go at all, and its submitter gets
+    # bad_result, not a reply retried for ever (which held up every reply behind it).
+    redis_own.cli("CONFIG", "SET", "proto-max-bulk-len", "1mb")
+    cluster = cluster_section(redis_own)
+    gate_a, gate_b = short_tmp / "gate-a", short_tmp / "gate-b"
+    a = start_node("a", cluster, size=1)
+    b = start_node("b", cluster, size=3)
+    with Connection(a.socket) as conn:
+        busy_with_gate(conn, a, gate_a)  # so that B runs what A's client submits
+        action = {"mode": "wait_for", "path": str(gate_b), "bytes": 600_000}
+        for i in range(3):
+            conn.send({"id": i, "op": "submit", "action": action})
+        until(b, lambda s: s["busy"] == 3)
+        # Redis holds B's first reply until the other two wait for the next call.
+        redis_own.cli("CLIENT", "PAUSE", "30000", "WRITE")
+        gate_b.touch()
+        until(b, lambda s: s["outcomes"]["result"] == 3)
+        redis_own.cli("CLIENT", "UNPAUSE")
+        for reply in conn.receive_all(3):
+            assert reply["ok"], str(reply)[:300]
+            assert reply["result"] == "x" * 600_000
+        refused = protocol_errors(redis_own)
+        assert refused >= 1  # the two replies in one call
+        conn.send({"id": "big", "op": "submit", "action": {"mode": "big", "bytes": 1_500_000}})
+        (big,) = conn.receive_all(1)
+        assert big["id"] == "big"
+        assert big["error"]["code"] == "bad_result", big
+        assert "proto-max-bulk-len" in big["error"]["message"]
+        assert protocol_errors(redis_own) == refused + 1
+        gate_a.touch()
+        assert conn.receive()["id"] == "gate"  # type: ignore[index]
+    assert until(b, lambda s: s["cluster"]["pending"] == 0)["restarts"] == 0
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+def test_submits_too_long_for_this_redis_go_in_shorter_calls_or_are_refused(
+    redis_own: RedisServer, start_node: Callable[..., Daemon]
+) -> None:
+    # The same Redis, the other way: submits that pile up while one call is held go in
+    # shorter calls; one longer than Redis takes (server.max_message_bytes allows 4 MiB) is
+    # answered unavailable, not in doubt (Redis ran nothing of a call it refused so), and
+    # none of the others is.
+    redis_own.cli("CONFIG", "SET", "proto-max-bulk-len", "1mb")
+    server = {"max_message_bytes": 4 << 20}
+    a = start_node("a", cluster_section(redis_own), size=1, server=server)
+    actions = [{"mode": "ok", "s": f"{i}" * 400_000} for i in range(6)]
+    actions.insert(3, {"mode": "ok", "s": "x" * 1_200_000})
+    with Connection(a.socket) as conn:
+        redis_own.cli("CLIENT", "PAUSE", "30000", "WRITE")
+        for i, action in enumerate(actions):
+            conn.send({"id": i, "op": "submit", "action": action})
+        until(a, lambda s: s["cluster"]["awaiting"] == len(actions))
+        redis_own.cli("CLIENT", "UNPAUSE")
+        replies = {reply["id"]: reply for reply in conn.receive_all(len(actions))}
+    for i, action in enumerate(actions):
+        if i == 3:
+            error = replies[i]["error"]
+            assert error["code"] == "unavailable"
+            assert "proto-max-bulk-len" in error["message"]
+            assert not error.get("in_doubt"), error
+        else:
+            assert replies[i]["ok"], str(replies[i])[:300]
+            assert replies[i]["result"] == action
+    assert protocol_errors(redis_own) >= 2  # the pile, then the long one alone
+    assert a.stop() == 0
 
 
 def test_a_disconnect_withdraws_what_no_node_took_and_lets_the_rest_finish(
