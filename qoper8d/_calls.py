@@ -95,15 +95,20 @@ async def run_borrowed(
     engine.send(worker, [job], [job.payload])
     # Poll for the answer for up to `pool.idle_spin` seconds, yielding to other tasks
     # between polls, before sleeping in epoll: a trivial action comes back in tens of
-    # microseconds, and waking a sleeping master costs about as much again.
-    spin_until = time.perf_counter() + engine.idle_spin
-    poll = worker.poll
-    # A trivial action is answered within about 10 us: poll up to 30 us without leaving
-    # this task (a trip around trio's loop costs 7 us here; the pool is idle, so little
-    # else can be waiting), each poll giving way to a process waiting for this CPU.
-    quick = min(spin_until, time.perf_counter() + _QUICK_SPIN)
-    while not poll(0) and time.perf_counter() < quick:
-        os.sched_yield()
+    # microseconds, and waking a sleeping master costs about as much again. Only while
+    # most answers come that fast: a poll for a 10 ms action is CPU thrown away, which
+    # 256 callers of such actions would spend on nothing else.
+    spin_until = 0.0
+    if engine.quick_share >= 0.5:
+        spin_until = time.perf_counter() + engine.idle_spin
+        poll = worker.poll
+        # A trivial action is answered within about 10 us: poll up to 30 us without
+        # leaving this task (a trip around trio's loop costs 7 us here; the pool is idle,
+        # so little else can be waiting), each poll giving way to a process waiting for
+        # this CPU.
+        quick = min(spin_until, time.perf_counter() + _QUICK_SPIN)
+        while not poll(0) and time.perf_counter() < quick:
+            os.sched_yield()
     try:
         while not finished() and not worker.eof:
             ready = await _readable(worker, spin_until, hand_over, finished)

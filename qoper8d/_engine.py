@@ -79,10 +79,12 @@ class Engine:
         self.state: State = "starting"
         #: While draining: follow-ups of accepted work (callbacks' actions) are still taken.
         self.follow_ups = False
-        #: Seconds an action takes and bytes its answer takes, smoothed over recent answers
-        #: (they cap batch lengths: see `batch_length`).
+        #: Smoothed over recent answers: seconds an action takes and bytes its answer takes
+        #: (they cap batch lengths: see `batch_length`), and the share of answers that came
+        #: within `pool.idle_spin` (a caller polls for its answer only while most do).
         self.action_seconds = 0.0
         self.result_bytes = 0.0
+        self.quick_share = 1.0
         self.submitted = 0
         #: Answers read from workers (results and handler errors alike).
         self.answers = 0
@@ -119,8 +121,7 @@ class Engine:
         self.state = "running"
 
     def close_intake(self, *, follow_ups: bool) -> None:
-        """Take no new work (`follow_ups`: but the callbacks' of accepted actions); what is
-        accepted runs on."""
+        """Take no new work (`follow_ups`: but accepted actions' callbacks'); the rest runs."""
         if self.state in ("starting", "running"):
             self.state = "draining"
         self.follow_ups = self.follow_ups or follow_ups
@@ -138,8 +139,7 @@ class Engine:
 
     def begin_stop(self, message: str) -> list[WorkerHandle]:
         """Stop: what is still queued ends `shutting_down`; the live workers, taken out of
-        dispatch, are returned for the supervisor to stop (some may be on their way out
-        already: retiring, or stopped for a time limit)."""
+        dispatch, are returned for the supervisor to stop (some may be on their way out)."""
         if self.state != "failed":
             self.state = "stopping"
         self.outcomes.end_all(self.queue.clear(), message)
@@ -165,8 +165,7 @@ class Engine:
 
     def check_accepting(self, count: int = 1, *, follow_up: bool = False, size: int = 0) -> None:
         """Raise unless `count` more actions (of `size` bytes in all) may be queued now. A
-        `follow_up` (queued by the callback of an accepted action) is still taken while the
-        pool drains, if the drain said so."""
+        `follow_up` (an accepted action's callback's) is taken while draining if it said so."""
         if not self.accepting and not (follow_up and self.state == "draining" and self.follow_ups):
             if self.state == "starting" and not self.live:
                 raise PoolClosed("the pool is not running")
@@ -189,8 +188,7 @@ class Engine:
             return self.config.action_timeout
         if not timeout >= 0 or math.isinf(timeout):
             raise BadRequest(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
-        if timeout:
-            self.timeouts = True
+        self.timeouts = self.timeouts or timeout > 0
         return float(timeout)
 
     def accept(
@@ -474,7 +472,9 @@ class Engine:
         now = trio.current_time()
         # How long an action takes, smoothed: the time since this worker's previous answers
         # (or the send) shared among the answers of this read.
-        self.action_seconds += ((now - worker.head_started) / done - self.action_seconds) * 0.1
+        per_action = (now - worker.head_started) / done
+        self.action_seconds += (per_action - self.action_seconds) * 0.1
+        self.quick_share += ((per_action <= self.idle_spin) - self.quick_share) * 0.1
         # Answers' size, smoothed, but quick to rise: a client slow to read large results
         # must not find a batch's worth of them piled up in the master (`batch_length`).
         size = len(chunk) / done

@@ -272,6 +272,39 @@ async def test_a_shallow_queue_gives_each_worker_one_action() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_caller_polls_for_its_answer_only_while_answers_come_that_fast() -> None:
+    # Polling pays when the answer is there within `pool.idle_spin`; for slower actions it
+    # is CPU thrown away, which 256 callers of 10 ms actions spent on nothing else. A large
+    # idle_spin (5 ms) keeps echo's answers well inside it on a loaded machine too.
+    polls = Counter[int]()
+
+    def counted(worker: Any) -> None:
+        poll = worker.poll
+
+        def counting(timeout: int) -> list[tuple[int, int]]:
+            polls[worker.pid] += 1
+            return poll(timeout)  # type: ignore[no-any-return]
+
+        worker.poll = counting
+
+    async def polls_of_one_call(action: dict[str, Any]) -> int:
+        polls.clear()
+        await pool.run(action)
+        return sum(polls.values())
+
+    with trio.fail_after(30):
+        async with open_pool("handlers.sleep:handle", size=1, idle_spin=0.005) as pool:
+            for worker in pool._engine.live:
+                counted(worker)
+            assert await polls_of_one_call({"seconds": 0}) > 0  # a fresh pool polls
+            slow = [await polls_of_one_call({"seconds": 0.03}) for _ in range(12)]
+            assert slow[0] > 0  # 5 ms of polling missed it, and the next few the same
+            assert slow[-3:] == [0, 0, 0]  # learned: it waits in epoll at once
+            fast = [await polls_of_one_call({"seconds": 0}) for _ in range(30)]
+            assert fast[:3] == [0, 0, 0]
+            assert all(fast[-3:])  # fast again: it polls again
+
+
 async def test_statistics_record_every_field() -> None:
     with trio.fail_after(20):
         async with open_pool("handlers.echo:handle", size=2) as pool:
