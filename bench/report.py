@@ -276,6 +276,7 @@ def _seed_section(figures: dict[str, Figure]) -> list[str]:
         ]
         for key, label in (
             ("qoper8d", "qoper8d (fork server, defaults)"),
+            ("callers", "qoper8d, 256 tasks awaiting pool.run (same pool)"),
             ("tuned", "qoper8d, idle_spin = 0, preload"),
             ("mp", "multiprocessing.Pool (fork)"),
             ("ppe", "ProcessPoolExecutor (fork)"),
@@ -423,6 +424,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
         (label, float(seed[f"seed_{key}_rate"]["value"]), kind, PALETTE[kind][0])
         for key, label, kind in (
             ("qoper8d", "qoper8d, 256 workers", "ours"),
+            ("callers", "qoper8d, 256 callers of pool.run", "ours"),
             ("tuned", "qoper8d, idle_spin 0, preload", "ours"),
             ("ppe", "ProcessPoolExecutor(256)", "peer"),
             ("mp", "multiprocessing.Pool(256)", "peer"),

@@ -7,8 +7,9 @@ whatever the cores; what a pool adds is its master's CPU per action and its late
 between one action and the next. qoper8d (fork server, its defaults), `multiprocessing.Pool
 (256)` (`map`, default chunks) and `ProcessPoolExecutor(256)` (`map`, its default chunksize
 of 1), all fork-started, all fed the same pre-built list, measured in alternating rounds
-(median); then an idle worker's memory as USS and PSS (from /proc/<pid>/smaps_rollup), and
-the start-up of each pool at 256.
+(median), and beside them 256 tasks each awaiting qoper8d's `pool.run` in turn (a web
+front's shape, one action a call); then an idle worker's memory as USS and PSS (from
+/proc/<pid>/smaps_rollup), and the start-up of each pool at 256.
 
 256 workers need about 1,550 descriptors in the master (`qoper8d._fds.fd_budget`). The
 daemon raises its soft RLIMIT_NOFILE that far by itself; `open_pool` does not, so this
@@ -25,6 +26,8 @@ import select
 import statistics
 import time
 from contextlib import AsyncExitStack
+
+import trio
 
 import qoper8d
 from bench import engine
@@ -142,6 +145,22 @@ class _Meter:
         return {"rate": n / wall, "master_cpu": cpu / n, "worker_cpu": workers / n}
 
 
+async def _callers(pool: qoper8d.Pool, callers: int, each: int) -> int:
+    """A web front's shape: `callers` tasks, each awaiting `pool.run` `each` times in turn."""
+    got = 0
+
+    async def caller() -> None:
+        nonlocal got
+        for _ in range(each):
+            await pool.run({"seconds": SLEEP})
+            got += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(callers):
+            nursery.start_soon(caller)
+    return got
+
+
 async def _open_qoper8d(
     stack: AsyncExitStack, out: dict[str, Figure], key: str, **options: float
 ) -> qoper8d.Pool:
@@ -194,7 +213,13 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
     ppe_actions = actions[:ppe_n]
     warmup = actions[: 2 * WORKERS]
     out |= _floors(sizes["per_worker"])
-    runs: dict[str, list[dict[str, float]]] = {"qoper8d": [], "tuned": [], "mp": [], "ppe": []}
+    runs: dict[str, list[dict[str, float]]] = {
+        "qoper8d": [],
+        "callers": [],
+        "tuned": [],
+        "mp": [],
+        "ppe": [],
+    }
     async with AsyncExitStack() as stack:
         pool = await _open_qoper8d(stack, out, "qoper8d")
         q_pids = [w.pid for w in pool.statistics().workers if w.pid is not None]
@@ -243,6 +268,9 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
             meter = _Meter(q_pids)
             got = len([r async for r in pool.map(actions)])
             runs["qoper8d"].append(meter.per_action(n, got))
+            meter = _Meter(q_pids)
+            got = await _callers(pool, WORKERS, sizes["per_worker"])
+            runs["callers"].append(meter.per_action(n, got))
             meter = _Meter(n_pids)
             got = len([r async for r in tuned.map(actions)])
             runs["tuned"].append(meter.per_action(n, got))
@@ -257,6 +285,7 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
 
     for key, label, who in (
         ("qoper8d", f"qoper8d pool.map, {WORKERS} workers (fork server)", "ours"),
+        ("callers", f"qoper8d, {WORKERS} tasks each awaiting pool.run in turn", "ours"),
         ("tuned", f"qoper8d pool.map, {WORKERS} workers, idle_spin = 0, preload", "ours"),
         ("mp", f"multiprocessing.Pool({WORKERS}).map, default chunks", "peer"),
         ("ppe", f"ProcessPoolExecutor({WORKERS}).map, chunksize 1", "peer"),
