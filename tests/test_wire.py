@@ -184,3 +184,44 @@ def test_durations_merge_a_batch_at_a_time_and_refuse_what_no_worker_sends() -> 
     with pytest.raises(wire.ProtocolError):
         counts.add_frames([b'[30,"soon",[]]\n'])
     assert counts.snapshot() == snap, "a refused frame counts nothing"
+
+
+def test_a_worker_polls_for_its_next_batch_only_while_polling_finds_it() -> None:
+    # The worker's end of a real pipe. A next batch that comes after `idle_spin` is played
+    # by a poll that reports nothing until the spin is over (the batch is in the pipe
+    # already, so the read after the spin returns at once, without waiting in the test).
+    from qoper8d.worker import _Channel
+
+    from_master, to_worker = os.pipe()
+    from_worker, to_master = os.pipe()
+    channel = _Channel(from_master, to_master, spin=0.0005)
+    real_poll = channel.poll
+    late = True
+    polls = 0
+
+    def poll(timeout: float | None = None, /) -> list[tuple[int, int]]:
+        nonlocal polls
+        polls += 1
+        return [] if late else real_poll(timeout)
+
+    channel.poll = poll
+
+    def polls_of_one_receive() -> int:
+        nonlocal polls
+        polls = 0
+        os.write(to_worker, wire.encode_batch(1, [b'{"x":1}']))
+        (batch,) = channel.receive()
+        assert isinstance(batch, wire.Batch)
+        assert batch.actions == [{"x": 1}]
+        return polls
+
+    try:
+        late_ones = [polls_of_one_receive() for _ in range(24)]
+        assert all(late_ones[:6])  # it polled in vain, six times
+        assert late_ones[8:16].count(0) == 7  # then only one receive in eight polls
+        late = False
+        soon = [polls_of_one_receive() for _ in range(48)]
+        assert soon[-8:] == [1] * 8  # polling finds it again: every receive polls
+    finally:
+        for fd in (from_master, to_worker, from_worker, to_master):
+            os.close(fd)
