@@ -121,9 +121,6 @@ class _Channel:
         self.rfd = from_master
         self.wfd = to_master
         self.spin = spin
-        #: The share of recent polls that found the next message within `spin`, smoothed.
-        self.quick_share = 1.0
-        self._probe = 0
         poller = select.poll()
         poller.register(from_master, select.POLLIN)
         self.poll = poller.poll
@@ -142,27 +139,17 @@ class _Channel:
             while view:
                 view = view[os.write(self.wfd, view) :]
 
-    def _poll_for_next(self) -> None:
-        """Poll a little before sleeping: a caller sending actions one after another gets
-        the next one to us within microseconds, and waking a sleeping process on another
-        CPU costs more than that. Each poll gives way (sched_yield) to a process waiting
-        for this CPU, such as the caller about to read our answer. Only while most polls
-        find it (one in eight all the same, to notice when they would again): when the next
-        action comes later, as it does for 256 workers of 10 ms actions, polling is CPU
-        taken from the others."""
-        self._probe = (self._probe + 1) & 7
-        if self.quick_share < 0.5 and self._probe:
-            return
-        until = time.perf_counter() + self.spin
-        poll = self.poll
-        while not (found := poll(0)) and time.perf_counter() < until:
-            os.sched_yield()
-        self.quick_share += (bool(found) - self.quick_share) * 0.1
-
     def receive(self) -> list[wire.FromMaster | _PartialBatch]:
         """Block for the next message(s); exit the process when the master is gone."""
         if self.spin:
-            self._poll_for_next()
+            # Poll a little before sleeping: a caller sending actions one after another
+            # gets the next one to us within microseconds, and waking a sleeping process
+            # on another CPU costs more than that. Each poll gives way (sched_yield) to a
+            # process waiting for this CPU, such as the caller about to read our answer.
+            until = time.perf_counter() + self.spin
+            poll = self.poll
+            while not poll(0) and time.perf_counter() < until:
+                os.sched_yield()
         while True:
             n = os.readv(self.rfd, [self.reader.buffer()])
             if not n:
