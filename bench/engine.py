@@ -84,10 +84,18 @@ async def map_throughput(pool: qoper8d.Pool, n: int, rounds: int = 3) -> tuple[f
     return best_rate, best_cpu
 
 
-async def concurrent_callers(pool: qoper8d.Pool, callers: int, each: int) -> float:
+async def concurrent_callers(
+    pool: qoper8d.Pool, callers: int, each: int, action: dict[str, Any] | None = None
+) -> float:
+    """`callers` tasks, each awaiting `pool.run` `each` times in turn: of `{"x": i}` on
+    `handlers.echo:plus_one`, or of `action` on a handler that returns it."""
+
     async def caller(k: int) -> None:
         for i in range(each):
-            assert await pool.run({"x": i}) == i + 1
+            if action is None:
+                assert await pool.run({"x": i}) == i + 1
+            else:
+                assert await pool.run(action) == action
 
     with Stopwatch() as sw:
         async with trio.open_nursery() as nursery:

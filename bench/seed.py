@@ -27,8 +27,6 @@ import statistics
 import time
 from contextlib import AsyncExitStack
 
-import trio
-
 import qoper8d
 from bench import engine
 from bench._common import (
@@ -145,22 +143,6 @@ class _Meter:
         return {"rate": n / wall, "master_cpu": cpu / n, "worker_cpu": workers / n}
 
 
-async def _callers(pool: qoper8d.Pool, callers: int, each: int) -> int:
-    """A web front's shape: `callers` tasks, each awaiting `pool.run` `each` times in turn."""
-    got = 0
-
-    async def caller() -> None:
-        nonlocal got
-        for _ in range(each):
-            await pool.run({"seconds": SLEEP})
-            got += 1
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(callers):
-            nursery.start_soon(caller)
-    return got
-
-
 async def _open_qoper8d(
     stack: AsyncExitStack, out: dict[str, Figure], key: str, **options: float
 ) -> qoper8d.Pool:
@@ -269,8 +251,10 @@ async def _bench(sizes: dict[str, int]) -> dict[str, Figure]:
             got = len([r async for r in pool.map(actions)])
             runs["qoper8d"].append(meter.per_action(n, got))
             meter = _Meter(q_pids)
-            got = await _callers(pool, WORKERS, sizes["per_worker"])
-            runs["callers"].append(meter.per_action(n, got))
+            # A web front's shape: 256 tasks each awaiting pool.run in turn (every result
+            # is checked there).
+            await engine.concurrent_callers(pool, WORKERS, sizes["per_worker"], actions[0])
+            runs["callers"].append(meter.per_action(n, n))
             meter = _Meter(n_pids)
             got = len([r async for r in tuned.map(actions)])
             runs["tuned"].append(meter.per_action(n, got))
