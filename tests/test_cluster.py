@@ -293,9 +293,15 @@ def test_a_stalled_node_loses_its_entries_and_its_late_reply_is_dropped(
                 assert first["result"] != b_pid
             finally:
                 os.kill(b.proc.pid, signal.SIGCONT)
-            # B's worker finished too; B's late reply is dropped: A answers nothing more.
-            until(b, lambda s: s["outcomes"]["result"] == 1)
+            # B's worker ran it too (recorded when it started). Resumed, B either reads its
+            # answer first, whose reply is then refused, or learns first that the entry is
+            # no longer its own and stops the job: either way A answers nothing more.
+            ended = until(b, lambda s: s["outcomes"]["result"] + s["outcomes"]["cancelled"] == 1)
             assert record.read_text().split() == ["1", "1"]
+            if ended["outcomes"]["cancelled"]:
+                assert [e["reason"] for e in ended["recent_exits"]] == ["cancelled"]
+            # Holding nothing, with a worker ready again (B's own if it was stopped).
+            until(b, lambda s: s["cluster"]["held"] == 0 and s["idle"] == 1)
             conn.request({"id": "s", "op": "status"})  # the next line is this answer
             assert b.stop() == 0
         assert a.stop() == 0
