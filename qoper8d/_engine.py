@@ -83,8 +83,7 @@ class Engine:
         #: (they cap batch lengths: see `batch_length`), and the share of answers that came
         #: within `pool.idle_spin` (a caller polls for its answer only while most do).
         self.action_seconds = 0.0
-        self.result_bytes = 0.0
-        self.quick_share = 1.0
+        self.result_bytes, self.quick_share = 0.0, 1.0
         self.submitted = 0
         #: Answers read from workers (results and handler errors alike).
         self.answers = 0
@@ -416,7 +415,7 @@ class Engine:
         collect(worker, self.on_data)
 
     def _paced(self, worker: WorkerHandle) -> bool:
-        return should_pace(worker, self.action_seconds)
+        return should_pace(worker, min(self.action_seconds, self.pacer.action_time.seconds))
 
     def on_data(self, worker: WorkerHandle, n: int) -> None:
         """`n` more bytes from `worker`: deliver every answer they complete."""
@@ -470,11 +469,12 @@ class Engine:
         worker.answered += done
         self.answers += done
         now = trio.current_time()
-        # How long an action takes, smoothed: the time since this worker's previous answers
-        # (or the send) shared among the answers of this read.
-        per_action = (now - worker.head_started) / done
-        self.action_seconds += (per_action - self.action_seconds) * 0.1
-        self.quick_share += ((per_action <= self.idle_spin) - self.quick_share) * 0.1
+        # Time since the worker's previous answers (or the send) over this read's answers,
+        # smoothed by read (quick to see slow actions: `batch_length`) and by answer (pacing).
+        elapsed = now - worker.head_started
+        self.action_seconds += (elapsed / done - self.action_seconds) * 0.1
+        self.pacer.action_time.add(elapsed, done)
+        self.quick_share += ((elapsed <= self.idle_spin * done) - self.quick_share) * 0.1
         # Answers' size, smoothed, but quick to rise: a client slow to read large results
         # must not find a batch's worth of them piled up in the master (`batch_length`).
         size = len(chunk) / done
