@@ -415,7 +415,8 @@ class Engine:
         collect(worker, self.on_data)
 
     def _paced(self, worker: WorkerHandle) -> bool:
-        return should_pace(worker, min(self.action_seconds, self.pacer.action_time.seconds))
+        # By the workers' timings: the time between reads is the master's as much as theirs.
+        return should_pace(worker, min(self.action_seconds, self.durations.recent.seconds))
 
     def on_data(self, worker: WorkerHandle, n: int) -> None:
         """`n` more bytes from `worker`: deliver every answer they complete."""
@@ -469,12 +470,11 @@ class Engine:
         worker.answered += done
         self.answers += done
         now = trio.current_time()
-        # Time since the worker's previous answers (or the send) over this read's answers,
-        # smoothed by read (quick to see slow actions: `batch_length`) and by answer (pacing).
-        elapsed = now - worker.head_started
-        self.action_seconds += (elapsed / done - self.action_seconds) * 0.1
-        self.pacer.action_time.add(elapsed, done)
-        self.quick_share += ((elapsed <= self.idle_spin * done) - self.quick_share) * 0.1
+        # How long an action takes, smoothed: the time since this worker's previous answers
+        # (or the send) shared among the answers of this read.
+        per_action = (now - worker.head_started) / done
+        self.action_seconds += (per_action - self.action_seconds) * 0.1
+        self.quick_share += ((per_action <= self.idle_spin) - self.quick_share) * 0.1
         # Answers' size, smoothed, but quick to rise: a client slow to read large results
         # must not find a batch's worth of them piled up in the master (`batch_length`).
         size = len(chunk) / done

@@ -9,12 +9,13 @@ wake-up every `PACE` seconds and hands a worker back once it should no longer be
 
 Which worker is paced is the engine's rule (`keep`); reading it is the engine's `collect`.
 
-How slow an action is, for this, is `ActionTime`'s estimate: a worker left waiting for the
-pacer's tick with its batch done costs up to `PACE` a batch, so pacing must not mistake fast
-actions for slow ones. The engine's own smoothing, read by read, did: an answer read alone
-after a wake-up or a preemption (100 us to milliseconds on a small VM) weighed as much as a
-read of 500, the estimate crossed `PACE_MIN_ACTION` for a trivial handler, and async maps of
-1,000 of them over the socket ran at 72k actions/s instead of 250k (2026-12-04).
+How slow an action is, for this, is what the workers time (`DurationCounts.recent`), not
+what the master sees: a worker left waiting for the pacer's tick with its batch done costs
+up to `PACE` a batch, so pacing must not mistake fast actions for slow ones. Judged by the
+time between the master's reads, it did: an answer read late (a worker's wake-up, the
+master preempted or busy starting 20,000 tasks) made a trivial handler look 0.1 ms or
+slower, and async maps of 1,000 of them over the socket ran at 72k actions/s instead of
+250k (2026-12-04).
 """
 
 from __future__ import annotations
@@ -27,36 +28,12 @@ import trio
 from qoper8d._handle import WorkerHandle
 from qoper8d._wakeup import Wakeup
 
-__all__ = ["PACE", "ActionTime", "Pacer", "next_tick", "should_pace"]
+__all__ = ["PACE", "Pacer", "next_tick", "should_pace"]
 
 #: Answers of paced workers are collected at most this often.
 PACE = 0.005
 #: Actions this slow or slower (and faster than `PACE`) are paced.
 PACE_MIN_ACTION = 0.0001
-
-#: `ActionTime` remembers about this many answers.
-ANSWERS_MEMORY = 100
-
-
-class ActionTime:
-    """Seconds an action takes: the time since a worker's previous answers (or the send)
-    over the answers then read, summed over about the last `ANSWERS_MEMORY` answers. A
-    ratio of sums weighed by answers, not a mean over reads: one answer read late weighs
-    one answer."""
-
-    __slots__ = ("_answers", "_elapsed", "seconds")
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._elapsed = 0.0
-        self._answers = 0.0
-
-    def add(self, elapsed: float, answers: int) -> None:
-        """`answers` more read, `elapsed` seconds after the worker's previous ones."""
-        keep = ANSWERS_MEMORY / (ANSWERS_MEMORY + answers)
-        self._elapsed = self._elapsed * keep + elapsed
-        self._answers = self._answers * keep + answers
-        self.seconds = self._elapsed / self._answers
 
 
 def should_pace(worker: WorkerHandle, action_seconds: float) -> bool:
@@ -92,8 +69,6 @@ class Pacer:
         #: Each paced worker's reader, parked until it is handed back.
         self.paced: dict[WorkerHandle, Wakeup] = {}
         self._idle = Wakeup()
-        #: How long actions take, as pacing judges it (the engine adds every read).
-        self.action_time = ActionTime()
 
     async def hand_over(self, worker: WorkerHandle) -> None:
         """Park the calling reader while the pacer reads `worker` on its ticks."""

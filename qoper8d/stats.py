@@ -45,15 +45,39 @@ class Durations(msgspec.Struct, frozen=True, kw_only=True):
     total: float = 0.0
 
 
+#: `ActionTime` remembers about this many actions.
+ACTIONS_MEMORY = 100
+
+
+class ActionTime:
+    """Seconds an action takes lately, as the workers time them: each report's mean
+    (seconds over actions) moves the estimate as far as its actions weigh against those
+    the estimate stands on, at most the last `ACTIONS_MEMORY`."""
+
+    __slots__ = ("_seen", "seconds")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._seen = 0
+
+    def add(self, seconds: float, actions: int) -> None:
+        """`actions` more ran, `seconds` in all (`actions` > 0)."""
+        behind = min(self._seen, ACTIONS_MEMORY)
+        self.seconds += (seconds / actions - self.seconds) * actions / (actions + behind)
+        self._seen += actions
+
+
 class DurationCounts:
     """The pool's durations so far: the workers' `Timed` frames, merged as they come (a
-    batch's worth of counts at a time, never an action at a time)."""
+    batch's worth of counts at a time, never an action at a time), and how long an action
+    takes lately (`recent`: what pacing judges by)."""
 
-    __slots__ = ("counts", "total_ns")
+    __slots__ = ("counts", "recent", "total_ns")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(DURATION_BOUNDS) + 1)
         self.total_ns = 0
+        self.recent = ActionTime()
 
     def add(self, timed: Timed) -> None:
         """Merge one worker's frame; `ProtocolError` for one no honest worker sends (the
@@ -68,6 +92,8 @@ class DurationCounts:
         for b, n in zip(buckets, actions, strict=True):
             counts[b] += n
         self.total_ns += timed.total
+        if actions:
+            self.recent.add(timed.total / 1e9, sum(actions))
 
     def add_frames(self, frames: list[bytes]) -> None:
         """Merge `Timed` frames still undecoded (see `wire.split_timed`)."""

@@ -4,7 +4,9 @@ A fake worker is a trio task in the test process that speaks the real wire proto
 real pipes, so the pool under test runs its ordinary code; only the process is pretend.
 Each one lives `lifetime` seconds of (virtual) time after its handshake, then "exits" with
 `exit_code`, unless the pool signals it first. It answers `{"x": n}` with n, after
-`action["seconds"]` of virtual time if the action says so, and notes when it answered.
+`action["seconds"]` of virtual time if the action says so, and notes when it answered. Like
+a real worker, it times its actions and sends their `Timed` frame with its first answer
+`wire.REPORT_INTERVAL` or more after the previous one (the first answer of all included).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class FakeWorker:
         self.output: dict[str, int] = {}
         #: When (virtual time) it wrote each answer.
         self.answered_at: list[float] = []
+        # Actions timed since the last `Timed` frame: per bucket, and in all (ns).
+        self._counts: dict[int, int] = {}
+        self._total = 0
+        self._report_at = 0.0
         self._done = trio.Event()
         self._status = ExitStatus()
         self._scope = trio.CancelScope()
@@ -59,16 +65,34 @@ class FakeWorker:
                                 self._status = ExitStatus(exit_code=0)
                                 return
                             for action in message.actions:
+                                started = trio.current_time()
                                 if "seconds" in action:
                                     await trio.sleep(action["seconds"])
-                                await answers.send_all(wire.encode_done(b"%d" % action["x"]))
-                                self.answered_at.append(trio.current_time())
+                                frame = wire.encode_done(b"%d" % action["x"])
+                                now = trio.current_time()
+                                frame = self._timed(now, round((now - started) * 1e9)) + frame
+                                await answers.send_all(frame)
+                                self.answered_at.append(now)
                 self._status = ExitStatus(exit_code=exit_code)
         finally:
             with trio.CancelScope(shield=True):
                 await answers.aclose()
                 await batches.aclose()
             self._done.set()
+
+    def _timed(self, now: float, ns: int) -> bytes:
+        """Count an action of `ns`; the `Timed` frame to send before its answer, if due."""
+        bucket = wire.duration_bucket(ns)
+        self._counts[bucket] = self._counts.get(bucket, 0) + 1
+        self._total += ns
+        if now < self._report_at:
+            return b""
+        pairs = [x for bucket in sorted(self._counts) for x in (bucket, self._counts[bucket])]
+        frame = wire.encode_timed(self._total, pairs)
+        self._counts.clear()
+        self._total = 0
+        self._report_at = now + wire.REPORT_INTERVAL
+        return frame
 
 
 class FakeLauncher:
