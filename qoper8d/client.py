@@ -285,7 +285,7 @@ class Client:
         """Run `actions` (consumed lazily) and yield their results in order, pipelined.
 
         By default the number of submits in flight adapts to how fast answers come back
-        and how big actions and results are (`qoper8d._window`: it starts at 1,024 and
+        and how big actions and results are (`qoper8d._window`: it starts at 4,096 and
         keeps between 16 and 16,384, within 4 MiB of requests and 8 MiB of results);
         `window=n` fixes it at n instead. An error outcome is raised at its
         position, or yielded in its place with `return_exceptions` (refusals such as
