@@ -54,17 +54,17 @@ class ActionTime:
     (seconds over actions) moves the estimate as far as its actions weigh against those
     the estimate stands on, at most the last `ACTIONS_MEMORY`."""
 
-    __slots__ = ("_seen", "seconds")
+    __slots__ = ("_behind", "seconds")
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._seen = 0
+        self._behind = 0  # actions the estimate stands on, at most `ACTIONS_MEMORY`
 
     def add(self, seconds: float, actions: int) -> None:
         """`actions` more ran, `seconds` in all (`actions` > 0)."""
-        behind = min(self._seen, ACTIONS_MEMORY)
+        behind = self._behind
         self.seconds += (seconds / actions - self.seconds) * actions / (actions + behind)
-        self._seen += actions
+        self._behind = min(behind + actions, ACTIONS_MEMORY)
 
 
 class DurationCounts:
