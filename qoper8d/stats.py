@@ -33,6 +33,9 @@ OUTCOMES: tuple[str, ...] = (
 
 
 _decode_timed = msgspec.json.Decoder(Timed).decode
+#: The most nanoseconds (292 years), and actions, one `Timed` frame may count: JSON integers
+#: have no bound, and a bigger one could not become a float (`snapshot`, `ActionTime`).
+_MAX_NS = 2**63 - 1
 
 
 class Durations(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,10 +87,12 @@ class DurationCounts:
         counts stay as they were)."""
         pairs = timed.counts
         counts = self.counts
-        if len(pairs) % 2 or len(pairs) > 2 * len(counts) or timed.total < 0:
+        if len(pairs) % 2 or len(pairs) > 2 * len(counts) or not 0 <= timed.total <= _MAX_NS:
             raise ProtocolError(f"a malformed Timed frame: {len(pairs)} counts, {timed.total} ns")
         buckets, actions = pairs[::2], pairs[1::2]
-        if not all(0 <= b < len(counts) for b in buckets) or not all(n > 0 for n in actions):
+        if not all(0 <= b < len(counts) for b in buckets) or not all(
+            0 < n <= _MAX_NS for n in actions
+        ):
             raise ProtocolError(f"a Timed frame with counts out of range: {pairs[:20]}")
         for b, n in zip(buckets, actions, strict=True):
             counts[b] += n

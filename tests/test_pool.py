@@ -525,10 +525,21 @@ async def test_recent_exits_keep_the_last_few_oldest_first() -> None:
         "[30,5,[0]]\n",  # counts not in pairs
         "[30,5,[99,1]]\n",  # no such bucket
         "[30,-5,[0,1]]\n",  # negative time
+        "[30,1" + "0" * 400 + ",[0,1]]\n",  # a time no float holds
+        "[30,5,[0,1" + "0" * 400 + "]]\n",  # a count no float holds
         '[15,"info","x",{}]\n[30,5,[0,0]]\n',  # among other frames, counting nothing
         '[19,"' + "x" * 5000 + '"]\n',  # a progress value past MAX_PROGRESS_BYTES
     ],
-    ids=["undecodable", "odd", "bucket", "negative", "mixed", "long_progress"],
+    ids=[
+        "undecodable",
+        "odd",
+        "bucket",
+        "negative",
+        "huge",
+        "huge_count",
+        "mixed",
+        "long_progress",
+    ],
 )
 async def test_a_forged_timed_or_progress_frame_is_a_protocol_error(forged: str) -> None:
     """A handler writing such frames on its channel costs its worker (replaced) and the
